@@ -1,0 +1,230 @@
+//! `torchfn-local`: TorchServe's three REST APIs on one machine, for development.
+//!
+//! Run (after `scripts/setup`):
+//!     cargo run --release -p torchfn-local -- --model-store model_store \
+//!         --models classifier=classifier.mar --ts-config config.properties
+//! It prints `Inference API bind to: http://127.0.0.1:8080` (and the management and metrics
+//! addresses), loads the models, and answers `curl localhost:8080/ping` with Healthy.
+//! Ctrl-C or SIGTERM stops it after in-flight requests finish.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use tokio::net::TcpListener;
+use torchfn_runtime::api::{self, AppState};
+use torchfn_runtime::manager::Manager;
+use torchfn_runtime::metrics::Metrics;
+use torchfn_runtime::properties;
+use torchfn_runtime::settings::{DevicePreference, Settings};
+
+/// Flags mirror `torchserve --start`; every flag can also be set in the environment.
+#[derive(Parser, Debug)]
+#[command(
+    name = "torchfn-local",
+    version,
+    about = "torchfn's local emulator of TorchServe's REST APIs"
+)]
+struct Args {
+    /// Folder holding model archives (config.properties: model_store).
+    #[arg(long, env = "TORCHFN_MODEL_STORE")]
+    model_store: Option<PathBuf>,
+
+    /// Models to load at start: `name=file.mar`, `file.mar` or `all`; repeat or separate
+    /// with commas (config.properties: load_models).
+    #[arg(long, num_args = 1.., value_delimiter = ',', env = "TORCHFN_MODELS")]
+    models: Vec<String>,
+
+    /// TorchServe config.properties. TS_CONFIG_FILE, when set, wins, as in TorchServe.
+    #[arg(long = "ts-config")]
+    ts_config: Option<PathBuf>,
+
+    /// Built-in handler for a model whose manifest names a Python handler file:
+    /// `--handler classifier=classifier`. Repeatable. Built-ins: tensor, classifier.
+    #[arg(
+        long = "handler",
+        value_name = "MODEL=HANDLER",
+        env = "TORCHFN_HANDLERS",
+        value_delimiter = ','
+    )]
+    handlers: Vec<String>,
+
+    /// Where models run: auto (CUDA when libtorch sees a GPU), cpu, cuda or cuda:N.
+    #[arg(long, env = "TORCHFN_DEVICE")]
+    device: Option<DevicePreference>,
+
+    /// Log as JSON lines (level from RUST_LOG, default info).
+    #[arg(long, env = "TORCHFN_LOG_JSON")]
+    log_json: bool,
+
+    /// Accepted for `torchserve` command-line compatibility; torchfn-local always runs in
+    /// the foreground.
+    #[arg(long, hide = true)]
+    start: bool,
+    #[arg(long, hide = true)]
+    foreground: bool,
+    #[arg(long = "ncs", alias = "no-config-snapshots", hide = true)]
+    ncs: bool,
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Settings from config.properties, then command-line flags over them.
+fn settings(args: &Args) -> anyhow::Result<Settings> {
+    let mut s = Settings::default();
+    let config = std::env::var_os("TS_CONFIG_FILE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| args.ts_config.clone())
+        .or_else(|| {
+            let p = PathBuf::from("config.properties");
+            p.exists().then_some(p)
+        });
+    if let Some(path) = &config {
+        let props = properties::read(path)?;
+        s.apply_properties(&props)
+            .with_context(|| format!("could not use {}", path.display()))?;
+        tracing::info!(config = %path.display(), "configuration read");
+    }
+    if let Some(store) = &args.model_store {
+        s.model_store = Some(store.clone());
+    }
+    if !args.models.is_empty() {
+        s.load_models = args.models.clone();
+    }
+    if let Some(d) = args.device {
+        s.device = d;
+    }
+    let mut handlers = BTreeMap::new();
+    for h in &args.handlers {
+        let Some((model, handler)) = h.split_once('=') else {
+            bail!("--handler takes MODEL=HANDLER (for example classifier=classifier), got `{h}`");
+        };
+        handlers.insert(model.trim().to_string(), handler.trim().to_string());
+    }
+    s.handlers.extend(handlers);
+    if !s.unknown_keys.is_empty() {
+        tracing::warn!(keys = ?s.unknown_keys, "config.properties keys torchfn does not know; they are ignored");
+    }
+    if !s.inert_keys.is_empty() {
+        tracing::info!(keys = ?s.inert_keys, "TorchServe keys accepted that have no effect in torchfn");
+    }
+    if let Some(store) = &s.model_store {
+        if !store.is_dir() {
+            bail!("model store {} is not a folder", store.display());
+        }
+    }
+    Ok(s)
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("could not bind the {what} API to {addr}"))?;
+    let local = listener.local_addr()?;
+    // Tests and scripts read these lines to find ports chosen by the OS.
+    println!("{what} API bind to: http://{local}");
+    Ok(listener)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_json);
+    let settings = settings(&args)?;
+    let metrics = Arc::new(Metrics::new().context("could not create metrics")?);
+    let manager = Arc::new(
+        Manager::new(settings.clone(), metrics).context("could not create the unpack folder")?,
+    );
+    let specs = manager
+        .startup_specs()
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let state = AppState::new(manager.clone());
+
+    let inference = bind("Inference", settings.inference_address).await?;
+    let management = bind("Management", settings.management_address).await?;
+    let metrics_l = bind("Metrics", settings.metrics_address).await?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let serve = |listener: TcpListener, router: axum::Router| {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await
+        })
+    };
+    let servers = [
+        serve(inference, api::inference_router(state.clone())),
+        serve(management, api::management_router(state.clone())),
+        serve(metrics_l, api::metrics_router(state.clone())),
+    ];
+
+    // Load the start-up models off the async threads; /ping turns Healthy when done.
+    let loader = {
+        let manager = manager.clone();
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            for spec in specs {
+                match manager.load(&spec) {
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(archive = %spec.url, "model not loaded: {}", e.message)
+                    }
+                }
+            }
+            state.set_ready();
+            tracing::info!("start-up models loaded; /ping reports Healthy");
+        })
+    };
+
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    for s in servers {
+        if let Ok(Err(e)) = s.await {
+            tracing::warn!(error = %e, "listener stopped with an error");
+        }
+    }
+    let _ = loader.await;
+    tokio::task::spawn_blocking(move || manager.shutdown()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}

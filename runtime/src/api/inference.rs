@@ -1,0 +1,125 @@
+//! The inference API: `/ping` and `/predictions/{model}[/{version}]`.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use serde_json::{json, Value};
+
+use super::{json_response, read_body, AppState};
+use crate::error::ApiError;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/ping", any(ping))
+        .route("/predictions/{*path}", any(predict))
+}
+
+/// Healthy once the models named at start-up are loaded (Kubernetes readiness and liveness).
+async fn ping(State(state): State<AppState>) -> Response {
+    if state.is_ready() {
+        json_response(StatusCode::OK, &json!({"status": "Healthy"}))
+    } else {
+        json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({"status": "Unhealthy"}),
+        )
+    }
+}
+
+async fn predict(
+    State(state): State<AppState>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match predict_inner(&state, &path, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn predict_inner(
+    state: &AppState,
+    path: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let mut segments = path.split('/').filter(|s| !s.is_empty());
+    let name = segments.next().ok_or_else(ApiError::resource_not_found)?;
+    let version = segments.next();
+    let model = state.manager.get(name, version)?;
+    let version_label = version.unwrap_or("default");
+    let labels = [name, version_label, state.metrics.hostname()];
+    // Counted before queueing, as TorchServe does, so refused requests count too.
+    state
+        .metrics
+        .inference_requests_total
+        .with_label_values(&labels)
+        .inc();
+
+    let max = state.manager.settings().max_request_size;
+    let bytes = read_body(body, headers, max).await?;
+    let decoded = model.handler.decode(&bytes)?;
+    let reply = model.batcher.submit(&model.name, decoded.instances)?;
+    let timeout = model.settings.response_timeout;
+    let outcome = match tokio::time::timeout(timeout, reply).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(_)) => return Err(ApiError::internal("Worker died.")),
+        Err(_) => {
+            return Err(ApiError::internal(format!(
+                "Prediction did not finish within the model's response timeout ({} s)",
+                timeout.as_secs()
+            )))
+        }
+    };
+    let values = outcome.outputs?;
+    let body = if decoded.is_list {
+        Value::Array(values)
+    } else {
+        values.into_iter().next().unwrap_or(Value::Null)
+    };
+
+    let total = started.elapsed();
+    let queue_us = outcome.queue_time.as_secs_f64() * 1e6;
+    let model_labels = [model.name.as_str(), model.version.as_str()];
+    let m = &state.metrics;
+    m.inference_latency_us
+        .with_label_values(&labels)
+        .inc_by(total.as_secs_f64() * 1e6);
+    m.queue_latency_us
+        .with_label_values(&labels)
+        .inc_by(queue_us);
+    m.inference_latency_ms
+        .with_label_values(&model_labels)
+        .observe(total.as_secs_f64() * 1e3);
+    m.queue_latency_ms
+        .with_label_values(&model_labels)
+        .observe(queue_us / 1e3);
+
+    let mut resp = json_response(StatusCode::OK, &body);
+    let h = resp.headers_mut();
+    for (name, value) in [
+        ("x-torchfn-queue-us", outcome.queue_time.as_micros()),
+        ("x-torchfn-inference-us", outcome.inference_time.as_micros()),
+        ("x-torchfn-batch-size", outcome.batch_size as u128),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+            h.insert(name, v);
+        }
+    }
+    tracing::debug!(
+        model = %model.name,
+        version = %model.version,
+        queue_us = outcome.queue_time.as_micros() as u64,
+        inference_us = outcome.inference_time.as_micros() as u64,
+        batch_size = outcome.batch_size,
+        "prediction served"
+    );
+    Ok(resp)
+}

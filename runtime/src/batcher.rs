@@ -1,0 +1,341 @@
+//! Runs a model version's forward passes on dedicated worker threads, batching requests
+//! that wait together.
+//!
+//! Requests enter a bounded queue (`job_queue_size` requests; beyond it the caller gets
+//! TorchServe's 503 at once). A worker takes the oldest request and, without waiting, every
+//! request already queued behind it up to `batch_size` instances, so a lone request never
+//! pays a delay and batches grow while the model is busy. Instances are grouped by shape;
+//! each group runs in forward passes of at most `batch_size`. If a pass fails, its
+//! instances are retried one by one, so only the bad instance gets the error. Callers that
+//! went away are skipped before they cost a forward pass.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::error::{ApiError, ErrorKind};
+use crate::handler::{Handler, Instance};
+use crate::session::{configure_worker_threads, Session, SessionError};
+
+/// How a model version batches.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    pub batch_size: usize,
+    pub max_batch_delay: Duration,
+    pub workers: usize,
+    pub queue_size: usize,
+}
+
+/// What a caller gets back for one request.
+#[derive(Debug)]
+pub struct Outcome {
+    /// One value per instance, in order, or the request's error.
+    pub outputs: Result<Vec<Value>, ApiError>,
+    pub queue_time: Duration,
+    pub inference_time: Duration,
+    /// Instances in the forward pass that carried this request's first instance.
+    pub batch_size: usize,
+}
+
+struct Job {
+    instances: Vec<Instance>,
+    enqueued: Instant,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// The queue and worker threads of one model version.
+pub struct Batcher {
+    tx: Mutex<Option<Sender<Job>>>,
+    rx: Receiver<Job>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    busy: Arc<AtomicUsize>,
+    config: BatchConfig,
+}
+
+/// Called with each forward pass's size (for metrics).
+pub type BatchObserver = Arc<dyn Fn(usize) + Send + Sync>;
+
+impl Batcher {
+    /// Starts `config.workers` threads named after the model.
+    pub fn start(
+        label: &str,
+        handler: Arc<dyn Handler>,
+        session: Arc<Session>,
+        config: BatchConfig,
+        observer: BatchObserver,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_size.max(1));
+        let busy = Arc::new(AtomicUsize::new(0));
+        let mut workers = Vec::with_capacity(config.workers);
+        for i in 0..config.workers.max(1) {
+            let worker = Worker {
+                rx: rx.clone(),
+                handler: handler.clone(),
+                session: session.clone(),
+                batch_size: config.batch_size.max(1),
+                workers: config.workers.max(1),
+                busy: busy.clone(),
+                observer: observer.clone(),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("{label}-w{i}"))
+                .spawn(move || worker.run())?;
+            workers.push(handle);
+        }
+        Ok(Self {
+            tx: Mutex::new(Some(tx)),
+            rx,
+            workers: Mutex::new(workers),
+            busy,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> BatchConfig {
+        self.config
+    }
+
+    /// Queues a request. A full queue is refused at once (503), as TorchServe does.
+    pub fn submit(
+        &self,
+        model_label: &str,
+        instances: Vec<Instance>,
+    ) -> Result<oneshot::Receiver<Outcome>, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            instances,
+            enqueued: Instant::now(),
+            reply,
+        };
+        let guard = self
+            .tx
+            .lock()
+            .map_err(|_| ApiError::internal("queue lock poisoned"))?;
+        let Some(tx) = guard.as_ref() else {
+            return Err(no_worker(model_label, "it is shutting down"));
+        };
+        match tx.try_send(job) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(no_worker(
+                model_label,
+                &format!(
+                    "its job queue is full ({} requests waiting); retry later or raise job_queue_size",
+                    self.config.queue_size
+                ),
+            )),
+            Err(TrySendError::Disconnected(_)) => Err(no_worker(model_label, "its workers stopped")),
+        }
+    }
+
+    /// Requests waiting for a worker.
+    pub fn pending(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// Workers running a batch right now.
+    pub fn busy_workers(&self) -> usize {
+        self.busy.load(Ordering::Relaxed)
+    }
+
+    /// Stops taking requests, lets the workers finish what is queued, and joins them.
+    pub fn shutdown(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        let handles = self
+            .workers
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default();
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn no_worker(model_label: &str, why: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::ServiceUnavailable,
+        format!("Model \"{model_label}\" has no worker to serve inference request: {why}."),
+    )
+}
+
+struct Worker {
+    rx: Receiver<Job>,
+    handler: Arc<dyn Handler>,
+    session: Arc<Session>,
+    batch_size: usize,
+    workers: usize,
+    busy: Arc<AtomicUsize>,
+    observer: BatchObserver,
+}
+
+impl Worker {
+    fn run(self) {
+        configure_worker_threads(self.workers);
+        while let Ok(first) = self.rx.recv() {
+            let mut items = first.instances.len();
+            let mut jobs = vec![first];
+            while items < self.batch_size {
+                match self.rx.try_recv() {
+                    Ok(job) => {
+                        items += job.instances.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            // A caller that disconnected costs no forward pass.
+            jobs.retain(|j| !j.reply.is_closed());
+            if jobs.is_empty() {
+                continue;
+            }
+            self.busy.fetch_add(1, Ordering::Relaxed);
+            self.run_batch(jobs);
+            self.busy.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn run_batch(&self, jobs: Vec<Job>) {
+        let started = Instant::now();
+        let queue_times: Vec<Duration> = jobs.iter().map(|j| started - j.enqueued).collect();
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.compute(&jobs)));
+        let inference_time = started.elapsed();
+        let (results, sizes) = match outcome {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!("a handler panicked; the batch's requests get 503");
+                let err = ApiError::new(ErrorKind::PredictionFailed, "Prediction failed");
+                let results = jobs
+                    .iter()
+                    .map(|j| j.instances.iter().map(|_| Err(err.clone())).collect())
+                    .collect();
+                (results, vec![0; jobs.len()])
+            }
+        };
+        for (((job, result), queue_time), batch_size) in
+            jobs.into_iter().zip(results).zip(queue_times).zip(sizes)
+        {
+            let many = job.instances.len() > 1;
+            let outputs = result
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    r.map_err(|mut e| {
+                        if many {
+                            e.message = format!("instance {i}: {}", e.message);
+                        }
+                        e
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>();
+            let _ = job.reply.send(Outcome {
+                outputs,
+                queue_time,
+                inference_time,
+                batch_size,
+            });
+        }
+    }
+
+    /// Per job, per instance results, and per job the size of its first forward pass.
+    #[allow(clippy::type_complexity)]
+    fn compute(&self, jobs: &[Job]) -> (Vec<Vec<Result<Value, ApiError>>>, Vec<usize>) {
+        // Group (job, instance) pairs by instance shape, keeping arrival order.
+        let mut groups: Vec<(&[i64], Vec<(usize, usize)>)> = Vec::new();
+        for (j, job) in jobs.iter().enumerate() {
+            for (i, inst) in job.instances.iter().enumerate() {
+                match groups.iter_mut().find(|(s, _)| *s == inst.shape.as_slice()) {
+                    Some((_, members)) => members.push((j, i)),
+                    None => groups.push((&inst.shape, vec![(j, i)])),
+                }
+            }
+        }
+        let mut results: Vec<Vec<Option<Result<Value, ApiError>>>> = jobs
+            .iter()
+            .map(|j| (0..j.instances.len()).map(|_| None).collect())
+            .collect();
+        let mut sizes = vec![0usize; jobs.len()];
+        for (_, members) in &groups {
+            for chunk in members.chunks(self.batch_size) {
+                (self.observer)(chunk.len());
+                for &(j, i) in chunk {
+                    if i == 0 {
+                        sizes[j] = chunk.len();
+                    }
+                }
+                let items: Vec<&Instance> =
+                    chunk.iter().map(|&(j, i)| &jobs[j].instances[i]).collect();
+                let values = self.forward_or_split(&items);
+                for (&(j, i), v) in chunk.iter().zip(values) {
+                    results[j][i] = Some(v);
+                }
+            }
+        }
+        let results = results
+            .into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .map(|v| v.unwrap_or_else(|| Err(ApiError::internal("instance was not run"))))
+                    .collect()
+            })
+            .collect();
+        (results, sizes)
+    }
+
+    fn forward(&self, items: &[&Instance]) -> Result<Vec<Value>, SessionError> {
+        let input = self.handler.preprocess(items, self.session.device())?;
+        let output = self.handler.inference(&self.session, &input)?;
+        self.handler.postprocess(&output, items.len())
+    }
+
+    fn forward_or_split(&self, items: &[&Instance]) -> Vec<Result<Value, ApiError>> {
+        match self.forward(items) {
+            Ok(values) => values.into_iter().map(Ok).collect(),
+            Err(e) if items.len() > 1 => {
+                tracing::warn!(error = %e.summary(), rows = items.len(), "batch failed; retrying its instances one by one");
+                items
+                    .iter()
+                    .map(|item| match self.forward(std::slice::from_ref(item)) {
+                        Ok(mut v) if v.len() == 1 => Ok(v.remove(0)),
+                        Ok(_) => {
+                            Err(self
+                                .classify(&SessionError::BatchMismatch { sent: 1, got: 0 }, item))
+                        }
+                        Err(e) => Err(self.classify(&e, item)),
+                    })
+                    .collect()
+            }
+            Err(e) => vec![Err(self.classify(&e, items[0]))],
+        }
+    }
+
+    /// A failed instance's error: 400 when the model's first layer shows the instance has
+    /// the wrong size, else TorchServe's 503 "Prediction failed". Details go to the log.
+    fn classify(&self, e: &SessionError, item: &Instance) -> ApiError {
+        if let Some(why) = self.session.rejects_shape(&item.shape) {
+            tracing::info!(error = %e.summary(), "instance rejected by the model");
+            return ApiError::bad_request(format!("the model cannot take this input: {why}"));
+        }
+        tracing::error!(error = %e, "prediction failed");
+        match e {
+            SessionError::BatchMismatch { .. } => ApiError::new(
+                ErrorKind::PredictionFailed,
+                "number of batch response mismatched",
+            ),
+            _ => ApiError::new(ErrorKind::PredictionFailed, "Prediction failed"),
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! `classifier`: the custom `ClassifierHandler` of TorchServe's getting-started guide, built
+//! in. Input `{"features": [...]}`; softmax over the model's output; response
+//! `{"predicted_class", "confidence", "probabilities", "class_name"}`, `class_name` taken from
+//! the archive's `index_to_name.json` when it has one (TorchServe's label format: a string,
+//! or a list whose last element is the name).
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+use tch::{Device, Kind, Tensor};
+
+use super::decode::{f32_json, parse_json, tensor_from_json, Decoded, Instance};
+use super::Handler;
+use crate::error::{ApiError, ErrorKind};
+use crate::mar::ModelArchive;
+use crate::session::SessionError;
+
+/// Largest `index_to_name.json` read; a label map is small.
+const MAX_LABELS_BYTES: u64 = 16 << 20;
+
+pub struct ClassifierHandler {
+    labels: Option<HashMap<String, String>>,
+}
+
+impl ClassifierHandler {
+    /// Reads `index_to_name.json` from the archive when present.
+    pub fn from_archive(archive: &ModelArchive) -> Result<Self, ApiError> {
+        if !archive.has_file("index_to_name.json") {
+            return Ok(Self { labels: None });
+        }
+        let invalid = |msg: String| ApiError::new(ErrorKind::InvalidModel, msg);
+        let path = archive
+            .path_of("index_to_name.json")
+            .map_err(|e| invalid(e.to_string()))?;
+        let len = std::fs::metadata(&path)
+            .map_err(|e| invalid(format!("cannot read index_to_name.json: {e}")))?
+            .len();
+        if len > MAX_LABELS_BYTES {
+            return Err(invalid(format!(
+                "index_to_name.json is {len} bytes; the limit is {MAX_LABELS_BYTES}"
+            )));
+        }
+        let text = std::fs::read(&path)
+            .map_err(|e| invalid(format!("cannot read index_to_name.json: {e}")))?;
+        Self::from_labels_json(&text).map_err(invalid)
+    }
+
+    /// Parses TorchServe's label map: `{"0": "cat"}` or `{"0": ["n01", "tench"]}`.
+    pub fn from_labels_json(text: &[u8]) -> Result<Self, String> {
+        let map: Map<String, Value> = serde_json::from_slice(text)
+            .map_err(|e| format!("index_to_name.json is not a JSON object: {e}"))?;
+        let mut labels = HashMap::with_capacity(map.len());
+        for (k, v) in map {
+            let name = match &v {
+                Value::String(s) => s.clone(),
+                Value::Array(items) => match items.last() {
+                    Some(Value::String(s)) => s.clone(),
+                    _ => return Err(format!("index_to_name.json: label {k} is not a name")),
+                },
+                _ => return Err(format!("index_to_name.json: label {k} is not a name")),
+            };
+            labels.insert(k, name);
+        }
+        Ok(Self {
+            labels: Some(labels),
+        })
+    }
+
+    fn instance(value: &Value, at: &str) -> Result<Instance, ApiError> {
+        let Value::Object(map) = value else {
+            return Err(ApiError::bad_request(format!(
+                "{at} must be an object like {{\"features\": [0.1, 0.2, ...]}}, got {}",
+                super::decode::kind_of(value)
+            )));
+        };
+        let features = map.get("features").ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "{at} has no \"features\": send {{\"features\": [0.1, 0.2, ...]}}"
+            ))
+        })?;
+        let at = if at == "body" {
+            "features".to_string()
+        } else {
+            format!("{at}.features")
+        };
+        let inst = tensor_from_json(features, &at)?;
+        if inst.shape.is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "{at} must be an array of numbers, got a single number"
+            )));
+        }
+        Ok(inst)
+    }
+}
+
+impl Handler for ClassifierHandler {
+    fn name(&self) -> &'static str {
+        "classifier"
+    }
+
+    fn decode(&self, body: &[u8]) -> Result<Decoded, ApiError> {
+        let json = parse_json(body)?;
+        let (items, at) = match &json {
+            Value::Array(items) => (items.as_slice(), "body"),
+            Value::Object(map) if map.contains_key("instances") => match &map["instances"] {
+                Value::Array(items) => (items.as_slice(), "instances"),
+                _ => return Err(ApiError::bad_request("\"instances\" must be an array")),
+            },
+            other => {
+                return Ok(Decoded {
+                    instances: vec![Self::instance(other, "body")?],
+                    is_list: false,
+                })
+            }
+        };
+        if items.is_empty() {
+            return Err(ApiError::bad_request(format!("{at} is an empty list")));
+        }
+        let instances = items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Self::instance(v, &format!("{at}[{i}]")))
+            .collect::<Result<_, _>>()?;
+        Ok(Decoded {
+            instances,
+            is_list: true,
+        })
+    }
+
+    fn postprocess(&self, output: &Tensor, rows: usize) -> Result<Vec<Value>, SessionError> {
+        let size = output.size();
+        if size.len() != 2 || size[0] as usize != rows {
+            return Err(SessionError::BatchMismatch {
+                sent: rows,
+                got: size.first().copied().unwrap_or(0) as usize,
+            });
+        }
+        let classes = size[1] as usize;
+        let probs = output
+            .f_to_kind(Kind::Float)?
+            .f_softmax(1, Kind::Float)?
+            .f_to_device(Device::Cpu)?
+            .f_contiguous()?;
+        let mut flat = vec![0f32; rows * classes];
+        probs.f_copy_data(&mut flat, rows * classes)?;
+        Ok(flat
+            .chunks(classes.max(1))
+            .map(|p| {
+                let (k, conf) =
+                    p.iter()
+                        .enumerate()
+                        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
+                            if x > best.1 {
+                                (i, x)
+                            } else {
+                                best
+                            }
+                        });
+                let mut out = Map::new();
+                out.insert("predicted_class".into(), Value::from(k));
+                out.insert("confidence".into(), f32_json(conf));
+                out.insert(
+                    "probabilities".into(),
+                    Value::Array(p.iter().map(|&x| f32_json(x)).collect()),
+                );
+                if let Some(labels) = &self.labels {
+                    let name = labels.get(&k.to_string()).map_or("unknown", String::as_str);
+                    out.insert("class_name".into(), Value::from(name));
+                }
+                Value::Object(out)
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn decodes_the_seed_forms() {
+        let h = ClassifierHandler { labels: None };
+        let one = h.decode(br#"{"features": [0.1, 0.2, 0.3]}"#).unwrap();
+        assert!(!one.is_list);
+        assert_eq!(one.instances[0].shape, vec![3]);
+        let two = h
+            .decode(br#"[{"features": [1, 2]}, {"features": [3, 4]}]"#)
+            .unwrap();
+        assert!(two.is_list);
+        assert_eq!(two.instances.len(), 2);
+        let inst = h.decode(br#"{"instances": [{"features": [1]}]}"#).unwrap();
+        assert!(inst.is_list);
+        for (body, needle) in [
+            (&b"{\"feature\": [1]}"[..], "has no \"features\""),
+            (
+                b"{\"features\": [1, \"a\"]}",
+                "features[1] must be a number",
+            ),
+            (b"[1, 2]", "body[0] must be an object"),
+            (b"", "empty"),
+            (b"{\"features\": [1,", "not valid JSON"),
+            (b"[]", "empty list"),
+        ] {
+            let e = h.decode(body).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest);
+            assert!(e.message.contains(needle), "{needle}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn labels_accept_strings_and_lists() {
+        let h =
+            ClassifierHandler::from_labels_json(br#"{"0": "cat", "1": ["n01", "tench"]}"#).unwrap();
+        let labels = h.labels.unwrap();
+        assert_eq!(labels["0"], "cat");
+        assert_eq!(labels["1"], "tench");
+        assert!(ClassifierHandler::from_labels_json(b"[1]").is_err());
+    }
+
+    #[test]
+    fn postprocess_softmaxes_and_labels() {
+        let h = ClassifierHandler::from_labels_json(br#"{"0": "a", "1": "b"}"#).unwrap();
+        let out = Tensor::from_slice(&[0f32, 1.0, 2.0, 0.0]).view([2, 2]);
+        let v = h.postprocess(&out, 2).unwrap();
+        assert_eq!(v[0]["predicted_class"], 1);
+        assert_eq!(v[0]["class_name"], "b");
+        assert_eq!(v[1]["class_name"], "a");
+        let p0 = v[0]["probabilities"][0].as_f64().unwrap();
+        assert!((p0 - 1.0 / (1.0 + 1f64.exp())).abs() < 1e-6);
+        assert!(h.postprocess(&out, 3).is_err());
+    }
+}

@@ -1,0 +1,571 @@
+//! The models a server has loaded: versions per model, the default version, loading from
+//! archives, and what describe and list report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{json, Map, Value};
+
+use crate::batcher::{BatchConfig, Batcher};
+use crate::error::{ApiError, ErrorKind};
+use crate::handler::{self, Handler};
+use crate::mar::{self, Limits, ModelArchive};
+use crate::metrics::Metrics;
+use crate::model_config::ParallelType;
+use crate::session::{choose_device, Session};
+use crate::settings::Settings;
+
+/// Where to load a model version from, and under which name.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// The archive as the user named it (`modelUrl` in list and describe).
+    pub url: String,
+    pub path: PathBuf,
+    /// Overrides the manifest's model name.
+    pub name: Option<String>,
+    pub loaded_at_startup: bool,
+}
+
+/// The settings one model version runs with, after precedence (model-config YAML over the
+/// config.properties `models` JSON over server-wide defaults).
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    pub batch: BatchConfig,
+    pub min_workers: usize,
+    pub max_workers: usize,
+    pub response_timeout: Duration,
+    pub startup_timeout: Duration,
+}
+
+/// One loaded model version.
+pub struct ModelVersion {
+    pub name: String,
+    pub version: String,
+    pub url: String,
+    pub archive: ModelArchive,
+    pub handler: Arc<dyn Handler>,
+    pub session: Arc<Session>,
+    pub batcher: Batcher,
+    pub settings: ModelSettings,
+    pub loaded_at_startup: bool,
+    pub started_at: SystemTime,
+    pub load_time: Duration,
+}
+
+impl ModelVersion {
+    /// TorchServe's describe entry, fields in TorchServe's order.
+    pub fn describe(&self) -> Value {
+        let cfg = self.archive.config();
+        let s = &self.settings;
+        let device = self.session.device();
+        let on_gpu = device.is_cuda();
+        let mut m = Map::new();
+        m.insert("modelName".into(), json!(self.name));
+        m.insert("modelVersion".into(), json!(self.version));
+        m.insert("modelUrl".into(), json!(self.url));
+        m.insert(
+            "runtime".into(),
+            json!(self.archive.manifest().runtime.as_str()),
+        );
+        m.insert("minWorkers".into(), json!(s.min_workers));
+        m.insert("maxWorkers".into(), json!(s.max_workers));
+        m.insert("batchSize".into(), json!(s.batch.batch_size));
+        m.insert(
+            "maxBatchDelay".into(),
+            json!(s.batch.max_batch_delay.as_millis() as u64),
+        );
+        m.insert(
+            "responseTimeout".into(),
+            json!(s.response_timeout.as_secs()),
+        );
+        m.insert("startupTimeout".into(), json!(s.startup_timeout.as_secs()));
+        m.insert(
+            "maxRetryTimeoutInSec".into(),
+            json!(cfg.and_then(|c| c.max_retry_timeout_in_sec).unwrap_or(300)),
+        );
+        m.insert(
+            "clientTimeoutInMills".into(),
+            json!(cfg.and_then(|c| c.client_timeout_in_mills).unwrap_or(0)),
+        );
+        m.insert(
+            "parallelType".into(),
+            json!(match cfg.and_then(|c| c.parallel_type) {
+                None => "",
+                Some(ParallelType::Pp) => "pp",
+                Some(ParallelType::Tp) => "tp",
+                Some(ParallelType::PpTp) => "pptp",
+                Some(ParallelType::Custom) => "custom",
+            }),
+        );
+        m.insert(
+            "parallelLevel".into(),
+            json!(cfg.and_then(|c| c.parallel_level).unwrap_or(0)),
+        );
+        m.insert(
+            "deviceType".into(),
+            json!(if on_gpu { "gpu" } else { "cpu" }),
+        );
+        if let tch::Device::Cuda(i) = device {
+            m.insert("deviceIds".into(), json!([i]));
+        }
+        m.insert("continuousBatching".into(), json!(false));
+        m.insert("useJobTicket".into(), json!(false));
+        m.insert("useVenv".into(), json!(false));
+        m.insert("stateful".into(), json!(false));
+        m.insert("sequenceMaxIdleMSec".into(), json!(0));
+        m.insert("sequenceTimeoutMSec".into(), json!(0));
+        m.insert("maxNumSequence".into(), json!(0));
+        m.insert("maxSequenceJobQueueSize".into(), json!(0));
+        m.insert("loadedAtStartup".into(), json!(self.loaded_at_startup));
+        let rss = resident_memory_bytes();
+        let start = format_time(self.started_at);
+        let workers: Vec<Value> = (0..s.batch.workers)
+            .map(|i| {
+                json!({
+                    "id": format!("{}", 9000 + i),
+                    "startTime": start,
+                    "status": "READY",
+                    "memoryUsage": rss,
+                    "pid": std::process::id(),
+                    "gpu": on_gpu,
+                    "gpuUsage": if on_gpu { format!("{device:?}") } else { "N/A".to_string() },
+                })
+            })
+            .collect();
+        m.insert("workers".into(), Value::Array(workers));
+        let pending = self.batcher.pending();
+        m.insert(
+            "jobQueueStatus".into(),
+            json!({
+                "remainingCapacity": s.batch.queue_size.saturating_sub(pending),
+                "pendingRequests": pending,
+            }),
+        );
+        // torchfn's own fields, after TorchServe's.
+        m.insert("handler".into(), json!(self.handler.name()));
+        m.insert(
+            "loadTimeMs".into(),
+            json!((self.load_time.as_secs_f64() * 1e3).round()),
+        );
+        Value::Object(m)
+    }
+}
+
+struct Family {
+    versions: BTreeMap<String, Arc<ModelVersion>>,
+    default: String,
+}
+
+/// All loaded models.
+pub struct Manager {
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    models: RwLock<BTreeMap<String, Family>>,
+    unpack_root: tempfile::TempDir,
+    limits: Limits,
+}
+
+impl Manager {
+    pub fn new(settings: Settings, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+        let parent = settings
+            .unpack_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir);
+        std::fs::create_dir_all(&parent)?;
+        let unpack_root = tempfile::Builder::new()
+            .prefix("torchfn-models-")
+            .tempdir_in(parent)?;
+        Ok(Self {
+            settings,
+            metrics,
+            models: RwLock::new(BTreeMap::new()),
+            unpack_root,
+            limits: Limits::default(),
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The archives named by `load_models` / `--models`, resolved against the model store.
+    pub fn startup_specs(&self) -> Result<Vec<LoadSpec>, ApiError> {
+        let mut specs = Vec::new();
+        for entry in &self.settings.load_models {
+            if entry == "all" {
+                let store = self.store()?;
+                let mut found: Vec<PathBuf> = std::fs::read_dir(store)
+                    .map_err(|e| {
+                        ApiError::internal(format!(
+                            "cannot list model store {}: {e}",
+                            store.display()
+                        ))
+                    })?
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| is_model_entry(p))
+                    .collect();
+                found.sort();
+                for path in found {
+                    let url = path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    specs.push(LoadSpec {
+                        url,
+                        path,
+                        name: None,
+                        loaded_at_startup: true,
+                    });
+                }
+                continue;
+            }
+            let (name, file) = match entry.split_once('=') {
+                Some((n, f)) => (Some(n.trim().to_string()), f.trim()),
+                None => (None, entry.as_str()),
+            };
+            let path = if Path::new(file).is_absolute() {
+                PathBuf::from(file)
+            } else {
+                self.store()?.join(file)
+            };
+            specs.push(LoadSpec {
+                url: file.to_string(),
+                path,
+                name,
+                loaded_at_startup: true,
+            });
+        }
+        Ok(specs)
+    }
+
+    fn store(&self) -> Result<&Path, ApiError> {
+        self.settings.model_store.as_deref().ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::ModelNotFound,
+                "Model store has not been configured: pass --model-store DIR or set model_store",
+            )
+        })
+    }
+
+    /// Loads one model version: unpacks the archive, loads the TorchScript module and
+    /// starts its workers. Blocking: call from a blocking thread.
+    pub fn load(&self, spec: &LoadSpec) -> Result<Arc<ModelVersion>, ApiError> {
+        let started = Instant::now();
+        if !spec.path.exists() {
+            return Err(ApiError::new(
+                ErrorKind::ModelNotFound,
+                format!("Model not found at: {}", spec.url),
+            ));
+        }
+        let archive = mar::open(&spec.path, self.unpack_root.path(), &self.limits)?;
+        let manifest = archive.manifest();
+        let name = spec
+            .name
+            .clone()
+            .unwrap_or_else(|| manifest.model_name().to_string());
+        let version = manifest.model_version().to_string();
+        if let Some(model_file) = &manifest.model.model_file {
+            return Err(ApiError::new(
+                ErrorKind::InvalidModel,
+                format!(
+                    "model {name}: the archive holds an eager-mode model (modelFile {model_file} \
+                     with a state_dict), and torchfn runs TorchScript only. Script or trace the \
+                     model in Python (torch.jit.script(model) or torch.jit.trace(model, \
+                     example_input)), save it, and archive the .pt with --serialized-file and \
+                     without --model-file"
+                ),
+            ));
+        }
+        let Some(serialized) = manifest.model.serialized_file.clone() else {
+            return Err(ApiError::new(
+                ErrorKind::InvalidModel,
+                format!("model {name}: the manifest names no serializedFile"),
+            ));
+        };
+        if self.get(&name, Some(&version)).is_ok() {
+            return Err(ApiError::new(
+                ErrorKind::Conflict,
+                format!("Model version {version} is already registered for model {name}"),
+            ));
+        }
+        let handler =
+            handler::for_archive(&archive, &name, self.settings.handler_for(&name, &version))?;
+        let settings = self.model_settings(&name, &version, &archive);
+        let cfg = archive.config();
+        let device = choose_device(self.settings.device, cfg.and_then(|c| c.device_type));
+        let model_path = archive.path_of(&serialized).map_err(ApiError::from)?;
+        let session = Session::load(&model_path, device).map_err(|e| {
+            tracing::error!(model = %name, error = %e, "TorchScript load failed");
+            ApiError::new(
+                ErrorKind::InvalidModel,
+                format!(
+                    "model {name}: {serialized} could not be loaded as TorchScript ({}). \
+                     torchfn serves models saved with torch.jit.script or torch.jit.trace",
+                    e.summary()
+                ),
+            )
+        })?;
+        let session = Arc::new(session);
+        if device.is_cuda() {
+            self.metrics.enable_gpu_metrics();
+        }
+        let observer = {
+            let h = self
+                .metrics
+                .batch_size
+                .with_label_values(&[name.as_str(), version.as_str()]);
+            Arc::new(move |n: usize| h.observe(n as f64))
+        };
+        let batcher = Batcher::start(
+            &name,
+            handler.clone(),
+            session.clone(),
+            settings.batch,
+            observer,
+        )
+        .map_err(|e| {
+            ApiError::internal(format!(
+                "Failed to start workers for model {name} version: {version}: {e}"
+            ))
+        })?;
+        self.metrics
+            .model_workers
+            .with_label_values(&[name.as_str(), version.as_str()])
+            .set(settings.batch.workers as i64);
+        let model = Arc::new(ModelVersion {
+            name: name.clone(),
+            version: version.clone(),
+            url: spec.url.clone(),
+            archive,
+            handler,
+            session,
+            batcher,
+            settings,
+            loaded_at_startup: spec.loaded_at_startup,
+            started_at: SystemTime::now(),
+            load_time: started.elapsed(),
+        });
+        let mut models = self
+            .models
+            .write()
+            .map_err(|_| ApiError::internal("model table lock poisoned"))?;
+        let family = models.entry(name.clone()).or_insert_with(|| Family {
+            versions: BTreeMap::new(),
+            default: version.clone(),
+        });
+        if family.versions.contains_key(&version) {
+            return Err(ApiError::new(
+                ErrorKind::Conflict,
+                format!("Model version {version} is already registered for model {name}"),
+            ));
+        }
+        family.versions.insert(version.clone(), model.clone());
+        if self
+            .settings
+            .overrides(&name, &version)
+            .and_then(|o| o.default_version)
+            == Some(true)
+        {
+            family.default = version.clone();
+        }
+        tracing::info!(
+            model = %name,
+            version = %version,
+            handler = model.handler.name(),
+            ?device,
+            workers = model.settings.batch.workers,
+            batch_size = model.settings.batch.batch_size,
+            load_ms = model.load_time.as_secs_f64() * 1e3,
+            "model loaded"
+        );
+        Ok(model)
+    }
+
+    fn model_settings(&self, name: &str, version: &str, archive: &ModelArchive) -> ModelSettings {
+        let s = &self.settings;
+        let json = s.overrides(name, version);
+        let yaml = archive.config();
+        let pick = |y: Option<usize>, j: Option<usize>, d: usize| y.or(j).unwrap_or(d);
+        let batch_size = pick(
+            yaml.and_then(|c| c.batch_size).map(|v| v as usize),
+            json.and_then(|j| j.batch_size),
+            s.batch_size,
+        )
+        .max(1);
+        let delay_ms = yaml
+            .and_then(|c| c.max_batch_delay)
+            .map(|v| v as u64)
+            .or(json.and_then(|j| j.max_batch_delay))
+            .unwrap_or(s.max_batch_delay.as_millis() as u64);
+        let min_workers = pick(
+            yaml.and_then(|c| c.min_workers).map(|v| v as usize),
+            json.and_then(|j| j.min_workers),
+            s.default_workers_per_model.unwrap_or(1),
+        )
+        .max(1);
+        let max_workers = pick(
+            yaml.and_then(|c| c.max_workers).map(|v| v as usize),
+            json.and_then(|j| j.max_workers),
+            min_workers,
+        )
+        .max(min_workers);
+        let response_timeout = yaml
+            .and_then(|c| c.response_timeout)
+            .map(|v| v as u64)
+            .or(json.and_then(|j| j.response_timeout))
+            .map_or(s.response_timeout, Duration::from_secs);
+        let startup_timeout = yaml
+            .and_then(|c| c.startup_timeout)
+            .map(|v| v as u64)
+            .or(json.and_then(|j| j.startup_timeout))
+            .unwrap_or(120);
+        let queue_size = yaml
+            .and_then(|c| c.job_queue_size)
+            .map(|v| v as usize)
+            .unwrap_or(s.job_queue_size)
+            .max(1);
+        ModelSettings {
+            batch: BatchConfig {
+                batch_size,
+                max_batch_delay: Duration::from_millis(delay_ms),
+                workers: min_workers,
+                queue_size,
+            },
+            min_workers,
+            max_workers,
+            response_timeout,
+            startup_timeout: Duration::from_secs(startup_timeout),
+        }
+    }
+
+    /// A model's default version, or the named one.
+    pub fn get(&self, name: &str, version: Option<&str>) -> Result<Arc<ModelVersion>, ApiError> {
+        let models = self
+            .models
+            .read()
+            .map_err(|_| ApiError::internal("model table lock poisoned"))?;
+        let family = models
+            .get(name)
+            .ok_or_else(|| ApiError::model_not_found(name))?;
+        let v = version.unwrap_or(&family.default);
+        family
+            .versions
+            .get(v)
+            .cloned()
+            .ok_or_else(|| ApiError::version_not_found(name, v))
+    }
+
+    /// Every version of a model.
+    pub fn all_versions(&self, name: &str) -> Result<Vec<Arc<ModelVersion>>, ApiError> {
+        let models = self
+            .models
+            .read()
+            .map_err(|_| ApiError::internal("model table lock poisoned"))?;
+        let family = models
+            .get(name)
+            .ok_or_else(|| ApiError::model_not_found(name))?;
+        Ok(family.versions.values().cloned().collect())
+    }
+
+    /// Default versions of all models, by name.
+    pub fn defaults(&self) -> Vec<Arc<ModelVersion>> {
+        let Ok(models) = self.models.read() else {
+            return Vec::new();
+        };
+        models
+            .values()
+            .filter_map(|f| f.versions.get(&f.default).cloned())
+            .collect()
+    }
+
+    /// Stops every model's workers after they finish what is queued.
+    pub fn shutdown(&self) {
+        let families = match self.models.write() {
+            Ok(mut m) => std::mem::take(&mut *m),
+            Err(_) => return,
+        };
+        for family in families.into_values() {
+            for model in family.versions.into_values() {
+                model.batcher.shutdown();
+            }
+        }
+    }
+}
+
+fn is_model_entry(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name.starts_with('.') {
+        return false;
+    }
+    path.is_dir()
+        || name.ends_with(".mar")
+        || name.ends_with(".tar.gz")
+        || name.ends_with(".tgz")
+        || name.ends_with(".model")
+}
+
+/// This process's resident memory (VmRSS), in bytes; 0 where /proc is absent.
+pub fn resident_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// `yyyy-MM-ddTHH:mm:ss.SSSZ` in UTC.
+pub fn format_time(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, mo, da) = civil_from_days(days);
+    format!(
+        "{y:04}-{mo:02}-{da:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc_times() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_075_508_123);
+        assert_eq!(format_time(t), "2025-11-25T12:58:28.123Z");
+        assert_eq!(
+            format_time(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000Z"
+        );
+    }
+}

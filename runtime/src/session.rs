@@ -1,0 +1,158 @@
+//! The libtorch seam: a TorchScript module loaded once per model version on its device, in
+//! eval and no-grad mode. Every libtorch failure comes back as a `SessionError` value.
+
+use std::path::Path;
+use std::time::Instant;
+
+use tch::{CModule, Device, IValue, Tensor};
+
+use crate::model_config::DeviceType;
+use crate::settings::DevicePreference;
+
+/// A failure inside libtorch or around it.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("{0}")]
+    Shape(String),
+    #[error(
+        "the model returned {got} rows for a batch of {sent}: number of batch response mismatched"
+    )]
+    BatchMismatch { sent: usize, got: usize },
+    #[error("the model returned {0}, where this handler needs one tensor")]
+    Output(&'static str),
+}
+
+impl SessionError {
+    /// The first line of a libtorch message (its backtraces are for the log, not clients).
+    pub fn summary(&self) -> String {
+        let text = self.to_string();
+        text.lines().next().unwrap_or("").trim().to_string()
+    }
+}
+
+/// What the model's first weight says about its input, used to tell a client that its
+/// instance has the wrong size after a forward pass rejected it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputHint {
+    /// Dimension counted from the end (1 = last) whose size the first layer fixes.
+    pub dim_from_end: usize,
+    pub size: i64,
+}
+
+/// A loaded TorchScript model.
+pub struct Session {
+    module: CModule,
+    device: Device,
+    hint: Option<InputHint>,
+}
+
+/// The device a model runs on, from the server's preference and the model's own
+/// `deviceType` (model-config YAML). CUDA is used only when libtorch sees a GPU.
+pub fn choose_device(pref: DevicePreference, model_device_type: Option<DeviceType>) -> Device {
+    let cuda = tch::Cuda::is_available();
+    match pref {
+        DevicePreference::Cpu => Device::Cpu,
+        DevicePreference::Cuda(i) if cuda && (i as i64) < tch::Cuda::device_count() => {
+            Device::Cuda(i)
+        }
+        DevicePreference::Cuda(i) => {
+            tracing::warn!(
+                device = i,
+                "CUDA device requested but not available; using the CPU"
+            );
+            Device::Cpu
+        }
+        DevicePreference::Auto if model_device_type == Some(DeviceType::Cpu) => Device::Cpu,
+        DevicePreference::Auto if cuda => Device::Cuda(0),
+        DevicePreference::Auto => Device::Cpu,
+    }
+}
+
+impl Session {
+    /// Loads a TorchScript file on `device`.
+    pub fn load(path: &Path, device: Device) -> Result<Self, SessionError> {
+        let started = Instant::now();
+        let mut module = CModule::load_on_device(path, device)?;
+        module.set_eval();
+        let hint = input_hint(&module);
+        tracing::info!(
+            path = %path.display(),
+            ?device,
+            ?hint,
+            load_ms = started.elapsed().as_secs_f64() * 1e3,
+            "TorchScript module loaded"
+        );
+        Ok(Self {
+            module,
+            device,
+            hint,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn input_hint(&self) -> Option<InputHint> {
+        self.hint
+    }
+
+    /// One forward pass without autograd. Call it from a model worker thread only.
+    pub fn forward(&self, input: &Tensor) -> Result<Tensor, SessionError> {
+        let _guard = tch::no_grad_guard();
+        match self
+            .module
+            .forward_is(&[IValue::Tensor(input.shallow_clone())])?
+        {
+            IValue::Tensor(t) => Ok(t),
+            IValue::Tuple(_) => Err(SessionError::Output("a tuple")),
+            IValue::GenericDict(_) => Err(SessionError::Output("a dict")),
+            IValue::TensorList(_) | IValue::GenericList(_) => Err(SessionError::Output("a list")),
+            _ => Err(SessionError::Output("a non-tensor value")),
+        }
+    }
+
+    /// Whether `shape` (one instance, without the batch dimension) contradicts the hint.
+    pub fn rejects_shape(&self, shape: &[i64]) -> Option<String> {
+        let hint = self.hint?;
+        let got = shape.len().checked_sub(hint.dim_from_end).map(|i| shape[i]);
+        match got {
+            Some(n) if n == hint.size => None,
+            Some(n) if hint.dim_from_end == 1 => Some(format!(
+                "the instance has {n} values; the model takes {}",
+                hint.size
+            )),
+            Some(n) => Some(format!(
+                "dimension -{} of the instance is {n}; the model takes {}",
+                hint.dim_from_end, hint.size
+            )),
+            None => Some(format!(
+                "the instance has shape {shape:?}; the model takes at least {} dimensions",
+                hint.dim_from_end
+            )),
+        }
+    }
+}
+
+/// The first parameter of a module is, for the usual first layers, a weight whose dim 1 is
+/// the input size: Linear `[out, in]` (input dim -1), Conv1d `[out, in, k]` (dim -2),
+/// Conv2d `[out, in, kh, kw]` (dim -3).
+fn input_hint(module: &CModule) -> Option<InputHint> {
+    let params = module.named_parameters().ok()?;
+    let (_, first) = params.first()?;
+    let size = first.size();
+    (size.len() >= 2).then(|| InputHint {
+        dim_from_end: size.len() - 1,
+        size: size[1],
+    })
+}
+
+/// Sets libtorch's intra-op threads for the calling worker thread (OpenMP keeps the count
+/// per thread). `workers` model threads share the machine's cores.
+pub fn configure_worker_threads(workers: usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_worker = (cores / workers.max(1)).max(1);
+    tch::set_num_threads(per_worker as i32);
+}

@@ -1,0 +1,355 @@
+//! Server settings: TorchServe's `config.properties` keys that shape serving, resolved into
+//! one struct. Front ends (the emulator's flags, later the functions' environment) fill it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::properties::Properties;
+
+/// A setting that cannot be used as given.
+#[derive(Debug, thiserror::Error)]
+#[error("config key `{key}`: {message}")]
+pub struct SettingsError {
+    pub key: String,
+    pub message: String,
+}
+
+fn bad(key: &str, message: impl Into<String>) -> SettingsError {
+    SettingsError {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Where models run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DevicePreference {
+    /// CUDA device 0 when libtorch sees a GPU, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DevicePreference {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("`{s}` is not a device: use auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+/// Per-model, per-version settings from the `models` JSON of config.properties
+/// (`{"name": {"1.0": {...}}}`), plus torchfn's `handler` key naming a built-in handler.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelOverrides {
+    pub min_workers: Option<usize>,
+    pub max_workers: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub max_batch_delay: Option<u64>,
+    pub response_timeout: Option<u64>,
+    pub startup_timeout: Option<u64>,
+    pub default_version: Option<bool>,
+    pub mar_name: Option<String>,
+    pub runtime: Option<String>,
+    /// torchfn: the built-in handler that serves this model (see `handler::builtin`).
+    pub handler: Option<String>,
+}
+
+/// Everything the server needs to know, with TorchServe's defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub inference_address: SocketAddr,
+    pub management_address: SocketAddr,
+    pub metrics_address: SocketAddr,
+    pub model_store: Option<PathBuf>,
+    /// `load_models` / `--models` entries: `all`, `file.mar` or `name=file.mar`.
+    pub load_models: Vec<String>,
+    /// Workers per model loaded at start; `None` means one per GPU, else per CPU core
+    /// (capped, see `manager`).
+    pub default_workers_per_model: Option<usize>,
+    pub job_queue_size: usize,
+    pub max_request_size: usize,
+    pub max_response_size: usize,
+    /// Server-wide batching defaults (`batch_size`, `max_batch_delay` ms); a model's YAML
+    /// and the `models` JSON override them.
+    pub batch_size: usize,
+    pub max_batch_delay: Duration,
+    pub response_timeout: Duration,
+    /// Built-in handler for archives whose manifest names a Python handler file.
+    pub default_service_handler: Option<String>,
+    pub models: BTreeMap<String, BTreeMap<String, ModelOverrides>>,
+    /// Built-in handler per model name (`--handler NAME=BUILTIN`); wins over the above.
+    pub handlers: BTreeMap<String, String>,
+    pub device: DevicePreference,
+    /// Folder where archives are unpacked (a fresh subfolder per model version).
+    pub unpack_dir: Option<PathBuf>,
+    /// Keys torchfn does not know; reported once at start-up.
+    pub unknown_keys: Vec<String>,
+    /// TorchServe keys that have no effect in torchfn; reported once at start-up.
+    pub inert_keys: Vec<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            inference_address: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            management_address: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            metrics_address: SocketAddr::from(([127, 0, 0, 1], 8082)),
+            model_store: None,
+            load_models: Vec::new(),
+            default_workers_per_model: None,
+            job_queue_size: 100,
+            max_request_size: 6_553_500,
+            max_response_size: 6_553_500,
+            batch_size: 1,
+            max_batch_delay: Duration::from_millis(100),
+            response_timeout: Duration::from_secs(120),
+            default_service_handler: None,
+            models: BTreeMap::new(),
+            handlers: BTreeMap::new(),
+            device: DevicePreference::Auto,
+            unpack_dir: None,
+            unknown_keys: Vec::new(),
+            inert_keys: Vec::new(),
+        }
+    }
+}
+
+/// TorchServe keys accepted for compatibility that change nothing in torchfn (JVM, Netty,
+/// Python-backend and logging knobs). Anything neither here nor handled is "unknown".
+const INERT_KEYS: &[&str] = &[
+    "async_logging",
+    "number_of_netty_threads",
+    "netty_client_threads",
+    "vmargs",
+    "initial_worker_port",
+    "prefer_direct_buffer",
+    "install_py_dep_per_model",
+    "default_startup_timeout",
+    "unregister_model_timeout",
+    "decode_input_request",
+    "metrics_mode",
+    "metrics_config",
+    "metric_time_interval",
+    "enable_metrics_api",
+    "model_metrics_auto_detect",
+    "disable_system_metrics",
+    "workflow_store",
+    "service_envelope",
+    "enable_envvars_config",
+    "use_native_io",
+    "io_ratio",
+    "limit_max_image_pixels",
+    "grpc_inference_address",
+    "grpc_management_address",
+    "grpc_inference_port",
+    "grpc_management_port",
+    "enable_grpc_ssl",
+    "model_snapshot",
+    "ts_open_inference_protocol",
+    // Security keys a later release of torchfn honours; accepted now so configs load.
+    "enable_model_api",
+    "disable_token_authorization",
+    "token_expiration_min",
+    "allowed_urls",
+    "use_env_allowed_urls",
+    "cors_allowed_origin",
+    "cors_allowed_methods",
+    "cors_allowed_headers",
+    "blacklist_env_vars",
+];
+
+impl Settings {
+    /// Applies config.properties keys over the defaults.
+    pub fn apply_properties(&mut self, props: &Properties) -> Result<(), SettingsError> {
+        for (key, value) in props {
+            let v = value.trim();
+            match key.as_str() {
+                "inference_address" => self.inference_address = parse_address(key, v)?,
+                "management_address" => self.management_address = parse_address(key, v)?,
+                "metrics_address" => self.metrics_address = parse_address(key, v)?,
+                "model_store" => self.model_store = Some(PathBuf::from(v)),
+                "load_models" => self.load_models = split_list(v),
+                "default_workers_per_model" => {
+                    let n: usize = parse_num(key, v)?;
+                    self.default_workers_per_model = (n > 0).then_some(n);
+                }
+                "job_queue_size" => self.job_queue_size = parse_num::<usize>(key, v)?.max(1),
+                "max_request_size" => self.max_request_size = parse_num(key, v)?,
+                "max_response_size" => self.max_response_size = parse_num(key, v)?,
+                "batch_size" => self.batch_size = parse_num::<usize>(key, v)?.max(1),
+                "max_batch_delay" => {
+                    self.max_batch_delay = Duration::from_millis(parse_num(key, v)?)
+                }
+                "default_response_timeout" => {
+                    self.response_timeout = Duration::from_secs(parse_num(key, v)?)
+                }
+                // `enable_batch=false` turns batching off whatever batch_size says.
+                "enable_batch" => {
+                    if v.eq_ignore_ascii_case("false") {
+                        self.batch_size = 1;
+                    }
+                }
+                "number_of_gpu" => {
+                    if parse_num::<usize>(key, v)? == 0 {
+                        self.device = DevicePreference::Cpu;
+                    }
+                }
+                "default_service_handler" => self.default_service_handler = Some(v.to_string()),
+                "models" => {
+                    self.models = serde_json::from_str(v).map_err(|e| {
+                        bad(
+                            key,
+                            format!("expected {{\"name\": {{\"version\": {{...}}}}}}: {e}"),
+                        )
+                    })?
+                }
+                "torchfn_device" => self.device = v.parse().map_err(|e: String| bad(key, e))?,
+                "torchfn_unpack_dir" => self.unpack_dir = Some(PathBuf::from(v)),
+                k if INERT_KEYS.contains(&k) => self.inert_keys.push(k.to_string()),
+                k => self.unknown_keys.push(k.to_string()),
+            }
+        }
+        // `enable_batch=false` must win over a batch_size that comes later in key order.
+        if props
+            .get("enable_batch")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"))
+        {
+            self.batch_size = 1;
+        }
+        Ok(())
+    }
+
+    /// The built-in handler configured for a model version, if any: `--handler`, then the
+    /// `models` JSON, then `default_service_handler`.
+    pub fn handler_for(&self, model: &str, version: &str) -> Option<&str> {
+        self.handlers
+            .get(model)
+            .map(String::as_str)
+            .or_else(|| self.overrides(model, version)?.handler.as_deref())
+            .or(self.default_service_handler.as_deref())
+    }
+
+    /// The `models` JSON entry of a model version.
+    pub fn overrides(&self, model: &str, version: &str) -> Option<&ModelOverrides> {
+        self.models.get(model)?.get(version)
+    }
+}
+
+/// `http://host:port` → a socket address. Port 0 asks the OS for a free port.
+pub fn parse_address(key: &str, value: &str) -> Result<SocketAddr, SettingsError> {
+    if value.starts_with("https://") {
+        return Err(bad(key, "https listeners are not supported yet; terminate TLS in front of torchfn and use http://"));
+    }
+    if value.starts_with("unix:") {
+        return Err(bad(
+            key,
+            "unix socket listeners are not supported; use http://host:port",
+        ));
+    }
+    let rest = value.strip_prefix("http://").unwrap_or(value);
+    let rest = rest.trim_end_matches('/');
+    let with_port = if rest
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !rest.ends_with(']')
+    {
+        rest.to_string()
+    } else {
+        format!("{rest}:80")
+    };
+    let host_port = with_port.replace("localhost:", "127.0.0.1:");
+    host_port.parse().map_err(|_| {
+        bad(
+            key,
+            format!("`{value}` is not an address like http://127.0.0.1:8080"),
+        )
+    })
+}
+
+fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, SettingsError> {
+    v.parse()
+        .map_err(|_| bad(key, format!("`{v}` is not a non-negative whole number")))
+}
+
+fn split_list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn props(text: &str) -> Properties {
+        crate::properties::parse(text, "t", |_| None).unwrap()
+    }
+
+    #[test]
+    fn seed_config_applies() {
+        let mut s = Settings::default();
+        s.apply_properties(&props(
+            "inference_address=http://0.0.0.0:8080\nmanagement_address=http://127.0.0.1:0\n\
+             load_models=all\nnumber_of_netty_threads=4\njob_queue_size=100\n\
+             default_workers_per_model=1\nenable_batch=true\nbatch_size=32\nmax_batch_delay=100\n\
+             number_of_gpu=1\nasync_logging=true\nmystery_key=1\n",
+        ))
+        .unwrap();
+        assert_eq!(s.inference_address, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(s.management_address.port(), 0);
+        assert_eq!(s.load_models, vec!["all"]);
+        assert_eq!(s.batch_size, 32);
+        assert_eq!(s.max_batch_delay, Duration::from_millis(100));
+        assert_eq!(s.default_workers_per_model, Some(1));
+        assert_eq!(s.unknown_keys, vec!["mystery_key"]);
+        assert!(s.inert_keys.contains(&"async_logging".to_string()));
+    }
+
+    #[test]
+    fn enable_batch_false_wins() {
+        let mut s = Settings::default();
+        s.apply_properties(&props("enable_batch=false\nbatch_size=32\n"))
+            .unwrap();
+        assert_eq!(s.batch_size, 1);
+    }
+
+    #[test]
+    fn handler_precedence() {
+        let mut s = Settings::default();
+        s.apply_properties(&props(
+            "default_service_handler=tensor\nmodels={\"a\": {\"1.0\": {\"handler\": \"classifier\", \"batchSize\": 4}}}\n",
+        ))
+        .unwrap();
+        assert_eq!(s.handler_for("a", "1.0"), Some("classifier"));
+        assert_eq!(s.handler_for("a", "2.0"), Some("tensor"));
+        assert_eq!(s.overrides("a", "1.0").unwrap().batch_size, Some(4));
+        s.handlers.insert("a".into(), "tensor".into());
+        assert_eq!(s.handler_for("a", "1.0"), Some("tensor"));
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(parse_address("k", "http://localhost:9").unwrap().port(), 9);
+        assert!(parse_address("k", "https://x:1").is_err());
+        assert!(parse_address("k", "http://not an addr").is_err());
+        assert_eq!(parse_address("k", "http://[::1]:7").unwrap().port(), 7);
+    }
+}

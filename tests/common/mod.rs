@@ -1,0 +1,119 @@
+//! Shared by torchfn's integration tests: the fixtures made by real PyTorch and the real
+//! torch-model-archiver (`tests/fixtures/make_fixtures.py`), built once per script version
+//! into `target/fixtures-<hash>` and reused by every test binary.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The repository root (the tests live in `<root>/tests`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The folder holding the fixtures, made on first use.
+pub fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(make_fixtures)
+}
+
+/// The project venv's Python, installed by `scripts/setup` when missing.
+pub fn venv_python() -> PathBuf {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        let out = Command::new(repo_root().join("scripts/setup"))
+            .output()
+            .expect("could not run scripts/setup");
+        assert!(
+            out.status.success(),
+            "scripts/setup failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let venv = stdout
+            .lines()
+            .last()
+            .expect("scripts/setup printed no venv path");
+        PathBuf::from(venv.trim()).join("bin/python")
+    })
+    .clone()
+}
+
+fn make_fixtures() -> PathBuf {
+    let root = repo_root();
+    let script = root.join("tests/fixtures/make_fixtures.py");
+    let text = std::fs::read(&script).unwrap();
+    let mut h = DefaultHasher::new();
+    text.hash(&mut h);
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let dir = target.join(format!("fixtures-{:016x}", h.finish()));
+    if dir.join("reference.json").exists() {
+        return dir;
+    }
+    std::fs::create_dir_all(&target).unwrap();
+    // Build beside the final folder and rename into place, so a concurrent test process
+    // never sees a half-made set.
+    let tmp = target.join(format!("fixtures.tmp.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let status = Command::new(venv_python())
+        .arg(&script)
+        .arg(&tmp)
+        .status()
+        .expect("could not run the fixture script");
+    assert!(status.success(), "tests/fixtures/make_fixtures.py failed");
+    if std::fs::rename(&tmp, &dir).is_err() {
+        // Another test process finished first; its copy is the same.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    assert!(dir.join("reference.json").exists());
+    dir
+}
+
+/// `reference.json`, the outputs Python torch computed for the fixture inputs.
+pub fn reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Asserts two JSON values are equal, numbers within `tol` relative (absolute below 1).
+pub fn assert_json_close(got: &serde_json::Value, want: &serde_json::Value, tol: f64, at: &str) {
+    use serde_json::Value::*;
+    match (got, want) {
+        (Number(g), Number(w)) => {
+            let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+            let err = (g - w).abs() / w.abs().max(1.0);
+            assert!(
+                err <= tol,
+                "{at}: got {g}, want {w} (error {err:e} > {tol:e})"
+            );
+        }
+        (Array(g), Array(w)) => {
+            assert_eq!(
+                g.len(),
+                w.len(),
+                "{at}: array lengths differ: {got} vs {want}"
+            );
+            for (i, (g, w)) in g.iter().zip(w).enumerate() {
+                assert_json_close(g, w, tol, &format!("{at}[{i}]"));
+            }
+        }
+        (Object(g), Object(w)) => {
+            let gk: Vec<_> = g.keys().collect();
+            let wk: Vec<_> = w.keys().collect();
+            assert_eq!(gk, wk, "{at}: keys differ");
+            for (k, w) in w {
+                assert_json_close(&g[k], w, tol, &format!("{at}.{k}"));
+            }
+        }
+        _ => assert_eq!(got, want, "{at}"),
+    }
+}

@@ -1,0 +1,575 @@
+//! End-to-end tests of `torchfn-local` over real HTTP on 127.0.0.1, port 0, with archives
+//! made by the real torch-model-archiver and outputs checked against Python torch.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{assert_json_close, fixtures, reference};
+use serde_json::{json, Value};
+
+/// A running emulator, killed on drop.
+struct Server {
+    child: Child,
+    inference: String,
+    management: String,
+    metrics: String,
+    client: reqwest::blocking::Client,
+    log: std::path::PathBuf,
+    _logdir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        Self::start_with_env(args, &[])
+    }
+
+    fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let logdir = tempfile::tempdir().unwrap();
+        let log = logdir.path().join("stderr.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_torchfn-local"));
+        cmd.args(args)
+            .env_remove("TS_CONFIG_FILE")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("torchfn-local did not start");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut addrs = std::collections::HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while addrs.len() < 3 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "torchfn-local printed no addresses; its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+            if let Some((what, addr)) = line.split_once(" API bind to: ") {
+                addrs.insert(what.to_string(), addr.to_string());
+            }
+        }
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        Server {
+            child,
+            inference: addrs["Inference"].clone(),
+            management: addrs["Management"].clone(),
+            metrics: addrs["Metrics"].clone(),
+            client,
+            log,
+            _logdir: logdir,
+        }
+    }
+
+    /// Waits for /ping to say Healthy.
+    fn wait_healthy(self) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = self.client.get(format!("{}/ping", self.inference)).send() {
+                if r.status() == 200 {
+                    let body: Value = r.json().unwrap();
+                    assert_eq!(body, json!({"status": "Healthy"}));
+                    return self;
+                }
+                assert_eq!(r.status(), 500, "ping before ready must be 500");
+                let body: Value = r.json().unwrap();
+                assert_eq!(body, json!({"status": "Unhealthy"}));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never healthy; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn predict(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::blocking::Body>,
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let r = self
+            .client
+            .post(format!("{}/predictions/{path}", self.inference))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let text = r.text().unwrap();
+        let value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("response is not JSON ({e}): {text}"));
+        (status, value, headers)
+    }
+
+    fn get(&self, url: String) -> (u16, Value) {
+        let r = self.client.get(url).send().unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap())
+    }
+
+    fn metrics_text(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.metrics))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("torchfn-local log:\n{}", self.log());
+        }
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The guide's flow: archive → start with --model-store/--models/--ts-config → ping → the
+/// guide's single and batch predictions, equal to Python torch's.
+fn seed_server() -> Server {
+    let fx = fixtures();
+    Server::start(&[
+        "--model-store",
+        path_str(&fx.join("store")),
+        "--models",
+        "classifier=classifier.mar",
+        "--ts-config",
+        path_str(&fx.join("config.properties")),
+        "--handler",
+        "classifier=classifier",
+    ])
+    .wait_healthy()
+}
+
+#[test]
+fn seed_flow_end_to_end() {
+    let reference = reference();
+    let server = seed_server();
+    let single = json!({"features": reference["seed_features"]});
+    let (status, body, headers) = server.predict("classifier", single.to_string());
+    assert_eq!(status, 200, "{body}");
+    assert_json_close(&body, &reference["classifier_single"], 1e-5, "single");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(headers["x-request-id"].len(), 36);
+
+    let (status, body, _) = server.predict("classifier", reference["seed_batch"].to_string());
+    assert_eq!(status, 200, "{body}");
+    assert_json_close(&body, &reference["classifier_batch"], 1e-5, "batch");
+
+    // The explicit version route answers the same.
+    let (status, body, _) = server.predict("classifier/1.0", single.to_string());
+    assert_eq!(status, 200);
+    assert_json_close(&body, &reference["classifier_single"], 1e-5, "versioned");
+}
+
+fn assert_error(status: u16, body: &Value, want_status: u16, want_type: &str, needle: &str) {
+    assert_eq!(status, want_status, "{body}");
+    assert_eq!(body["code"], want_status, "{body}");
+    assert_eq!(body["type"], want_type, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains(needle),
+        "message {message:?} lacks {needle:?}"
+    );
+    let keys: Vec<_> = body.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["code", "type", "message"]);
+}
+
+#[test]
+fn bad_inputs_get_clear_errors_and_the_server_keeps_serving() {
+    let reference = reference();
+    let server = seed_server();
+    let good = json!({"features": reference["seed_features"]}).to_string();
+    let nine = json!({"features": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}).to_string();
+    let cases: Vec<(&str, String, u16, &str, &str)> = vec![
+        (
+            "classifier",
+            "{\"features\": [0.1, ".into(),
+            400,
+            "BadRequestException",
+            "not valid JSON",
+        ),
+        (
+            "classifier",
+            nine,
+            400,
+            "BadRequestException",
+            "the model takes 10",
+        ),
+        (
+            "classifier",
+            r#"{"features": [0.1, "x", 0.3]}"#.into(),
+            400,
+            "BadRequestException",
+            "features[1] must be a number",
+        ),
+        ("classifier", "".into(), 400, "BadRequestException", "empty"),
+        (
+            "classifier",
+            r#"{"feature": [1]}"#.into(),
+            400,
+            "BadRequestException",
+            "\"features\"",
+        ),
+        (
+            "nosuchmodel",
+            good.clone(),
+            404,
+            "ModelNotFoundException",
+            "Model not found: nosuchmodel",
+        ),
+        (
+            "classifier/9.9",
+            good.clone(),
+            404,
+            "ModelVersionNotFoundException",
+            "Model version: 9.9 does not exist for model: classifier",
+        ),
+    ];
+    for (path, body, status, ty, needle) in cases {
+        let (got, value, headers) = server.predict(path, body);
+        assert_error(got, &value, status, ty, needle);
+        assert!(headers.contains_key("x-request-id"));
+        let (ok, value, _) = server.predict("classifier", good.clone());
+        assert_eq!(ok, 200, "valid request after a bad one failed: {value}");
+        assert_json_close(
+            &value,
+            &reference["classifier_single"],
+            1e-5,
+            "after bad input",
+        );
+    }
+    // A list with one bad instance fails as a whole with the instance named.
+    let mixed = json!([{"features": reference["seed_features"]}, {"features": [1, 2]}]).to_string();
+    let (got, value, _) = server.predict("classifier", mixed);
+    assert_error(got, &value, 400, "BadRequestException", "instance 1");
+    // Unknown routes and methods.
+    let r = server
+        .client
+        .get(format!("{}/nothing/here", server.inference))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().unwrap();
+    assert_error(
+        404,
+        &body,
+        404,
+        "ResourceNotFoundException",
+        "Requested resource is not found",
+    );
+    let r = server
+        .client
+        .post(format!("{}/models", server.management))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    // Over max_request_size.
+    let big = format!("{{\"features\": [{}1]}}", "1,".repeat(4_000_000));
+    let (got, value, _) = server.predict("classifier", big);
+    assert_error(
+        got,
+        &value,
+        413,
+        "PayloadTooLargeException",
+        "max_request_size",
+    );
+    let (ok, _, _) = server.predict("classifier", good);
+    assert_eq!(ok, 200);
+}
+
+/// Reads one sample's value from Prometheus text.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn metrics_move_by_exactly_the_requests_sent() {
+    let reference = reference();
+    let server = seed_server();
+    let good = json!({"features": reference["seed_features"]}).to_string();
+    let m = [("model_name", "classifier")];
+    let before = server.metrics_text();
+    for _ in 0..5 {
+        assert_eq!(server.predict("classifier", good.clone()).0, 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(server.predict("classifier", "{").0, 400);
+    }
+    assert_eq!(server.predict("classifier/1.0", good.clone()).0, 200);
+    let after = server.metrics_text();
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        sample(&after, name, labels) - sample(&before, name, labels)
+    };
+    assert_eq!(delta("ts_inference_requests_total", &m), 8.0);
+    assert_eq!(
+        delta(
+            "ts_inference_requests_total",
+            &[("model_name", "classifier"), ("model_version", "default")]
+        ),
+        7.0
+    );
+    assert_eq!(
+        delta(
+            "ts_inference_requests_total",
+            &[("model_name", "classifier"), ("model_version", "1.0")]
+        ),
+        1.0
+    );
+    // 6 good predictions and the first /metrics scrape (counted once it has answered).
+    assert_eq!(delta("Requests2XX", &[("Level", "Host")]), 7.0);
+    assert_eq!(delta("Requests4XX", &[("Level", "Host")]), 2.0);
+    assert_eq!(delta("Requests5XX", &[("Level", "Host")]), 0.0);
+    assert_eq!(delta("ts_inference_latency_ms_count", &m), 6.0);
+    assert_eq!(delta("ts_queue_latency_ms_count", &m), 6.0);
+    assert!(delta("ts_inference_latency_microseconds", &m) > 0.0);
+    assert!(delta("ts_queue_latency_microseconds", &m) >= 0.0);
+    assert!(after.contains("ts_queue_latency_ms_bucket{"));
+    assert_eq!(sample(&after, "ts_model_workers", &m), 1.0);
+    // name[] filter.
+    let filtered = server
+        .client
+        .get(format!(
+            "{}/metrics?name[]=ts_model_workers",
+            server.metrics
+        ))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(filtered.contains("ts_model_workers{"));
+    assert!(!filtered.contains("Requests2XX"));
+}
+
+#[test]
+fn every_archive_format_serves_the_same_answers() {
+    let reference = reference();
+    let fx = fixtures().join("formats");
+    let models = format!(
+        "zip={},store={},tgz={},dir={}",
+        path_str(&fx.join("default/classifier.mar")),
+        path_str(&fx.join("zip-store/classifier.mar")),
+        path_str(&fx.join("tgz/classifier.tar.gz")),
+        path_str(&fx.join("no-archive/classifier")),
+    );
+    let server = Server::start_with_env(
+        &["--models", &models],
+        &[(
+            "TS_CONFIG_FILE",
+            path_str(&fixtures().join("config.properties")),
+        )],
+    );
+    // TS_CONFIG_FILE was read: its port-0 addresses were used, not the defaults.
+    assert!(!server.inference.ends_with(":8080"), "{}", server.inference);
+    let server = server.wait_healthy();
+    let single = json!({"features": reference["seed_features"]}).to_string();
+    for name in ["zip", "store", "tgz", "dir"] {
+        // No --handler here: these archives name handler.py, so they are refused with a
+        // message naming the setting, and the server stays up.
+        let (status, body, _) = server.predict(name, single.clone());
+        assert_error(status, &body, 404, "ModelNotFoundException", name);
+    }
+    let log = server.log();
+    assert!(
+        log.contains("--handler zip=classifier"),
+        "log lacks the fix:\n{log}"
+    );
+    drop(server);
+
+    let server = Server::start(&[
+        "--models",
+        &models,
+        "--ts-config",
+        path_str(&fixtures().join("config.properties")),
+        "--handler",
+        "zip=classifier,store=classifier,tgz=classifier,dir=classifier",
+    ])
+    .wait_healthy();
+    for name in ["zip", "store", "tgz", "dir"] {
+        let (status, body, _) = server.predict(name, single.clone());
+        assert_eq!(status, 200, "{name}: {body}");
+        assert_json_close(&body, &reference["classifier_single"], 1e-5, name);
+    }
+}
+
+#[test]
+fn tensor_handler_models_and_describe() {
+    let reference = reference();
+    let fx = fixtures();
+    let server = Server::start(&[
+        "--model-store",
+        path_str(&fx.join("store")),
+        "--models",
+        "scripted.mar,traced.mar,conv.mar",
+        "--ts-config",
+        path_str(&fx.join("config.properties")),
+    ])
+    .wait_healthy();
+    let features = &reference["seed_features"];
+    for (name, want) in [("scripted", "tensor_single"), ("traced", "traced_single")] {
+        for body in [features.to_string(), json!({"data": features}).to_string()] {
+            let (status, got, _) = server.predict(name, body);
+            assert_eq!(status, 200, "{got}");
+            assert_json_close(&got, &reference[want], 1e-5, name);
+        }
+    }
+    let batch = json!({"instances": reference["seed_batch"].as_array().unwrap().iter().map(|b| &b["features"]).collect::<Vec<_>>()});
+    let (status, got, _) = server.predict("scripted", batch.to_string());
+    assert_eq!(status, 200, "{got}");
+    assert_json_close(&got, &reference["tensor_batch"], 1e-5, "tensor batch");
+
+    let conv_in = &reference["conv_inputs"];
+    let (status, got, _) = server.predict("conv", json!({"instances": conv_in}).to_string());
+    assert_eq!(status, 200, "{got}");
+    assert_json_close(&got, &reference["conv_outputs"], 1e-5, "conv");
+    let (status, got, _) = server.predict("conv", json!([[1.0, 2.0]]).to_string());
+    assert_error(
+        status,
+        &got,
+        400,
+        "BadRequestException",
+        "model cannot take this input",
+    );
+
+    // List and describe.
+    let (status, list) = server.get(format!("{}/models", server.management));
+    assert_eq!(status, 200);
+    assert_eq!(
+        list,
+        json!({"models": [
+            {"modelName": "conv", "modelUrl": "conv.mar"},
+            {"modelName": "scripted", "modelUrl": "scripted.mar"},
+            {"modelName": "traced", "modelUrl": "traced.mar"},
+        ]})
+    );
+    let (_, page) = server.get(format!("{}/models?limit=2", server.management));
+    assert_eq!(page["nextPageToken"], "2");
+    assert_eq!(page["models"].as_array().unwrap().len(), 2);
+    let (_, page) = server.get(format!(
+        "{}/models?limit=2&next_page_token=2",
+        server.management
+    ));
+    assert!(page.get("nextPageToken").is_none());
+    assert_eq!(page["models"][0]["modelName"], "traced");
+
+    let (status, d) = server.get(format!("{}/models/conv", server.management));
+    assert_eq!(status, 200);
+    let d = &d[0];
+    // From conv's model-config YAML.
+    assert_eq!(d["modelName"], "conv");
+    assert_eq!(d["modelVersion"], "1.0");
+    assert_eq!(d["batchSize"], 8);
+    assert_eq!(d["maxBatchDelay"], 5);
+    assert_eq!(d["minWorkers"], 1);
+    assert_eq!(d["maxWorkers"], 2);
+    assert_eq!(d["responseTimeout"], 30);
+    assert_eq!(d["deviceType"], "cpu");
+    assert_eq!(d["loadedAtStartup"], true);
+    assert_eq!(d["workers"][0]["status"], "READY");
+    assert_eq!(d["workers"][0]["pid"], server.child.id());
+    assert!(d["workers"][0]["memoryUsage"].as_u64().unwrap() > 1_000_000);
+    assert_eq!(d["jobQueueStatus"]["remainingCapacity"], 100);
+    // From config.properties (batch_size=32, max_batch_delay=100) for a model without YAML.
+    let (_, d) = server.get(format!("{}/models/scripted/all", server.management));
+    assert_eq!(d[0]["batchSize"], 32);
+    assert_eq!(d[0]["maxBatchDelay"], 100);
+    let (status, e) = server.get(format!("{}/models/nope", server.management));
+    assert_error(
+        status,
+        &e,
+        404,
+        "ModelNotFoundException",
+        "Model not found: nope",
+    );
+    let (status, e) = server.get(format!("{}/models/conv/2.0", server.management));
+    assert_error(status, &e, 404, "ModelVersionNotFoundException", "2.0");
+}
+
+#[test]
+fn concurrent_requests_match_single_results_and_sigterm_stops_cleanly() {
+    let reference = reference();
+    let mut server = seed_server();
+    let single = json!({"features": reference["seed_features"]}).to_string();
+    let other = json!(reference["seed_batch"][1]).to_string();
+    let want_other = reference["classifier_batch"][1].clone();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|i| {
+                let (server, single, other) = (&server, single.clone(), other.clone());
+                s.spawn(move || {
+                    let body = if i % 2 == 0 { single } else { other };
+                    (i, server.predict("classifier", body))
+                })
+            })
+            .collect();
+        for h in handles {
+            let (i, (status, body, _)) = h.join().unwrap();
+            assert_eq!(status, 200, "{body}");
+            let want = if i % 2 == 0 {
+                &reference["classifier_single"]
+            } else {
+                &want_other
+            };
+            assert_json_close(&body, want, 1e-5, &format!("request {i}"));
+        }
+    });
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    let mut rest = String::new();
+    let _ = std::fs::File::open(&server.log)
+        .unwrap()
+        .read_to_string(&mut rest);
+    assert!(rest.contains("stopped"), "{rest}");
+}
