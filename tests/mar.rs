@@ -892,7 +892,8 @@ fn manifest_naming_a_missing_file_is_refused() {
     );
     let e = sb.open(&sb.put("missing.mar", &bytes)).unwrap_err();
     assert!(
-        matches!(&e, MarError::MissingFile { field: "serializedFile", file } if file == "missing.pt"),
+        matches!(&e, MarError::MissingFile { field: "serializedFile", file }
+            if file == "missing.pt"),
         "{e}"
     );
     assert!(e.to_string().contains("serializedFile"), "{e}");

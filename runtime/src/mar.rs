@@ -120,7 +120,10 @@ pub enum MarError {
         limit: u64,
     },
     /// The archive holds more entries than [`Limits::max_entries`].
-    #[error("model archive refused: it holds more than {limit} entries, the limit for one model archive")]
+    #[error(
+        "model archive refused: it holds more than {limit} entries, the limit for one model \
+         archive"
+    )]
     TooManyEntries {
         /// The limit.
         limit: usize,
@@ -284,7 +287,11 @@ pub fn open(source: &Path, unpack_root: &Path, limits: &Limits) -> Result<ModelA
         let source = fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
         let source = source.as_path();
         let (manifest, config) = read_and_check(source)?;
-        debug!(source = %source.display(), model = manifest.model_name(), "opened no-archive model folder");
+        debug!(
+            source = %source.display(),
+            model = manifest.model_name(),
+            "opened no-archive model folder"
+        );
         return Ok(ModelArchive {
             dir: source.to_path_buf(),
             manifest,

@@ -1,0 +1,158 @@
+//! The runtime in-process: model loading rules and the routers answered through
+//! `tower::ServiceExt::oneshot`, the way other front ends (functions) will mount them.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::{fixtures, reference};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use torchfn_runtime::api::{self, AppState};
+use torchfn_runtime::error::ErrorKind;
+use torchfn_runtime::manager::{LoadSpec, Manager};
+use torchfn_runtime::metrics::Metrics;
+use torchfn_runtime::settings::Settings;
+use tower::ServiceExt;
+
+fn manager(settings: Settings) -> Arc<Manager> {
+    Arc::new(Manager::new(settings, Arc::new(Metrics::new().unwrap())).unwrap())
+}
+
+fn spec(path: PathBuf, name: Option<&str>) -> LoadSpec {
+    LoadSpec {
+        url: path.display().to_string(),
+        path,
+        name: name.map(String::from),
+        loaded_at_startup: false,
+    }
+}
+
+#[test]
+fn eager_archive_is_refused_with_the_fix() {
+    let m = manager(Settings::default());
+    let err = m
+        .load(&spec(fixtures().join("eager/eager.mar"), None))
+        .err()
+        .expect("an eager archive must not load");
+    assert_eq!(err.kind, ErrorKind::InvalidModel);
+    assert!(err.message.contains("eager-mode"), "{}", err.message);
+    assert!(err.message.contains("torch.jit.script"), "{}", err.message);
+    assert!(m.get("eager", None).is_err());
+}
+
+#[test]
+fn python_handler_needs_a_named_builtin() {
+    let m = manager(Settings::default());
+    let path = fixtures().join("store/classifier.mar");
+    let err = m.load(&spec(path.clone(), None)).err().expect("refused");
+    assert_eq!(err.kind, ErrorKind::InvalidModel);
+    assert!(err.message.contains("handler.py"), "{}", err.message);
+    assert!(
+        err.message.contains("--handler classifier=classifier")
+            && err.message.contains("default_service_handler"),
+        "{}",
+        err.message
+    );
+
+    let mut settings = Settings::default();
+    settings.default_service_handler = Some("classifier".into());
+    let m = manager(settings);
+    let model = m.load(&spec(path.clone(), None)).unwrap();
+    assert_eq!(model.handler.name(), "classifier");
+    // The same name and version again is a conflict; another name is a new model.
+    let err = m.load(&spec(path.clone(), None)).err().expect("conflict");
+    assert_eq!(err.kind, ErrorKind::Conflict);
+    assert_eq!(
+        err.message,
+        "Model version 1.0 is already registered for model classifier"
+    );
+    m.load(&spec(path, Some("other"))).unwrap();
+    assert_eq!(m.defaults().len(), 2);
+
+    let mut settings = Settings::default();
+    settings
+        .handlers
+        .insert("classifier".into(), "image_classifier".into());
+    let err = manager(settings)
+        .load(&spec(fixtures().join("store/classifier.mar"), None))
+        .err()
+        .expect("not served yet");
+    assert!(err.message.contains("not served"), "{}", err.message);
+}
+
+#[test]
+fn a_serialized_file_that_is_not_torchscript_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.mar");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    let opts = zip::write::SimpleFileOptions::default();
+    zip.start_file("model.pt", opts).unwrap();
+    zip.write_all(b"this is not a TorchScript archive").unwrap();
+    zip.start_file("MAR-INF/MANIFEST.json", opts).unwrap();
+    zip.write_all(
+        br#"{"runtime": "python", "model": {"modelName": "bad", "serializedFile": "model.pt",
+            "handler": "base_handler", "modelVersion": "1.0"}, "archiverVersion": "0.12.0"}"#,
+    )
+    .unwrap();
+    zip.finish().unwrap();
+    let m = manager(Settings::default());
+    let err = m.load(&spec(path, None)).err().expect("refused");
+    assert_eq!(err.kind, ErrorKind::InvalidModel);
+    assert!(
+        err.message.contains("could not be loaded as TorchScript"),
+        "{}",
+        err.message
+    );
+    assert!(m.get("bad", None).is_err());
+}
+
+async fn call(router: axum::Router, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = router.oneshot(req).await.unwrap();
+    let status = resp.status();
+    assert!(resp.headers().contains_key("x-request-id"));
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+#[tokio::test]
+async fn ping_turns_healthy_when_ready_and_routers_answer_in_process() {
+    let m = manager(Settings::default());
+    let state = AppState::new(m.clone());
+    let ping = || Request::get("/ping").body(Body::empty()).unwrap();
+    let (status, body) = call(api::inference_router(state.clone()), ping()).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(body, json!({"status": "Unhealthy"}));
+
+    let model = fixtures().join("store/scripted.mar");
+    tokio::task::spawn_blocking(move || m.load(&spec(model, None)).map(|_| ()))
+        .await
+        .unwrap()
+        .unwrap();
+    state.set_ready();
+    let (status, body) = call(api::inference_router(state.clone()), ping()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"status": "Healthy"}));
+
+    let reference = reference();
+    let req = Request::put("/predictions/scripted")
+        .body(Body::from(reference["seed_features"].to_string()))
+        .unwrap();
+    let (status, body) = call(api::inference_router(state.clone()), req).await;
+    assert_eq!(status, StatusCode::OK);
+    common::assert_json_close(&body, &reference["tensor_single"], 1e-5, "oneshot");
+
+    let (status, body) = call(
+        api::management_router(state.clone()),
+        Request::delete("/models/scripted")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(body["type"], "MethodNotAllowedException");
+}
