@@ -1,6 +1,8 @@
 //! End-to-end tests of `torchfn-local` over real HTTP on 127.0.0.1, port 0, with archives
 //! made by the real torch-model-archiver and outputs checked against Python torch.
 
+#![allow(clippy::unwrap_used, clippy::field_reassign_with_default)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read};

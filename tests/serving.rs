@@ -1,6 +1,8 @@
 //! The runtime in-process: model loading rules and the routers answered through
 //! `tower::ServiceExt::oneshot`, the way other front ends (functions) will mount them.
 
+#![allow(clippy::unwrap_used, clippy::field_reassign_with_default)]
+
 mod common;
 
 use std::io::Write;

@@ -401,7 +401,6 @@ impl Manager {
         .max(1);
         let delay_ms = yaml
             .and_then(|c| c.max_batch_delay)
-            .map(|v| v as u64)
             .or(json.and_then(|j| j.max_batch_delay))
             .unwrap_or(s.max_batch_delay.as_millis() as u64);
         let min_workers = pick(
@@ -418,12 +417,10 @@ impl Manager {
         .max(min_workers);
         let response_timeout = yaml
             .and_then(|c| c.response_timeout)
-            .map(|v| v as u64)
             .or(json.and_then(|j| j.response_timeout))
             .map_or(s.response_timeout, Duration::from_secs);
         let startup_timeout = yaml
             .and_then(|c| c.startup_timeout)
-            .map(|v| v as u64)
             .or(json.and_then(|j| j.startup_timeout))
             .unwrap_or(120);
         let queue_size = yaml

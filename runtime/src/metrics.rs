@@ -2,6 +2,8 @@
 //! guide's PromQL asks for (`ts_inference_latency_ms_bucket`, `ts_queue_latency_ms_bucket`)
 //! and torchfn's batch-size histogram.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use prometheus::{
     CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -21,6 +23,7 @@ pub struct Metrics {
     pub batch_size: HistogramVec,
     pub model_workers: IntGaugeVec,
     pub gpu_memory_used_bytes: GaugeVec,
+    gpu_enabled: AtomicBool,
 }
 
 fn help(kind: &str, unit: &str) -> String {
@@ -96,6 +99,7 @@ impl Metrics {
                 Opts::new("ts_gpu_memory_used_bytes", help("gauge", "Bytes")),
                 &["device_id"],
             )?,
+            gpu_enabled: AtomicBool::new(false),
             requests,
             registry,
             hostname,
@@ -122,10 +126,32 @@ impl Metrics {
 
     /// Starts reporting `ts_gpu_memory_used_bytes` (only when a model runs on a GPU).
     pub fn enable_gpu_metrics(&self) {
-        // Registering twice is harmless: the second attempt is refused and ignored.
-        let _ = self
-            .registry
-            .register(Box::new(self.gpu_memory_used_bytes.clone()));
+        if !self.gpu_enabled.swap(true, Ordering::AcqRel) {
+            let _ = self
+                .registry
+                .register(Box::new(self.gpu_memory_used_bytes.clone()));
+        }
+    }
+
+    /// Reads GPU memory in use from `nvidia-smi` (libtorch has no API for it), at scrape
+    /// time. Without nvidia-smi the gauge keeps its last value.
+    fn refresh_gpu_memory(&self) {
+        let out = std::process::Command::new("nvidia-smi")
+            .args([
+                "--query-gpu=index,memory.used",
+                "--format=csv,noheader,nounits",
+            ])
+            .output();
+        match out {
+            Ok(out) if out.status.success() => {
+                for (id, bytes) in parse_nvidia_smi_memory(&String::from_utf8_lossy(&out.stdout)) {
+                    self.gpu_memory_used_bytes
+                        .with_label_values(&[id.as_str()])
+                        .set(bytes);
+                }
+            }
+            _ => tracing::debug!("nvidia-smi unavailable; ts_gpu_memory_used_bytes not refreshed"),
+        }
     }
 
     /// Counts one response by its status class, on any port.
@@ -140,6 +166,9 @@ impl Metrics {
 
     /// The Prometheus text exposition, optionally only the families named in `names`.
     pub fn render(&self, names: &[String]) -> String {
+        if self.gpu_enabled.load(Ordering::Acquire) {
+            self.refresh_gpu_memory();
+        }
         let mut families = self.registry.gather();
         if !names.is_empty() {
             families.retain(|f| names.iter().any(|n| n == f.name()));
@@ -147,5 +176,56 @@ impl Metrics {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&families, &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// `nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits` lines
+/// (`0, 1234` in MiB) → (device id, bytes).
+fn parse_nvidia_smi_memory(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter_map(|line| {
+            let (id, mib) = line.split_once(',')?;
+            let mib: f64 = mib.trim().parse().ok()?;
+            Some((id.trim().to_string(), mib * 1024.0 * 1024.0))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn nvidia_smi_lines() {
+        let got = parse_nvidia_smi_memory("0, 1024\n1, 3\nbad line\n");
+        assert_eq!(
+            got,
+            vec![
+                ("0".into(), 1024.0 * 1048576.0),
+                ("1".into(), 3.0 * 1048576.0)
+            ]
+        );
+    }
+
+    #[test]
+    fn request_counters_by_class() {
+        let m = Metrics::new().unwrap();
+        for s in [200, 201, 404, 400, 500, 503, 507] {
+            m.count_response(s);
+        }
+        let text = m.render(&[]);
+        assert!(text.contains("Requests2XX{Hostname="), "{text}");
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(value("Requests2XX"), "2");
+        assert_eq!(value("Requests4XX"), "2");
+        assert_eq!(value("Requests5XX"), "3");
+        assert!(!text.contains("ts_gpu_memory_used_bytes"));
     }
 }
