@@ -442,33 +442,38 @@ impl Manager {
         }
     }
 
-    /// A model's default version, or the named one.
-    pub fn get(&self, name: &str, version: Option<&str>) -> Result<Arc<ModelVersion>, ApiError> {
+    /// Runs `f` on a model's family under the read lock; 404 when there is no such model.
+    fn with_family<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Family) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
         let models = self
             .models
             .read()
             .map_err(|_| ApiError::internal("model table lock poisoned"))?;
-        let family = models
+        f(models
             .get(name)
-            .ok_or_else(|| ApiError::model_not_found(name))?;
-        let v = version.unwrap_or(&family.default);
-        family
-            .versions
-            .get(v)
-            .cloned()
-            .ok_or_else(|| ApiError::version_not_found(name, v))
+            .ok_or_else(|| ApiError::model_not_found(name))?)
+    }
+
+    /// A model's default version, or the named one.
+    pub fn get(&self, name: &str, version: Option<&str>) -> Result<Arc<ModelVersion>, ApiError> {
+        self.with_family(name, |family| {
+            let v = version.unwrap_or(&family.default);
+            family
+                .versions
+                .get(v)
+                .cloned()
+                .ok_or_else(|| ApiError::version_not_found(name, v))
+        })
     }
 
     /// Every version of a model.
     pub fn all_versions(&self, name: &str) -> Result<Vec<Arc<ModelVersion>>, ApiError> {
-        let models = self
-            .models
-            .read()
-            .map_err(|_| ApiError::internal("model table lock poisoned"))?;
-        let family = models
-            .get(name)
-            .ok_or_else(|| ApiError::model_not_found(name))?;
-        Ok(family.versions.values().cloned().collect())
+        self.with_family(name, |family| {
+            Ok(family.versions.values().cloned().collect())
+        })
     }
 
     /// Default versions of all models, by name.

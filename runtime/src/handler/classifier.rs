@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 use tch::{Device, Kind, Tensor};
 
-use super::decode::{f32_json, parse_json, tensor_from_json, Decoded, Instance};
+use super::decode::{decode_list, f32_json, parse_json, tensor_from_json, Decoded, Instance};
 use super::Handler;
 use crate::error::{ApiError, ErrorKind};
 use crate::mar::ModelArchive;
@@ -113,18 +113,7 @@ impl Handler for ClassifierHandler {
                 })
             }
         };
-        if items.is_empty() {
-            return Err(ApiError::bad_request(format!("{at} is an empty list")));
-        }
-        let instances = items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| Self::instance(v, &format!("{at}[{i}]")))
-            .collect::<Result<_, _>>()?;
-        Ok(Decoded {
-            instances,
-            is_list: true,
-        })
+        decode_list(items, at, Self::instance)
     }
 
     fn postprocess(&self, output: &Tensor, rows: usize) -> Result<Vec<Value>, SessionError> {

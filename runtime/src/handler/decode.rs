@@ -21,6 +21,27 @@ pub struct Decoded {
     pub is_list: bool,
 }
 
+/// A list request: each element decoded by `one` (given the element and its place for
+/// messages). An empty list is the client's error.
+pub fn decode_list(
+    items: &[Value],
+    at: &str,
+    one: impl Fn(&Value, &str) -> Result<Instance, ApiError>,
+) -> Result<Decoded, ApiError> {
+    if items.is_empty() {
+        return Err(ApiError::bad_request(format!("{at} is an empty list")));
+    }
+    let instances = items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| one(v, &format!("{at}[{i}]")))
+        .collect::<Result<_, _>>()?;
+    Ok(Decoded {
+        instances,
+        is_list: true,
+    })
+}
+
 /// Parses a body as JSON, with a client-facing message on failure.
 pub fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {

@@ -8,7 +8,7 @@
 use serde_json::Value;
 use tch::Tensor;
 
-use super::decode::{parse_json, tensor_from_json, tensor_to_json, Decoded, Instance};
+use super::decode::{decode_list, parse_json, tensor_from_json, tensor_to_json, Decoded, Instance};
 use super::Handler;
 use crate::error::ApiError;
 use crate::session::SessionError;
@@ -58,20 +58,7 @@ impl Handler for TensorHandler {
             _ => None,
         };
         match list {
-            Some((items, at)) => {
-                if items.is_empty() {
-                    return Err(ApiError::bad_request(format!("{at} is an empty list")));
-                }
-                let instances = items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| Self::instance(v, &format!("{at}[{i}]")))
-                    .collect::<Result<_, _>>()?;
-                Ok(Decoded {
-                    instances,
-                    is_list: true,
-                })
-            }
+            Some((items, at)) => decode_list(items, at, Self::instance),
             None => Ok(Decoded {
                 instances: vec![Self::instance(&json, "body")?],
                 is_list: false,
