@@ -81,7 +81,9 @@ async fn common_layer(State(state): State<AppState>, mut req: Request, next: Nex
     resp
 }
 
-fn with_common(router: Router<AppState>, state: AppState) -> Router {
+/// Adds what every port shares (request ids, no-cache headers, status counters, the
+/// TorchServe 404 fallback) to a router. The benchmark's HTTP floor uses it too.
+pub fn with_common(router: Router<AppState>, state: AppState) -> Router {
     router
         .fallback(|| async { ApiError::resource_not_found() })
         .layer(middleware::from_fn_with_state(state.clone(), common_layer))
