@@ -4,166 +4,15 @@
 #![allow(clippy::unwrap_used, clippy::field_reassign_with_default)]
 
 mod common;
+#[path = "common/server.rs"]
+mod server;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
 use common::{assert_json_close, fixtures, reference};
 use serde_json::{json, Value};
-
-/// A running emulator, killed on drop.
-struct Server {
-    child: Child,
-    inference: String,
-    management: String,
-    metrics: String,
-    client: reqwest::blocking::Client,
-    log: std::path::PathBuf,
-    _logdir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(args: &[&str]) -> Server {
-        Self::start_with_env(args, &[])
-    }
-
-    fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
-        let logdir = tempfile::tempdir().unwrap();
-        let log = logdir.path().join("stderr.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_torchfn-local"));
-        cmd.args(args)
-            .env_remove("TS_CONFIG_FILE")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("torchfn-local did not start");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut addrs = std::collections::HashMap::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while addrs.len() < 3 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-                panic!(
-                    "torchfn-local printed no addresses; its log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            });
-            if let Some((what, addr)) = line.split_once(" API bind to: ") {
-                addrs.insert(what.to_string(), addr.to_string());
-            }
-        }
-        let client = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .unwrap();
-        Server {
-            child,
-            inference: addrs["Inference"].clone(),
-            management: addrs["Management"].clone(),
-            metrics: addrs["Metrics"].clone(),
-            client,
-            log,
-            _logdir: logdir,
-        }
-    }
-
-    /// Waits for /ping to say Healthy.
-    fn wait_healthy(self) -> Self {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(r) = self.client.get(format!("{}/ping", self.inference)).send() {
-                if r.status() == 200 {
-                    let body: Value = r.json().unwrap();
-                    assert_eq!(body, json!({"status": "Healthy"}));
-                    return self;
-                }
-                assert_eq!(r.status(), 500, "ping before ready must be 500");
-                let body: Value = r.json().unwrap();
-                assert_eq!(body, json!({"status": "Unhealthy"}));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "never healthy; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn predict(
-        &self,
-        path: &str,
-        body: impl Into<reqwest::blocking::Body>,
-    ) -> (u16, Value, reqwest::header::HeaderMap) {
-        let r = self
-            .client
-            .post(format!("{}/predictions/{path}", self.inference))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .unwrap();
-        let status = r.status().as_u16();
-        let headers = r.headers().clone();
-        let text = r.text().unwrap();
-        let value = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("response is not JSON ({e}): {text}"));
-        (status, value, headers)
-    }
-
-    fn get(&self, url: String) -> (u16, Value) {
-        let r = self.client.get(url).send().unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().unwrap())
-    }
-
-    fn metrics_text(&self) -> String {
-        self.client
-            .get(format!("{}/metrics", self.metrics))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap()
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("torchfn-local log:\n{}", self.log());
-        }
-    }
-}
+use server::{sample, Server};
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -321,20 +170,6 @@ fn bad_inputs_get_clear_errors_and_the_server_keeps_serving() {
     );
     let (ok, _, _) = server.predict("classifier", good);
     assert_eq!(ok, 200);
-}
-
-/// Reads one sample's value from Prometheus text.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
 }
 
 #[test]

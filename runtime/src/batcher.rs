@@ -56,10 +56,19 @@ pub struct Batcher {
     workers: Mutex<Vec<JoinHandle<()>>>,
     busy: Arc<AtomicUsize>,
     config: BatchConfig,
+    metrics: BatchMetrics,
 }
 
-/// Called with each forward pass's size (for metrics).
-pub type BatchObserver = Arc<dyn Fn(usize) + Send + Sync>;
+/// The metrics one model version's batcher keeps up to date.
+#[derive(Clone)]
+pub struct BatchMetrics {
+    /// Instances per forward pass.
+    pub batch_size: prometheus::Histogram,
+    /// Requests waiting for a worker.
+    pub queue_length: prometheus::IntGauge,
+    /// Requests whose caller went away before a worker took them.
+    pub abandoned: prometheus::IntCounter,
+}
 
 impl Batcher {
     /// Starts `config.workers` threads named after the model.
@@ -68,7 +77,7 @@ impl Batcher {
         handler: Arc<dyn Handler>,
         session: Arc<Session>,
         config: BatchConfig,
-        observer: BatchObserver,
+        metrics: BatchMetrics,
     ) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_size.max(1));
         let busy = Arc::new(AtomicUsize::new(0));
@@ -81,7 +90,7 @@ impl Batcher {
                 batch_size: config.batch_size.max(1),
                 workers: config.workers.max(1),
                 busy: busy.clone(),
-                observer: observer.clone(),
+                metrics: metrics.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("{label}-w{i}"))
@@ -94,6 +103,7 @@ impl Batcher {
             workers: Mutex::new(workers),
             busy,
             config,
+            metrics,
         })
     }
 
@@ -121,7 +131,10 @@ impl Batcher {
             return Err(no_worker(model_label, "it is shutting down"));
         };
         match tx.try_send(job) {
-            Ok(()) => Ok(rx),
+            Ok(()) => {
+                self.metrics.queue_length.set(self.rx.len() as i64);
+                Ok(rx)
+            }
             Err(TrySendError::Full(_)) => Err(no_worker(
                 model_label,
                 &format!(
@@ -179,7 +192,7 @@ struct Worker {
     batch_size: usize,
     workers: usize,
     busy: Arc<AtomicUsize>,
-    observer: BatchObserver,
+    metrics: BatchMetrics,
 }
 
 impl Worker {
@@ -197,8 +210,15 @@ impl Worker {
                     Err(_) => break,
                 }
             }
+            self.metrics.queue_length.set(self.rx.len() as i64);
             // A caller that disconnected costs no forward pass.
+            let before = jobs.len();
             jobs.retain(|j| !j.reply.is_closed());
+            if jobs.len() < before {
+                let gone = before - jobs.len();
+                self.metrics.abandoned.inc_by(gone as u64);
+                tracing::debug!(requests = gone, "skipped requests whose callers went away");
+            }
             if jobs.is_empty() {
                 continue;
             }
@@ -270,7 +290,7 @@ impl Worker {
         let mut sizes = vec![0usize; jobs.len()];
         for (_, members) in &groups {
             for chunk in members.chunks(self.batch_size) {
-                (self.observer)(chunk.len());
+                self.metrics.batch_size.observe(chunk.len() as f64);
                 for &(j, i) in chunk {
                     if i == 0 {
                         sizes[j] = chunk.len();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Map, Value};
 
-use crate::batcher::{BatchConfig, Batcher};
+use crate::batcher::{BatchConfig, BatchMetrics, Batcher};
 use crate::error::{ApiError, ErrorKind};
 use crate::handler::{self, Handler};
 use crate::mar::{self, Limits, ModelArchive};
@@ -265,6 +265,7 @@ impl Manager {
             ));
         }
         let archive = mar::open(&spec.path, self.unpack_root.path(), &self.limits)?;
+        let unpacked = started.elapsed();
         let manifest = archive.manifest();
         let name = spec
             .name
@@ -301,34 +302,35 @@ impl Manager {
         let cfg = archive.config();
         let device = choose_device(self.settings.device, cfg.and_then(|c| c.device_type));
         let model_path = archive.path_of(&serialized).map_err(ApiError::from)?;
-        let session = Session::load(&model_path, device).map_err(|e| {
-            tracing::error!(model = %name, error = %e, "TorchScript load failed");
-            ApiError::new(
-                ErrorKind::InvalidModel,
-                format!(
-                    "model {name}: {serialized} could not be loaded as TorchScript ({}). \
+        let session =
+            Session::load_with(&model_path, device, self.settings.precision).map_err(|e| {
+                tracing::error!(model = %name, error = %e, "TorchScript load failed");
+                ApiError::new(
+                    ErrorKind::InvalidModel,
+                    format!(
+                        "model {name}: {serialized} could not be loaded as TorchScript ({}). \
                      torchfn serves models saved with torch.jit.script or torch.jit.trace",
-                    e.summary()
-                ),
-            )
-        })?;
+                        e.summary()
+                    ),
+                )
+            })?;
         let session = Arc::new(session);
+        let session_loaded = started.elapsed();
         if device.is_cuda() {
             self.metrics.enable_gpu_metrics();
         }
-        let observer = {
-            let h = self
-                .metrics
-                .batch_size
-                .with_label_values(&[name.as_str(), version.as_str()]);
-            Arc::new(move |n: usize| h.observe(n as f64))
+        let labels = [name.as_str(), version.as_str()];
+        let batch_metrics = BatchMetrics {
+            batch_size: self.metrics.batch_size.with_label_values(&labels),
+            queue_length: self.metrics.queue_length.with_label_values(&labels),
+            abandoned: self.metrics.abandoned_requests.with_label_values(&labels),
         };
         let batcher = Batcher::start(
             &name,
             handler.clone(),
             session.clone(),
             settings.batch,
-            observer,
+            batch_metrics,
         )
         .map_err(|e| {
             ApiError::internal(format!(
@@ -382,6 +384,8 @@ impl Manager {
             ?device,
             workers = model.settings.batch.workers,
             batch_size = model.settings.batch.batch_size,
+            unpack_ms = unpacked.as_secs_f64() * 1e3,
+            session_ms = (session_loaded - unpacked).as_secs_f64() * 1e3,
             load_ms = model.load_time.as_secs_f64() * 1e3,
             "model loaded"
         );

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub queue_latency_ms: HistogramVec,
     pub batch_size: HistogramVec,
     pub model_workers: IntGaugeVec,
+    pub queue_length: IntGaugeVec,
+    pub abandoned_requests: IntCounterVec,
     pub gpu_memory_used_bytes: GaugeVec,
     gpu_enabled: AtomicBool,
 }
@@ -95,6 +97,20 @@ impl Metrics {
                 Opts::new("ts_model_workers", help("gauge", "Count")),
                 model_only,
             )?,
+            queue_length: IntGaugeVec::new(
+                Opts::new(
+                    "torchfn_queue_length",
+                    "Requests waiting for a model worker",
+                ),
+                model_only,
+            )?,
+            abandoned_requests: IntCounterVec::new(
+                Opts::new(
+                    "torchfn_requests_abandoned_total",
+                    "Requests dropped from the queue because their caller went away",
+                ),
+                model_only,
+            )?,
             gpu_memory_used_bytes: GaugeVec::new(
                 Opts::new("ts_gpu_memory_used_bytes", help("gauge", "Bytes")),
                 &["device_id"],
@@ -114,6 +130,9 @@ impl Metrics {
         m.registry.register(Box::new(m.queue_latency_ms.clone()))?;
         m.registry.register(Box::new(m.batch_size.clone()))?;
         m.registry.register(Box::new(m.model_workers.clone()))?;
+        m.registry.register(Box::new(m.queue_length.clone()))?;
+        m.registry
+            .register(Box::new(m.abandoned_requests.clone()))?;
         for c in &m.requests {
             m.registry.register(Box::new(c.clone()))?;
         }

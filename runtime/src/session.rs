@@ -4,10 +4,10 @@
 use std::path::Path;
 use std::time::Instant;
 
-use tch::{CModule, Device, IValue, Tensor};
+use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use crate::model_config::DeviceType;
-use crate::settings::DevicePreference;
+use crate::settings::{DevicePreference, Precision};
 
 /// A failure inside libtorch or around it.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,7 @@ pub struct InputHint {
 pub struct Session {
     module: CModule,
     device: Device,
+    precision: Precision,
     hint: Option<InputHint>,
 }
 
@@ -71,11 +72,34 @@ pub fn choose_device(pref: DevicePreference, model_device_type: Option<DeviceTyp
 }
 
 impl Session {
-    /// Loads a TorchScript file on `device`.
+    /// Loads a TorchScript file on `device` in float32.
     pub fn load(path: &Path, device: Device) -> Result<Self, SessionError> {
+        Self::load_with(path, device, Precision::Fp32)
+    }
+
+    /// Loads a TorchScript file on `device`; reduced `precision` applies on CUDA only.
+    pub fn load_with(
+        path: &Path,
+        device: Device,
+        precision: Precision,
+    ) -> Result<Self, SessionError> {
         let started = Instant::now();
         let mut module = CModule::load_on_device(path, device)?;
         module.set_eval();
+        let precision = if device.is_cuda() {
+            precision
+        } else {
+            if precision != Precision::Fp32 {
+                tracing::warn!(
+                    ?precision,
+                    "reduced precision applies to CUDA only; running float32 on the CPU"
+                );
+            }
+            Precision::Fp32
+        };
+        if precision == Precision::Bf16 {
+            module.to(device, Kind::BFloat16, false);
+        }
         let hint = input_hint(&module);
         tracing::info!(
             path = %path.display(),
@@ -87,12 +111,17 @@ impl Session {
         Ok(Self {
             module,
             device,
+            precision,
             hint,
         })
     }
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn input_hint(&self) -> Option<InputHint> {

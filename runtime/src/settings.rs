@@ -51,6 +51,30 @@ impl std::str::FromStr for DevicePreference {
     }
 }
 
+/// Numeric precision of forward passes. Only CUDA uses reduced precision; on the CPU every
+/// model runs in float32 whatever is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    Fp32,
+    /// CUDA autocast (float16 where libtorch deems it safe).
+    Fp16,
+    /// Weights and inputs cast to bfloat16.
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "fp32" | "float32" => Ok(Self::Fp32),
+            "fp16" | "float16" | "half" => Ok(Self::Fp16),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            _ => Err(format!("`{s}` is not a precision: use fp32, fp16 or bf16")),
+        }
+    }
+}
+
 /// Per-model, per-version settings from the `models` JSON of config.properties
 /// (`{"name": {"1.0": {...}}}`), plus torchfn's `handler` key naming a built-in handler.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -89,6 +113,10 @@ pub struct Settings {
     pub batch_size: usize,
     pub max_batch_delay: Duration,
     pub response_timeout: Duration,
+    /// Most instances one request may carry (a longer list gets 400).
+    pub max_instances_per_request: usize,
+    /// Numeric precision of forward passes on CUDA (`fp32`, `fp16` autocast, `bf16`).
+    pub precision: Precision,
     /// Built-in handler for archives whose manifest names a Python handler file.
     pub default_service_handler: Option<String>,
     pub models: BTreeMap<String, BTreeMap<String, ModelOverrides>>,
@@ -118,6 +146,8 @@ impl Default for Settings {
             batch_size: 1,
             max_batch_delay: Duration::from_millis(100),
             response_timeout: Duration::from_secs(120),
+            max_instances_per_request: 1000,
+            precision: Precision::Fp32,
             default_service_handler: None,
             models: BTreeMap::new(),
             handlers: BTreeMap::new(),
@@ -217,6 +247,12 @@ impl Settings {
                             format!("expected {{\"name\": {{\"version\": {{...}}}}}}: {e}"),
                         )
                     })?
+                }
+                "max_instances_per_request" => {
+                    self.max_instances_per_request = parse_num::<usize>(key, v)?.max(1)
+                }
+                "torchfn_precision" => {
+                    self.precision = v.parse().map_err(|e: String| bad(key, e))?
                 }
                 "torchfn_device" => self.device = v.parse().map_err(|e: String| bad(key, e))?,
                 "torchfn_unpack_dir" => self.unpack_dir = Some(PathBuf::from(v)),

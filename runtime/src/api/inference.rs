@@ -66,9 +66,21 @@ async fn predict_inner(
     let max = state.manager.settings().max_request_size;
     let bytes = read_body(body, headers, max).await?;
     let decoded = model.handler.decode(&bytes)?;
+    let max_instances = state.manager.settings().max_instances_per_request;
+    if decoded.instances.len() > max_instances {
+        return Err(ApiError::bad_request(format!(
+            "the request holds {} instances; the limit is {max_instances} \
+             (max_instances_per_request): split it into smaller requests",
+            decoded.instances.len()
+        )));
+    }
+    let span = tracing::Span::current();
+    span.record("model", model.name.as_str());
     let reply = model.batcher.submit(&model.name, decoded.instances)?;
+    // response_timeout bounds the request's whole time, reading and decoding included.
     let timeout = model.settings.response_timeout;
-    let outcome = match tokio::time::timeout(timeout, reply).await {
+    let left = timeout.saturating_sub(started.elapsed());
+    let outcome = match tokio::time::timeout(left, reply).await {
         Ok(Ok(outcome)) => outcome,
         Ok(Err(_)) => return Err(ApiError::internal("Worker died.")),
         Err(_) => {
@@ -113,6 +125,9 @@ async fn predict_inner(
             h.insert(name, v);
         }
     }
+    span.record("queue_us", outcome.queue_time.as_micros() as u64);
+    span.record("inference_us", outcome.inference_time.as_micros() as u64);
+    span.record("batch_size", outcome.batch_size);
     tracing::debug!(
         model = %model.name,
         version = %model.version,

@@ -60,7 +60,16 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 async fn common_layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let id = uuid::Uuid::new_v4().to_string();
     req.extensions_mut().insert(RequestId(id.clone()));
-    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+        model = tracing::field::Empty,
+        queue_us = tracing::field::Empty,
+        inference_us = tracing::field::Empty,
+        batch_size = tracing::field::Empty,
+    );
     let mut resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
     let status = resp.status();
     state.metrics.count_response(status.as_u16());
