@@ -12,7 +12,7 @@ use crate::batcher::{BatchConfig, BatchMetrics, Batcher};
 use crate::error::{ApiError, ErrorKind};
 use crate::handler::{self, Handler};
 use crate::mar::{self, Limits, ModelArchive};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestMetrics};
 use crate::model_config::ParallelType;
 use crate::session::{choose_device, Session};
 use crate::settings::Settings;
@@ -49,6 +49,8 @@ pub struct ModelVersion {
     pub session: Arc<Session>,
     pub batcher: Batcher,
     pub settings: ModelSettings,
+    /// Request metrics for URLs without a version (`default`) and with this version.
+    pub request_metrics: [RequestMetrics; 2],
     pub loaded_at_startup: bool,
     pub started_at: SystemTime,
     pub load_time: Duration,
@@ -350,6 +352,10 @@ impl Manager {
             session,
             batcher,
             settings,
+            request_metrics: [
+                self.metrics.for_requests(&name, &version, "default"),
+                self.metrics.for_requests(&name, &version, &version),
+            ],
             loaded_at_startup: spec.loaded_at_startup,
             started_at: SystemTime::now(),
             load_time: started.elapsed(),

@@ -9,6 +9,18 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// The per-request metrics of one model version under one `model_version` label (the
+/// version, or `default` when the URL names none), resolved once so the request path does
+/// no label lookups.
+#[derive(Clone)]
+pub struct RequestMetrics {
+    pub requests_total: prometheus::IntCounter,
+    pub inference_latency_us: prometheus::Counter,
+    pub queue_latency_us: prometheus::Counter,
+    pub inference_latency_ms: prometheus::Histogram,
+    pub queue_latency_ms: prometheus::Histogram,
+}
+
 /// All of the server's metrics, in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -137,6 +149,19 @@ impl Metrics {
             m.registry.register(Box::new(c.clone()))?;
         }
         Ok(m)
+    }
+
+    /// Handles for requests to `model`/`version` that name `version_label` in their URL.
+    pub fn for_requests(&self, model: &str, version: &str, version_label: &str) -> RequestMetrics {
+        let labels = [model, version_label, self.hostname.as_str()];
+        let model_labels = [model, version];
+        RequestMetrics {
+            requests_total: self.inference_requests_total.with_label_values(&labels),
+            inference_latency_us: self.inference_latency_us.with_label_values(&labels),
+            queue_latency_us: self.queue_latency_us.with_label_values(&labels),
+            inference_latency_ms: self.inference_latency_ms.with_label_values(&model_labels),
+            queue_latency_ms: self.queue_latency_ms.with_label_values(&model_labels),
+        }
     }
 
     pub fn hostname(&self) -> &str {

@@ -54,14 +54,9 @@ async fn predict_inner(
     let name = segments.next().ok_or_else(ApiError::resource_not_found)?;
     let version = segments.next();
     let model = state.manager.get(name, version)?;
-    let version_label = version.unwrap_or("default");
-    let labels = [name, version_label, state.metrics.hostname()];
+    let m = &model.request_metrics[usize::from(version.is_some())];
     // Counted before queueing, as TorchServe does, so refused requests count too.
-    state
-        .metrics
-        .inference_requests_total
-        .with_label_values(&labels)
-        .inc();
+    m.requests_total.inc();
 
     let max = state.manager.settings().max_request_size;
     let bytes = read_body(body, headers, max).await?;
@@ -99,20 +94,10 @@ async fn predict_inner(
 
     let total = started.elapsed();
     let queue_us = outcome.queue_time.as_secs_f64() * 1e6;
-    let model_labels = [model.name.as_str(), model.version.as_str()];
-    let m = &state.metrics;
-    m.inference_latency_us
-        .with_label_values(&labels)
-        .inc_by(total.as_secs_f64() * 1e6);
-    m.queue_latency_us
-        .with_label_values(&labels)
-        .inc_by(queue_us);
-    m.inference_latency_ms
-        .with_label_values(&model_labels)
-        .observe(total.as_secs_f64() * 1e3);
-    m.queue_latency_ms
-        .with_label_values(&model_labels)
-        .observe(queue_us / 1e3);
+    m.inference_latency_us.inc_by(total.as_secs_f64() * 1e6);
+    m.queue_latency_us.inc_by(queue_us);
+    m.inference_latency_ms.observe(total.as_secs_f64() * 1e3);
+    m.queue_latency_ms.observe(queue_us / 1e3);
 
     let mut resp = json_response(StatusCode::OK, &body);
     let h = resp.headers_mut();
