@@ -49,10 +49,57 @@ pub struct Session {
     hint: Option<InputHint>,
 }
 
+/// Whether this machine shows an NVIDIA GPU to the process (driver device nodes or the
+/// driver's /proc entry), checked without loading any CUDA library.
+pub fn nvidia_gpu_present() -> bool {
+    Path::new("/dev/nvidiactl").exists() || Path::new("/proc/driver/nvidia/version").exists()
+}
+
+/// Loads libtorch's CUDA backend (`libtorch_cuda.so`, beside `libtorch_cpu.so`) into the
+/// process once. torchfn's binaries do not link it, so CPU-only machines never pay its
+/// start-up time and memory; its static initialisers register the CUDA backend with
+/// libtorch when it loads. Returns whether the backend is loaded.
+pub fn load_cuda_backend() -> bool {
+    static LOADED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LOADED.get_or_init(|| {
+        let started = Instant::now();
+        // SAFETY: libtorch_cuda.so is the CUDA half of the libtorch this binary links (same
+        // folder, found through the binary's rpath); loading it runs libtorch's own static
+        // initialisers, which register the CUDA backend and have no other preconditions. The
+        // library is never unloaded (leaked below), so no symbol outlives it.
+        #[allow(unsafe_code)]
+        let lib = unsafe { libloading::Library::new("libtorch_cuda.so") };
+        match lib {
+            Ok(lib) => {
+                std::mem::forget(lib);
+                tracing::info!(
+                    load_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "libtorch CUDA backend loaded"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "libtorch CUDA backend not available; using the CPU");
+                false
+            }
+        }
+    })
+}
+
+/// Whether CUDA can be used: a GPU is present, libtorch's CUDA backend loads, and libtorch
+/// then sees a device. Nothing CUDA is loaded on a machine without an NVIDIA GPU.
+pub fn cuda_available() -> bool {
+    nvidia_gpu_present() && load_cuda_backend() && tch::Cuda::is_available()
+}
+
 /// The device a model runs on, from the server's preference and the model's own
 /// `deviceType` (model-config YAML). CUDA is used only when libtorch sees a GPU.
 pub fn choose_device(pref: DevicePreference, model_device_type: Option<DeviceType>) -> Device {
-    let cuda = tch::Cuda::is_available();
+    let cuda = match pref {
+        DevicePreference::Cpu => false,
+        DevicePreference::Auto if model_device_type == Some(DeviceType::Cpu) => false,
+        _ => cuda_available(),
+    };
     match pref {
         DevicePreference::Cpu => Device::Cpu,
         DevicePreference::Cuda(i) if cuda && (i as i64) < tch::Cuda::device_count() => {
@@ -184,4 +231,31 @@ pub fn configure_worker_threads(workers: usize) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per_worker = (cores / workers.max(1)).max(1);
     tch::set_num_threads(per_worker as i32);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loading the CUDA backend on demand must not disturb a process that already uses
+    /// libtorch, with or without a GPU.
+    #[test]
+    fn cuda_backend_loads_on_demand() {
+        let before = Tensor::from_slice(&[1f32, 2.0]).sum(Kind::Float).double_value(&[]);
+        let loaded = load_cuda_backend();
+        // Where the libtorch in use is a CUDA build (the torch wheel is), it must load.
+        let cuda_build = std::env::var("LIBTORCH")
+            .is_ok_and(|d| Path::new(&d).join("lib/libtorch_cuda.so").exists());
+        assert!(loaded || !cuda_build, "libtorch_cuda.so did not load");
+        let gpu = tch::Cuda::is_available();
+        assert_eq!(gpu, tch::Cuda::device_count() > 0);
+        let after = Tensor::from_slice(&[1f32, 2.0]).sum(Kind::Float).double_value(&[]);
+        assert_eq!(before, after);
+        if !nvidia_gpu_present() {
+            assert!(!cuda_available());
+            assert_eq!(choose_device(DevicePreference::Auto, None), Device::Cpu);
+            assert_eq!(choose_device(DevicePreference::Cuda(0), None), Device::Cpu);
+        }
+        assert_eq!(choose_device(DevicePreference::Cpu, None), Device::Cpu);
+    }
 }
