@@ -63,7 +63,7 @@ fn passes(server: &Server) -> f64 {
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
@@ -201,7 +201,7 @@ fn a_caller_that_went_away_costs_no_forward_pass() {
 fn the_response_timeout_bounds_a_request() {
     let (server, _dir, _serial) = slow_server("default_response_timeout=1\n");
     let started = Instant::now();
-    let (status, body, _) = server.predict("slow", json!({"data": [6 * BUSY, 1]}).to_string());
+    let (status, body, _) = server.predict("slow", json!({"data": [3 * BUSY, 1]}).to_string());
     let took = started.elapsed();
     assert_eq!(status, 500, "{body}");
     assert_eq!(body["type"], "InternalServerException");

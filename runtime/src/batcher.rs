@@ -88,6 +88,7 @@ impl Batcher {
                 handler: handler.clone(),
                 session: session.clone(),
                 batch_size: config.batch_size.max(1),
+                max_batch_delay: config.max_batch_delay,
                 workers: config.workers.max(1),
                 busy: busy.clone(),
                 metrics: metrics.clone(),
@@ -190,6 +191,7 @@ struct Worker {
     handler: Arc<dyn Handler>,
     session: Arc<Session>,
     batch_size: usize,
+    max_batch_delay: Duration,
     workers: usize,
     busy: Arc<AtomicUsize>,
     metrics: BatchMetrics,
@@ -198,7 +200,10 @@ struct Worker {
 impl Worker {
     fn run(self) {
         configure_worker_threads(self.workers);
+        // The previous pass: how many instances it ran and how long it took.
+        let mut last = (0usize, Duration::ZERO);
         while let Ok(first) = self.rx.recv() {
+            let oldest = first.enqueued;
             let mut items = first.instances.len();
             let mut jobs = vec![first];
             while items < self.batch_size {
@@ -208,6 +213,26 @@ impl Worker {
                         jobs.push(job);
                     }
                     Err(_) => break,
+                }
+            }
+            // A cohort is arriving (more than one request waited) but fewer instances than
+            // the previous pass ran: wait a little for the rest of it, at most one previous
+            // pass's time and never past the oldest request's max_batch_delay. A lone
+            // request (nothing else waiting) runs at once.
+            let target = last.0.min(self.batch_size);
+            if jobs.len() > 1 && items < target && !self.max_batch_delay.is_zero() {
+                let deadline = (oldest + self.max_batch_delay).min(Instant::now() + last.1);
+                while items < target {
+                    let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                        break;
+                    };
+                    match self.rx.recv_timeout(left) {
+                        Ok(job) => {
+                            items += job.instances.len();
+                            jobs.push(job);
+                        }
+                        Err(_) => break,
+                    }
                 }
             }
             self.metrics.queue_length.set(self.rx.len() as i64);
@@ -222,8 +247,11 @@ impl Worker {
             if jobs.is_empty() {
                 continue;
             }
+            let items: usize = jobs.iter().map(|j| j.instances.len()).sum();
             self.busy.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
             self.run_batch(jobs);
+            last = (items, started.elapsed());
             self.busy.fetch_sub(1, Ordering::Relaxed);
         }
     }
