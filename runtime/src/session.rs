@@ -241,7 +241,9 @@ mod tests {
     /// libtorch, with or without a GPU.
     #[test]
     fn cuda_backend_loads_on_demand() {
-        let before = Tensor::from_slice(&[1f32, 2.0]).sum(Kind::Float).double_value(&[]);
+        let before = Tensor::from_slice(&[1f32, 2.0])
+            .sum(Kind::Float)
+            .double_value(&[]);
         let loaded = load_cuda_backend();
         // Where the libtorch in use is a CUDA build (the torch wheel is), it must load.
         let cuda_build = std::env::var("LIBTORCH")
@@ -249,7 +251,9 @@ mod tests {
         assert!(loaded || !cuda_build, "libtorch_cuda.so did not load");
         let gpu = tch::Cuda::is_available();
         assert_eq!(gpu, tch::Cuda::device_count() > 0);
-        let after = Tensor::from_slice(&[1f32, 2.0]).sum(Kind::Float).double_value(&[]);
+        let after = Tensor::from_slice(&[1f32, 2.0])
+            .sum(Kind::Float)
+            .double_value(&[]);
         assert_eq!(before, after);
         if !nvidia_gpu_present() {
             assert!(!cuda_available());
