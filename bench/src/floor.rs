@@ -1,0 +1,72 @@
+//! The libtorch floor: the model's forward pass in this process through torchfn's own
+//! `Session` (no HTTP, no queue, no JSON), timed one call at a time.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+use torchfn_runtime::session::{configure_worker_threads, Session};
+
+use crate::load::percentile;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FloorResult {
+    pub model: String,
+    pub batch: usize,
+    pub iterations: usize,
+    /// The first forward after loading (libtorch's JIT profiles and optimises it).
+    pub first_forward_us: f64,
+    pub median_us: f64,
+    pub p99_us: f64,
+    /// Median per instance (median over batch).
+    pub per_instance_us: f64,
+}
+
+/// Times `Session::forward` on a `[batch, features]` input until `budget` is spent (at
+/// least 20 calls, at most 200,000), after a warm-up of a tenth of the budget.
+pub fn measure(
+    model: &str,
+    path: &Path,
+    features: i64,
+    batch: usize,
+    budget: Duration,
+) -> anyhow::Result<FloorResult> {
+    // The same intra-op thread policy as a model worker when a model has one worker.
+    configure_worker_threads(1);
+    let session = Session::load(path, Device::Cpu)
+        .with_context(|| format!("could not load {}", path.display()))?;
+    let input = Tensor::randn([batch as i64, features], (Kind::Float, Device::Cpu));
+    let t = Instant::now();
+    let _first = session
+        .forward(&input)
+        .with_context(|| format!("forward of {model} failed"))?;
+    let first_forward_us = t.elapsed().as_secs_f64() * 1e6;
+
+    let warm_until = Instant::now() + budget / 10;
+    let mut warm = 0;
+    while warm < 5 || Instant::now() < warm_until {
+        let _out = session.forward(&input)?;
+        warm += 1;
+    }
+    let mut times = Vec::new();
+    let until = Instant::now() + budget;
+    while (times.len() < 20 || Instant::now() < until) && times.len() < 200_000 {
+        let t = Instant::now();
+        let out = session.forward(&input)?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        drop(out);
+    }
+    times.sort_by(f64::total_cmp);
+    let median = percentile(&times, 0.5);
+    Ok(FloorResult {
+        model: model.to_string(),
+        batch,
+        iterations: times.len(),
+        first_forward_us,
+        median_us: median,
+        p99_us: percentile(&times, 0.99),
+        per_instance_us: median / batch as f64,
+    })
+}

@@ -1,0 +1,108 @@
+//! The HTTP floor: torchfn's own axum stack (the same middleware as the real ports, via
+//! `with_common`) answering every prediction with a fixed small JSON after reading and
+//! parsing the body — everything torchfn does over HTTP, minus the model.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use torchfn_runtime::api::{json_response, read_body, with_common, AppState};
+use torchfn_runtime::error::ApiError;
+use torchfn_runtime::manager::Manager;
+use torchfn_runtime::metrics::Metrics;
+use torchfn_runtime::settings::Settings;
+
+/// A no-op server on 127.0.0.1, port chosen by the OS, on a tokio runtime of its own (as
+/// many worker threads as cores, like `torchfn-local`'s), so that it does not share the
+/// load generator's threads.
+pub struct NoopServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl NoopServer {
+    pub fn start() -> anyhow::Result<Self> {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel::<anyhow::Result<SocketAddr>>();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("noop-server".into())
+            .spawn(move || {
+                let result = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .context("could not start the no-op server's runtime")
+                    .and_then(|rt| rt.block_on(serve(addr_tx.clone(), stop_rx)));
+                if let Err(e) = result {
+                    let _ = addr_tx.send(Err(e));
+                }
+            })?;
+        let addr = addr_rx
+            .recv()
+            .context("the no-op server stopped before binding")??;
+        Ok(Self {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for NoopServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn serve(
+    addr_tx: std::sync::mpsc::Sender<anyhow::Result<SocketAddr>>,
+    stop: oneshot::Receiver<()>,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new().context("could not create metrics")?);
+    let manager = Arc::new(
+        Manager::new(Settings::default(), metrics).context("could not create a model manager")?,
+    );
+    let state = AppState::new(manager);
+    state.set_ready();
+    let router = with_common(
+        Router::new().route("/predictions/{*path}", any(noop)),
+        state,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("could not bind the no-op server")?;
+    let _ = addr_tx.send(Ok(listener.local_addr()?));
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stop.await;
+        })
+        .await?;
+    Ok(())
+}
+
+/// Reads and parses the body as a prediction would, then answers without a model.
+async fn noop(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let limit = state.manager.settings().max_request_size;
+    let bytes = match read_body(body, &headers, limit).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(_) => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        Err(e) => ApiError::bad_request(format!("malformed JSON: {e}")).into_response(),
+    }
+}

@@ -1,0 +1,391 @@
+//! `torchfn-bench`: how fast torchfn serves, measured in one run on one machine, next to
+//! its floors and to TorchServe.
+//!
+//! Run (builds everything, then runs the full benchmark, about 3 minutes):
+//!     scripts/bench
+//! or, with `target/release/torchfn-local` built:
+//!     cargo run --release -p torchfn-bench -- [--quick] [--no-torchserve]
+//! It prints progress on stderr, then a table on stdout: the libtorch floor, the HTTP floor,
+//! torchfn over HTTP at concurrency 1/16/64 with batching off and on for two models, cold
+//! start phases, peak RSS, TorchServe on the same archives and load, and each of issue 3's
+//! targets with PASS or MISS. The same figures go to `target/bench/results.json`.
+
+mod floor;
+mod http_floor;
+mod load;
+mod machine;
+mod process;
+mod report;
+mod torchfn;
+mod torchserve;
+mod workload;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::load::{Load, Target};
+use crate::report::{Point, Results, Settings};
+use crate::torchfn::{Batching, Torchfn};
+use crate::torchserve::TorchServe;
+use crate::workload::Workload;
+
+/// Every flag can also be set in the environment (TORCHFN_BENCH_*).
+#[derive(Parser, Debug)]
+#[command(
+    name = "torchfn-bench",
+    about = "torchfn's benchmark: floors, torchfn end to end, cold start, RSS and TorchServe"
+)]
+struct Args {
+    /// A short run for tests and CI: 0.3 s per point, concurrency 1 and 16, one cold
+    /// start, no TorchServe. Its figures are for checking the machinery, not for reading.
+    #[arg(long, env = "TORCHFN_BENCH_QUICK")]
+    quick: bool,
+
+    /// Measuring window of each load point, in ms (default 3000; 300 with --quick).
+    #[arg(long, env = "TORCHFN_BENCH_DURATION_MS")]
+    duration_ms: Option<u64>,
+
+    /// Warm-up before each window, in ms; its answers are not counted (default 1000; 100
+    /// with --quick).
+    #[arg(long, env = "TORCHFN_BENCH_WARMUP_MS")]
+    warmup_ms: Option<u64>,
+
+    /// Closed-loop concurrencies (default 1,16,64; 1,16 with --quick).
+    #[arg(long, value_delimiter = ',', env = "TORCHFN_BENCH_CONCURRENCY")]
+    concurrency: Vec<usize>,
+
+    /// `batch_size` of the batching-on runs (batching off is batch_size=1).
+    #[arg(long, default_value_t = 32, env = "TORCHFN_BENCH_BATCH_SIZE")]
+    batch_size: usize,
+
+    /// `max_batch_delay` of the batching-on runs, in ms (TorchServe gets the same).
+    #[arg(long, default_value_t = 5, env = "TORCHFN_BENCH_MAX_BATCH_DELAY_MS")]
+    max_batch_delay_ms: u64,
+
+    /// Models to run: seed (the getting-started classifier), wide (the 256 → 4096 → 4096 →
+    /// 10 MLP). Cold start and RSS are measured on seed.
+    #[arg(long, value_delimiter = ',', default_values = ["seed", "wide"], env = "TORCHFN_BENCH_MODELS")]
+    models: Vec<String>,
+
+    /// Cold starts to time (the median is reported; default 5; 1 with --quick).
+    #[arg(long, env = "TORCHFN_BENCH_COLD_STARTS")]
+    cold_starts: Option<usize>,
+
+    /// Threads of the load generator's runtime.
+    #[arg(long, default_value_t = 1, env = "TORCHFN_BENCH_CLIENT_THREADS")]
+    client_threads: usize,
+
+    /// Run TorchServe, installing torchserve==0.12.0 into the venv with pip if missing.
+    /// The default when Java is on PATH and not --quick.
+    #[arg(long, conflicts_with = "no_torchserve")]
+    torchserve: bool,
+
+    /// Do not run TorchServe.
+    #[arg(long, env = "TORCHFN_BENCH_NO_TORCHSERVE")]
+    no_torchserve: bool,
+
+    /// The torchfn-local binary (default: beside this one, e.g. target/release/).
+    #[arg(long, env = "TORCHFN_BENCH_TORCHFN_LOCAL")]
+    torchfn_local: Option<PathBuf>,
+
+    /// The project's venv (default: what scripts/setup prints).
+    #[arg(long, env = "TORCHFN_BENCH_VENV")]
+    venv: Option<PathBuf>,
+
+    /// Where the JSON results go (default: <target>/bench/results.json).
+    #[arg(long, env = "TORCHFN_BENCH_OUT")]
+    out: Option<PathBuf>,
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn target_dir(repo: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("target"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let repo = repo_root();
+    let target = target_dir(&repo);
+    let quick = args.quick;
+    let settings = Settings {
+        mode: if quick { "quick" } else { "full" }.into(),
+        duration_s: args.duration_ms.unwrap_or(if quick { 300 } else { 3000 }) as f64 / 1e3,
+        warmup_s: args.warmup_ms.unwrap_or(if quick { 100 } else { 1000 }) as f64 / 1e3,
+        concurrency: if args.concurrency.is_empty() {
+            if quick {
+                vec![1, 16]
+            } else {
+                vec![1, 16, 64]
+            }
+        } else {
+            args.concurrency.clone()
+        },
+        batch_size: args.batch_size,
+        max_batch_delay_ms: args.max_batch_delay_ms,
+        workers_per_model: 1,
+        job_queue_size: 100,
+        cold_starts: args.cold_starts.unwrap_or(if quick { 1 } else { 5 }).max(1),
+        client_threads: args.client_threads.max(1),
+    };
+    let source = match &args.torchfn_local {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("this binary has no folder")?
+            .join("torchfn-local"),
+    };
+    anyhow::ensure!(
+        source.is_file(),
+        "{} not found: build it (cargo build --release -p torchfn-local) or pass --torchfn-local",
+        source.display()
+    );
+    // The emulator under test, pinned for the whole run: a build that replaces
+    // target/*/torchfn-local meanwhile must not swap the binary between points.
+    let pinned = tempfile::Builder::new()
+        .prefix("torchfn-local-")
+        .tempdir_in({
+            std::fs::create_dir_all(target.join("bench"))?;
+            target.join("bench")
+        })?;
+    let torchfn_local = {
+        let p = pinned.path().join("torchfn-local");
+        if std::fs::hard_link(&source, &p).is_err() {
+            std::fs::copy(&source, &p)
+                .with_context(|| format!("could not copy {}", source.display()))?;
+        }
+        p
+    };
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| target.join("bench/results.json"));
+
+    let machine = machine::describe();
+    if let Some(busy) = machine.cpu_busy_before_pct.filter(|b| *b > 15.0) {
+        eprintln!("bench: warning: the CPUs are {busy:.0}% busy before the run; other work skews every figure");
+    }
+    let venv = workload::venv(&repo, args.venv.clone())?;
+    let fixtures = workload::fixtures(&repo, &target, &venv)?;
+    anyhow::ensure!(
+        settings.concurrency.iter().all(|&c| c >= 1),
+        "--concurrency takes numbers of connections, each at least 1"
+    );
+    let mut workloads = workload::workloads(&fixtures)?;
+    for m in &args.models {
+        anyhow::ensure!(
+            workloads.iter().any(|w| w.label == m),
+            "--models takes seed and wide, not `{m}`"
+        );
+    }
+    workloads.retain(|w| args.models.iter().any(|m| m == w.label));
+    let store = fixtures.join("store");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.client_threads)
+        .enable_all()
+        .build()?;
+    let load = |c: usize| Load {
+        concurrency: c,
+        warmup: Duration::from_secs_f64(settings.warmup_s),
+        duration: Duration::from_secs_f64(settings.duration_s),
+        max_requests: 4_000_000,
+    };
+    let off = Batching {
+        batch_size: 1,
+        max_batch_delay_ms: settings.max_batch_delay_ms,
+    };
+    let on = Batching {
+        batch_size: settings.batch_size,
+        max_batch_delay_ms: settings.max_batch_delay_ms,
+    };
+    let mut results = Results::new(machine, settings.clone(), source.clone());
+
+    // 1. The libtorch floor, in this process.
+    let budget = Duration::from_millis(if quick { 100 } else { 1000 });
+    for w in &workloads {
+        for batch in [1, settings.batch_size] {
+            eprintln!("bench: libtorch floor, {} batch {batch}", w.label);
+            let path = fixtures.join("models").join(w.torchscript);
+            results
+                .floor
+                .push(floor::measure(w.label, &path, w.features, batch, budget)?);
+        }
+    }
+
+    // 2. The HTTP floor: the same axum stack with a no-op handler.
+    {
+        let noop = http_floor::NoopServer::start()?;
+        for w in &workloads {
+            let target = Target {
+                addr: noop.addr,
+                path: w.path(),
+                body: w.body.clone(),
+            };
+            for &c in &settings.concurrency {
+                eprintln!("bench: HTTP floor, {} body, concurrency {c}", w.label);
+                let r = rt.block_on(load::run(&target, load(c)));
+                results
+                    .http_floor
+                    .push(Point::new("http-floor", w.label, None, r));
+            }
+        }
+    }
+
+    // 3. torchfn end to end, one server per model and batching setting.
+    for w in &workloads {
+        for batching in [off, on] {
+            let name = report::batching_name(batching);
+            eprintln!("bench: torchfn, {} batching {name}: starting", w.label);
+            let server = Torchfn::start(&torchfn_local, &store, w, batching, &rt)?;
+            let target = Target {
+                addr: server.inference,
+                path: w.path(),
+                body: w.body.clone(),
+            };
+            for &c in &settings.concurrency {
+                eprintln!(
+                    "bench: torchfn, {} batching {name}, concurrency {c}",
+                    w.label
+                );
+                let r = rt.block_on(load::run(&target, load(c)));
+                if r.errors > 0 {
+                    eprintln!(
+                        "bench: {} errors, first: {}; server's last output:\n{}",
+                        r.errors,
+                        r.first_error.as_deref().unwrap_or(""),
+                        server.tail()
+                    );
+                }
+                results
+                    .torchfn
+                    .push(Point::new("torchfn", w.label, Some(batching), r));
+            }
+            results.torchfn_rss.push(report::Rss {
+                model: w.label.into(),
+                batching: name.into(),
+                peak_rss_kib: server.peak_rss_kib(),
+            });
+            server.stop();
+        }
+    }
+
+    // 4. Cold start of the seed classifier from the local model store.
+    if let Some(seed) = workloads.iter().find(|w| w.label == "seed") {
+        for i in 0..results.settings.cold_starts {
+            eprintln!("bench: torchfn cold start {}", i + 1);
+            results
+                .cold_start
+                .push(torchfn::cold_start(&torchfn_local, &store, seed, on, &rt)?);
+        }
+    }
+
+    // 5. TorchServe on the same archives and load.
+    let want_torchserve = !args.no_torchserve && (args.torchserve || !quick);
+    if want_torchserve {
+        match torchserve::locate(&venv, true)? {
+            Ok(bin) => run_torchserve(
+                &mut results,
+                &bin,
+                &repo,
+                &fixtures,
+                &venv,
+                &workloads,
+                [off, on],
+                &rt,
+                &load,
+            )
+            .unwrap_or_else(|e| {
+                // TorchServe is the comparison, not the subject: report its failure and
+                // still print torchfn's figures.
+                eprintln!("bench: TorchServe failed: {e:#}");
+                results.torchserve_skipped = Some(format!("it failed: {e:#}"));
+            }),
+            Err(why) => results.torchserve_skipped = Some(why),
+        }
+    } else {
+        results.torchserve_skipped = Some(if quick {
+            "--quick".into()
+        } else {
+            "--no-torchserve".into()
+        });
+    }
+
+    results.cpu_busy_after_pct = machine::cpu_busy_pct(Duration::from_millis(500));
+    results.finish();
+    print!("{}", report::table(&results));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_vec_pretty(&results)?)
+        .with_context(|| format!("could not write {}", out.display()))?;
+    println!("\nJSON: {}", out.display());
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_torchserve(
+    results: &mut Results,
+    bin: &Path,
+    repo: &Path,
+    fixtures: &Path,
+    venv: &Path,
+    workloads: &[Workload],
+    batchings: [Batching; 2],
+    rt: &tokio::runtime::Runtime,
+    load: &dyn Fn(usize) -> Load,
+) -> anyhow::Result<()> {
+    let store = torchserve::store(repo, fixtures, venv)?;
+    let mut ts = report::TorchServeResults {
+        version: torchserve::VERSION.into(),
+        wide: "served with bench/torchserve/wide_handler.py (TorchServe's base_handler cannot read JSON), archived by the benchmark".into(),
+        ..Default::default()
+    };
+    for w in workloads {
+        for batching in batchings {
+            let name = report::batching_name(batching);
+            eprintln!("bench: TorchServe, {} batching {name}: starting", w.label);
+            let server = TorchServe::start(bin, &store, w, batching, rt)?;
+            let described = server.described_batch_size(w.model, rt);
+            ts.batch_size_check.push(report::BatchCheck {
+                model: w.label.into(),
+                requested: batching.batch_size,
+                described,
+            });
+            let target = Target {
+                addr: server.inference,
+                path: w.path(),
+                body: w.body.clone(),
+            };
+            for &c in &results.settings.concurrency {
+                eprintln!(
+                    "bench: TorchServe, {} batching {name}, concurrency {c}",
+                    w.label
+                );
+                let r = rt.block_on(load::run(&target, load(c)));
+                ts.points
+                    .push(Point::new("torchserve", w.label, Some(batching), r));
+            }
+            if w.label == "seed" && batching.batch_size == 1 {
+                ts.rss = server.peak_rss();
+            }
+            server.stop();
+        }
+    }
+    let seed = &workloads[0];
+    for i in 0..results.settings.cold_starts.min(3) {
+        eprintln!("bench: TorchServe cold start {}", i + 1);
+        ts.cold_start
+            .push(torchserve::cold_start(bin, &store, seed, batchings[1], rt)?);
+    }
+    results.torchserve = Some(ts);
+    Ok(())
+}

@@ -1,0 +1,609 @@
+//! The results of one run: what goes to the JSON file, issue 3's targets checked against
+//! them, and the table printed at the end.
+
+use std::fmt::Write;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::floor::FloorResult;
+use crate::load::LoadResult;
+use crate::machine::Machine;
+use crate::torchfn::{Batching, ColdStart};
+use crate::torchserve::{self, ProcessRss};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    pub mode: String,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub concurrency: Vec<usize>,
+    pub batch_size: usize,
+    pub max_batch_delay_ms: u64,
+    pub workers_per_model: usize,
+    pub job_queue_size: usize,
+    pub cold_starts: usize,
+    pub client_threads: usize,
+}
+
+/// One closed-loop point against one server.
+#[derive(Clone, Debug, Serialize)]
+pub struct Point {
+    /// `http-floor`, `torchfn` or `torchserve`.
+    pub server: String,
+    /// `seed` or `wide` (for the HTTP floor: which body was sent).
+    pub model: String,
+    /// `off`, `on`, or `-` for the HTTP floor.
+    pub batching: String,
+    pub batch_size: usize,
+    #[serde(flatten)]
+    pub result: LoadResult,
+}
+
+impl Point {
+    pub fn new(server: &str, model: &str, batching: Option<Batching>, result: LoadResult) -> Self {
+        Self {
+            server: server.into(),
+            model: model.into(),
+            batching: batching.map_or("-", batching_name).into(),
+            batch_size: batching.map_or(0, |b| b.batch_size),
+            result,
+        }
+    }
+}
+
+pub fn batching_name(b: Batching) -> &'static str {
+    if b.batch_size > 1 {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Rss {
+    pub model: String,
+    pub batching: String,
+    pub peak_rss_kib: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BatchCheck {
+    pub model: String,
+    pub requested: usize,
+    /// `batchSize` in TorchServe's describe answer.
+    pub described: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TorchServeResults {
+    pub version: String,
+    /// How the wide model is served under TorchServe.
+    pub wide: String,
+    pub points: Vec<Point>,
+    pub batch_size_check: Vec<BatchCheck>,
+    pub cold_start: Vec<torchserve::Startup>,
+    pub cold_start_median_ms: Option<f64>,
+    /// Peak RSS of each process under the CLI (frontend and worker), seed classifier,
+    /// batching off, after its load.
+    pub rss: Vec<ProcessRss>,
+    pub rss_total_kib: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Ratio {
+    pub what: String,
+    pub torchfn: f64,
+    pub torchserve: f64,
+    pub ratio: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetCheck {
+    pub target: String,
+    pub measured: String,
+    /// `None` when it could not be measured in this run.
+    pub pass: Option<bool>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ColdStartMedian {
+    pub spawn_to_bind_ms: f64,
+    pub bind_to_model_loaded_ms: f64,
+    pub model_loaded_to_healthy_ms: f64,
+    pub healthy_to_first_answer_ms: f64,
+    pub total_ms: f64,
+    /// Medians of the `model loaded` event's `*_ms` fields.
+    pub model_loaded_fields: std::collections::BTreeMap<String, f64>,
+    pub torchscript_load_ms: Option<f64>,
+    pub first_inference_us: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Results {
+    pub machine: Machine,
+    pub settings: Settings,
+    pub torchfn_local: PathBuf,
+    pub floor: Vec<FloorResult>,
+    pub http_floor: Vec<Point>,
+    pub torchfn: Vec<Point>,
+    /// Peak RSS (VmHWM) of each torchfn-local after its load runs.
+    pub torchfn_rss: Vec<Rss>,
+    pub cold_start: Vec<ColdStart>,
+    pub cold_start_median: Option<ColdStartMedian>,
+    pub torchserve: Option<TorchServeResults>,
+    pub torchserve_skipped: Option<String>,
+    /// Share of all CPUs busy during half a second after the run (every server stopped).
+    pub cpu_busy_after_pct: Option<f64>,
+    pub ratios: Vec<Ratio>,
+    pub targets: Vec<TargetCheck>,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn find<'a>(points: &'a [Point], model: &str, batching: &str, c: usize) -> Option<&'a LoadResult> {
+    points
+        .iter()
+        .find(|p| p.model == model && p.batching == batching && p.result.concurrency == c)
+        .map(|p| &p.result)
+}
+
+impl Results {
+    pub fn new(machine: Machine, settings: Settings, torchfn_local: PathBuf) -> Self {
+        Self {
+            machine,
+            settings,
+            torchfn_local,
+            floor: Vec::new(),
+            http_floor: Vec::new(),
+            torchfn: Vec::new(),
+            torchfn_rss: Vec::new(),
+            cold_start: Vec::new(),
+            cold_start_median: None,
+            torchserve: None,
+            torchserve_skipped: None,
+            cpu_busy_after_pct: None,
+            ratios: Vec::new(),
+            targets: Vec::new(),
+        }
+    }
+
+    fn seed_rss_kib(&self) -> Option<u64> {
+        self.torchfn_rss
+            .iter()
+            .find(|r| r.model == "seed" && r.batching == "off")
+            .and_then(|r| r.peak_rss_kib)
+    }
+
+    /// Medians, ratios against TorchServe and the targets.
+    pub fn finish(&mut self) {
+        let runs = &self.cold_start;
+        if !runs.is_empty() {
+            let m = |f: fn(&ColdStart) -> f64| median(runs.iter().map(f).collect()).unwrap_or(0.0);
+            let mut keys: Vec<String> = runs
+                .iter()
+                .flat_map(|r| r.model_loaded_fields.keys().cloned())
+                .collect();
+            keys.sort();
+            keys.dedup();
+            let fields = keys
+                .into_iter()
+                .filter_map(|k| {
+                    let v: Vec<f64> = runs
+                        .iter()
+                        .filter_map(|r| r.model_loaded_fields.get(&k).copied())
+                        .collect();
+                    median(v).map(|v| (k, v))
+                })
+                .collect();
+            self.cold_start_median = Some(ColdStartMedian {
+                spawn_to_bind_ms: m(|r| r.spawn_to_bind_ms),
+                bind_to_model_loaded_ms: m(|r| r.bind_to_model_loaded_ms),
+                model_loaded_to_healthy_ms: m(|r| r.model_loaded_to_healthy_ms),
+                healthy_to_first_answer_ms: m(|r| r.healthy_to_first_answer_ms),
+                total_ms: m(|r| r.total_ms),
+                model_loaded_fields: fields,
+                torchscript_load_ms: median(
+                    runs.iter().filter_map(|r| r.torchscript_load_ms).collect(),
+                ),
+                first_inference_us: median(
+                    runs.iter().filter_map(|r| r.first_inference_us).collect(),
+                ),
+            });
+        }
+        if let Some(ts) = &mut self.torchserve {
+            ts.cold_start_median_ms =
+                median(ts.cold_start.iter().map(|s| s.first_answer_ms).collect());
+            ts.rss_total_kib = ts.rss.iter().map(|p| p.peak_rss_kib).sum();
+        }
+        self.ratios = self.compute_ratios();
+        self.targets = self.check_targets();
+    }
+
+    fn compute_ratios(&self) -> Vec<Ratio> {
+        let Some(ts) = &self.torchserve else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for p in &self.torchfn {
+            let Some(t) = find(&ts.points, &p.model, &p.batching, p.result.concurrency) else {
+                continue;
+            };
+            let name = format!(
+                "{} batching {} c{}",
+                p.model, p.batching, p.result.concurrency
+            );
+            out.push(Ratio {
+                what: format!("{name} throughput (req/s)"),
+                torchfn: p.result.throughput_rps,
+                torchserve: t.throughput_rps,
+                ratio: p.result.throughput_rps / t.throughput_rps,
+            });
+            out.push(Ratio {
+                what: format!("{name} p50 (µs)"),
+                torchfn: p.result.p50_us,
+                torchserve: t.p50_us,
+                ratio: p.result.p50_us / t.p50_us,
+            });
+        }
+        if let (Some(c), Some(t)) = (&self.cold_start_median, ts.cold_start_median_ms) {
+            out.push(Ratio {
+                what: "cold start (ms)".into(),
+                torchfn: c.total_ms,
+                torchserve: t,
+                ratio: c.total_ms / t,
+            });
+        }
+        if let Some(r) = self.seed_rss_kib() {
+            out.push(Ratio {
+                what: "peak RSS, seed classifier (KiB)".into(),
+                torchfn: r as f64,
+                torchserve: ts.rss_total_kib as f64,
+                ratio: r as f64 / ts.rss_total_kib as f64,
+            });
+        }
+        out
+    }
+
+    fn check_targets(&self) -> Vec<TargetCheck> {
+        let mut out = Vec::new();
+        let floor = |c| find(&self.http_floor, "seed", "-", c);
+        for batching in ["off", "on"] {
+            let fn16 = find(&self.torchfn, "seed", batching, 16);
+            out.push(match (fn16, floor(16)) {
+                (Some(t), Some(f)) => {
+                    let r = t.throughput_rps / f.throughput_rps;
+                    TargetCheck {
+                        target: format!(
+                            "seed c16 throughput ≥ 50% of HTTP floor (batching {batching})"
+                        ),
+                        measured: format!(
+                            "{:.0}% ({:.0} of {:.0} req/s)",
+                            r * 100.0,
+                            t.throughput_rps,
+                            f.throughput_rps
+                        ),
+                        pass: Some(r >= 0.5),
+                    }
+                }
+                _ => missing(format!(
+                    "seed c16 throughput ≥ 50% of HTTP floor (batching {batching})"
+                )),
+            });
+        }
+        for batching in ["off", "on"] {
+            let name = format!("seed c1 p50 ≤ HTTP-floor p50 + 100 µs (batching {batching})");
+            out.push(match (find(&self.torchfn, "seed", batching, 1), floor(1)) {
+                (Some(t), Some(f)) => {
+                    let d = t.p50_us - f.p50_us;
+                    TargetCheck {
+                        target: name,
+                        measured: format!("+{d:.0} µs ({:.0} vs {:.0} µs)", t.p50_us, f.p50_us),
+                        pass: Some(d <= 100.0),
+                    }
+                }
+                _ => missing(name),
+            });
+        }
+        let name = "wide c16: batching on ≥ 3× off throughput, p99 no worse".to_string();
+        out.push(
+            match (
+                find(&self.torchfn, "wide", "on", 16),
+                find(&self.torchfn, "wide", "off", 16),
+            ) {
+                (Some(on), Some(off)) => {
+                    let r = on.throughput_rps / off.throughput_rps;
+                    TargetCheck {
+                        target: name,
+                        measured: format!(
+                            "{r:.2}× ({:.0} vs {:.0} req/s); p99 {:.1} vs {:.1} ms",
+                            on.throughput_rps,
+                            off.throughput_rps,
+                            on.p99_us / 1e3,
+                            off.p99_us / 1e3
+                        ),
+                        pass: Some(r >= 3.0 && on.p99_us <= off.p99_us),
+                    }
+                }
+                _ => missing(name),
+            },
+        );
+        let name = "cold start to first answer ≤ 1 s (seed, median)".to_string();
+        out.push(match &self.cold_start_median {
+            Some(c) => TargetCheck {
+                target: name,
+                measured: format!("{:.0} ms", c.total_ms),
+                pass: Some(c.total_ms <= 1000.0),
+            },
+            None => missing(name),
+        });
+        let name = "peak RSS serving the seed ≤ 1/3 of TorchServe (frontend + worker)".to_string();
+        out.push(
+            match (
+                self.seed_rss_kib(),
+                self.torchserve.as_ref().map(|t| t.rss_total_kib),
+            ) {
+                (Some(r), Some(t)) if t > 0 => TargetCheck {
+                    target: name,
+                    measured: format!(
+                        "{:.2} ({:.0} vs {:.0} MiB)",
+                        r as f64 / t as f64,
+                        r as f64 / 1024.0,
+                        t as f64 / 1024.0
+                    ),
+                    pass: Some(r as f64 <= t as f64 / 3.0),
+                },
+                (Some(r), _) => TargetCheck {
+                    target: name,
+                    measured: format!("{:.0} MiB; TorchServe not run", r as f64 / 1024.0),
+                    pass: None,
+                },
+                _ => missing(name),
+            },
+        );
+        out
+    }
+}
+
+fn missing(target: String) -> TargetCheck {
+    TargetCheck {
+        target,
+        measured: "not measured".into(),
+        pass: None,
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
+}
+
+fn load_row(out: &mut String, name: &str, r: &LoadResult) {
+    let _ = writeln!(
+        out,
+        "  {name:<34} {:>4} {:>9.0} {:>9.0} {:>9.0} {:>6} {:>6} {:>8}",
+        r.concurrency,
+        r.throughput_rps,
+        r.p50_us,
+        r.p99_us,
+        r.errors,
+        opt(r.mean_batch_size, 1),
+        opt(r.mean_inference_us, 0),
+    );
+}
+
+/// The table printed at the end of a run.
+pub fn table(r: &Results) -> String {
+    let mut out = String::new();
+    let m = &r.machine;
+    let s = &r.settings;
+    let _ = writeln!(
+        out,
+        "\ntorchfn-bench ({} run) — device: {}; machine: {} CPUs (nproc), {}, {:.0} GiB, Linux {}",
+        s.mode, m.device, m.nproc, m.cpu_model, m.memory_gib, m.kernel
+    );
+    let _ = writeln!(
+        out,
+        "The load generator ({} thread), the servers and their model threads share these {} CPUs. \
+         CPU busy with other work: {}% before the run, {}% after.",
+        s.client_threads,
+        m.nproc,
+        opt(m.cpu_busy_before_pct, 0),
+        opt(r.cpu_busy_after_pct, 0)
+    );
+    let _ = writeln!(
+        out,
+        "Each point: {:.1} s closed loop after {:.1} s warm-up, keep-alive HTTP/1.1 on loopback. \
+         Batching on = batch_size {}, max_batch_delay {} ms; off = batch_size 1. \
+         1 worker per model ({} libtorch threads), job_queue_size {}.",
+        s.duration_s,
+        s.warmup_s,
+        s.batch_size,
+        s.max_batch_delay_ms,
+        m.torch_threads,
+        s.job_queue_size
+    );
+
+    let _ = writeln!(
+        out,
+        "\nlibtorch floor (Session::forward in-process)  first µs  median µs    p99 µs  µs/instance"
+    );
+    for f in &r.floor {
+        let _ = writeln!(
+            out,
+            "  {:<42} {:>9.0} {:>9.1} {:>9.1} {:>12.1}",
+            format!("{} batch {}", f.model, f.batch),
+            f.first_forward_us,
+            f.median_us,
+            f.p99_us,
+            f.per_instance_us
+        );
+    }
+
+    let _ = writeln!(
+        out,
+        "\nover HTTP                             conc     req/s    p50 µs    p99 µs errors  batch  infer µs"
+    );
+    for p in &r.http_floor {
+        load_row(
+            &mut out,
+            &format!("HTTP floor (no-op), {} body", p.model),
+            &p.result,
+        );
+    }
+    for p in &r.torchfn {
+        load_row(
+            &mut out,
+            &format!("torchfn {}, batching {}", p.model, p.batching),
+            &p.result,
+        );
+    }
+    if let Some(ts) = &r.torchserve {
+        for p in &ts.points {
+            load_row(
+                &mut out,
+                &format!("TorchServe {}, batching {}", p.model, p.batching),
+                &p.result,
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  (batch, infer µs: means of torchfn's x-torchfn-batch-size and x-torchfn-inference-us headers)"
+    );
+
+    if let Some(c) = &r.cold_start_median {
+        let _ = writeln!(
+            out,
+            "\ncold start, seed classifier, local store (median of {})",
+            r.cold_start.len()
+        );
+        let _ = writeln!(
+            out,
+            "  spawn → bind printed (process start, libtorch loaded)   {:>7.1} ms",
+            c.spawn_to_bind_ms
+        );
+        let fields = c
+            .model_loaded_fields
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            out,
+            "  bind → model loaded (unpack, TorchScript, workers)      {:>7.1} ms   [log: {fields}; TorchScript load_ms {}]",
+            c.bind_to_model_loaded_ms,
+            opt(c.torchscript_load_ms, 1)
+        );
+        let _ = writeln!(
+            out,
+            "  model loaded → /ping Healthy                           {:>7.1} ms",
+            c.model_loaded_to_healthy_ms
+        );
+        let _ = writeln!(
+            out,
+            "  Healthy → first prediction answered                    {:>7.1} ms   [first forward {} µs]",
+            c.healthy_to_first_answer_ms,
+            opt(c.first_inference_us, 0)
+        );
+        let _ = writeln!(
+            out,
+            "  total                                                  {:>7.1} ms   (phases are medians each)",
+            c.total_ms
+        );
+    }
+
+    let _ = writeln!(out, "\npeak RSS (VmHWM) after the load runs");
+    for x in &r.torchfn_rss {
+        let _ = writeln!(
+            out,
+            "  torchfn-local, {} batching {}{:>23} MiB",
+            x.model,
+            x.batching,
+            opt(x.peak_rss_kib.map(|k| k as f64 / 1024.0), 1)
+        );
+    }
+
+    match (&r.torchserve, &r.torchserve_skipped) {
+        (Some(ts), _) => {
+            let parts = ts
+                .rss
+                .iter()
+                .map(|p| format!("{} {:.1}", p.command, p.peak_rss_kib as f64 / 1024.0))
+                .collect::<Vec<_>>()
+                .join(" + ");
+            let _ = writeln!(
+                out,
+                "  TorchServe {}, seed batching off: {} = {:.1} MiB",
+                ts.version,
+                parts,
+                ts.rss_total_kib as f64 / 1024.0
+            );
+            let _ = writeln!(out, "\nTorchServe {}", ts.version);
+            let _ = writeln!(out, "  wide model: {}", ts.wide);
+            for c in &ts.batch_size_check {
+                let _ = writeln!(
+                    out,
+                    "  {} batchSize requested {}, describe reports {}",
+                    c.model,
+                    c.requested,
+                    c.described.map_or("-".into(), |v| v.to_string())
+                );
+            }
+            let phases = ts
+                .cold_start
+                .iter()
+                .map(|s| {
+                    format!(
+                        "bind {} ms, worker loaded {} ms, answer {:.0} ms",
+                        opt(s.bind_ms, 0),
+                        opt(s.worker_loaded_ms, 0),
+                        s.first_answer_ms
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            let _ = writeln!(
+                out,
+                "  cold start to first answer: median {} ms ({phases})",
+                opt(ts.cold_start_median_ms, 0)
+            );
+            let _ = writeln!(
+                out,
+                "\ntorchfn / TorchServe                                     torchfn  TorchServe     ratio"
+            );
+            for x in &r.ratios {
+                let _ = writeln!(
+                    out,
+                    "  {:<52} {:>9.0} {:>11.0} {:>8.2}",
+                    x.what, x.torchfn, x.torchserve, x.ratio
+                );
+            }
+        }
+        (None, Some(why)) => {
+            let _ = writeln!(out, "\nTorchServe: not run ({why})");
+        }
+        (None, None) => {}
+    }
+
+    let _ = writeln!(out, "\ntargets (issue 3)");
+    for t in &r.targets {
+        let verdict = match t.pass {
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+            None => "n/a",
+        };
+        let _ = writeln!(out, "  {verdict:<4}  {:<70} {}", t.target, t.measured);
+    }
+    out
+}

@@ -1,0 +1,126 @@
+//! Runs `torchfn-bench --quick` against the emulator of this build (target/debug, built
+//! here when missing) and checks that the JSON it writes has every section, with sane
+//! values. No timing is asserted: CI machines vary; the figures are for reading, not gating.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// `torchfn-local` beside this build's binaries, built with cargo when missing.
+fn torchfn_local() -> PathBuf {
+    let bench = Path::new(env!("CARGO_BIN_EXE_torchfn-bench"));
+    let dir = bench.parent().unwrap();
+    let local = dir.join("torchfn-local");
+    if !local.exists() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "torchfn-local"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("could not run cargo");
+        assert!(status.success(), "cargo build -p torchfn-local failed");
+    }
+    assert!(local.exists(), "{} is missing", local.display());
+    local
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v.get(key)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("`{key}` is not a number in {v}"))
+}
+
+fn array<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .unwrap_or_else(|| panic!("`{key}` is not an array"))
+}
+
+#[test]
+fn quick_run_writes_every_section() {
+    let local = torchfn_local();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("results.json");
+    let run = Command::new(env!("CARGO_BIN_EXE_torchfn-bench"))
+        .arg("--quick")
+        .arg("--torchfn-local")
+        .arg(&local)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "torchfn-bench --quick failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("targets (issue 3)"), "no table:\n{stdout}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+
+    assert_eq!(r["machine"]["device"], "cpu");
+    assert!(num(&r["machine"], "nproc") >= 1.0);
+    assert_eq!(r["settings"]["mode"], "quick");
+
+    let floor = array(&r, "floor");
+    assert_eq!(floor.len(), 4, "seed and wide at batch 1 and 32");
+    for f in floor {
+        assert!(num(f, "median_us") > 0.0, "{f}");
+        assert!(num(f, "iterations") >= 20.0, "{f}");
+    }
+
+    let points = array(&r, "http_floor")
+        .iter()
+        .chain(array(&r, "torchfn"))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        array(&r, "torchfn").len(),
+        8,
+        "2 models × batching off/on × concurrency 1/16"
+    );
+    for p in points {
+        assert_eq!(num(p, "errors"), 0.0, "errors at {p}");
+        assert!(num(p, "requests") > 0.0, "{p}");
+        assert!(num(p, "throughput_rps") > 0.0, "{p}");
+        assert!(
+            num(p, "p50_us") > 0.0 && num(p, "p50_us") <= num(p, "p99_us"),
+            "{p}"
+        );
+    }
+    for p in array(&r, "torchfn") {
+        assert!(
+            num(p, "mean_batch_size") >= 1.0,
+            "torchfn's headers read: {p}"
+        );
+    }
+
+    let cold = array(&r, "cold_start");
+    assert_eq!(cold.len(), 1);
+    let c = &cold[0];
+    let total = num(c, "total_ms");
+    assert!(total > 0.0);
+    assert!(
+        num(c, "spawn_to_bind_ms") > 0.0 && num(c, "spawn_to_bind_ms") <= total,
+        "{c}"
+    );
+    assert!(num(c, "bind_to_model_loaded_ms") >= 0.0, "{c}");
+    assert!(c["model_loaded_fields"].get("load_ms").is_some(), "{c}");
+
+    let rss = array(&r, "torchfn_rss");
+    assert_eq!(rss.len(), 4);
+    for x in rss {
+        assert!(num(x, "peak_rss_kib") > 10_000.0, "{x}");
+    }
+
+    assert!(r["torchserve"].is_null());
+    assert_eq!(r["torchserve_skipped"], "--quick");
+    let targets = array(&r, "targets");
+    assert_eq!(targets.len(), 7);
+    for t in targets {
+        assert!(t["target"].is_string() && t["measured"].is_string(), "{t}");
+    }
+}
