@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
-use torchfn_runtime::session::{configure_worker_threads, Session};
+use torchfn_runtime::session::{set_threads, warm_up_and_pick_threads, Session};
 
 use crate::load::percentile;
 
@@ -33,10 +33,11 @@ pub fn measure(
     batch: usize,
     budget: Duration,
 ) -> anyhow::Result<FloorResult> {
-    // The same intra-op thread policy as a model worker when a model has one worker.
-    configure_worker_threads(1);
     let session = Session::load(path, Device::Cpu)
         .with_context(|| format!("could not load {}", path.display()))?;
+    // The same intra-op thread policy as a model's only worker.
+    let (threads, _) = warm_up_and_pick_threads(&session, 1);
+    set_threads(threads);
     let input = Tensor::randn([batch as i64, features], (Kind::Float, Device::Cpu));
     let t = Instant::now();
     let _first = session

@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{ApiError, ErrorKind};
 use crate::handler::{Handler, Instance};
-use crate::session::{configure_worker_threads, Session, SessionError};
+use crate::session::{set_threads, Session, SessionError};
 
 /// How a model version batches.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +30,8 @@ pub struct BatchConfig {
     pub max_batch_delay: Duration,
     pub workers: usize,
     pub queue_size: usize,
+    /// libtorch intra-op threads of each worker.
+    pub threads_per_worker: usize,
 }
 
 /// What a caller gets back for one request.
@@ -89,7 +91,7 @@ impl Batcher {
                 session: session.clone(),
                 batch_size: config.batch_size.max(1),
                 max_batch_delay: config.max_batch_delay,
-                workers: config.workers.max(1),
+                threads: config.threads_per_worker.max(1),
                 busy: busy.clone(),
                 metrics: metrics.clone(),
             };
@@ -192,14 +194,14 @@ struct Worker {
     session: Arc<Session>,
     batch_size: usize,
     max_batch_delay: Duration,
-    workers: usize,
+    threads: usize,
     busy: Arc<AtomicUsize>,
     metrics: BatchMetrics,
 }
 
 impl Worker {
     fn run(self) {
-        configure_worker_threads(self.workers);
+        set_threads(self.threads);
         // The previous pass: how many instances it ran and how long it took.
         let mut last = (0usize, Duration::ZERO);
         while let Ok(first) = self.rx.recv() {

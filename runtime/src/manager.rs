@@ -14,7 +14,7 @@ use crate::handler::{self, Handler};
 use crate::mar::{self, Limits, ModelArchive};
 use crate::metrics::{Metrics, RequestMetrics};
 use crate::model_config::ParallelType;
-use crate::session::{choose_device, Session};
+use crate::session::{choose_device, threads_per_worker, warm_up_and_pick_threads, Session};
 use crate::settings::Settings;
 
 /// Where to load a model version from, and under which name.
@@ -316,8 +316,13 @@ impl Manager {
                     ),
                 )
             })?;
-        let session = Arc::new(session);
         let session_loaded = started.elapsed();
+        // Warm up on this (blocking) thread with the threads the workers would get, then
+        // give tiny models one thread per worker.
+        let mut settings = settings;
+        let (threads, warm_up) = warm_up_and_pick_threads(&session, settings.batch.workers);
+        settings.batch.threads_per_worker = threads;
+        let session = Arc::new(session);
         if device.is_cuda() {
             self.metrics.enable_gpu_metrics();
         }
@@ -390,6 +395,8 @@ impl Manager {
             ?device,
             workers = model.settings.batch.workers,
             batch_size = model.settings.batch.batch_size,
+            threads_per_worker = model.settings.batch.threads_per_worker,
+            warmup_us = warm_up.map(|t| t.as_micros() as u64),
             unpack_ms = unpacked.as_secs_f64() * 1e3,
             session_ms = (session_loaded - unpacked).as_secs_f64() * 1e3,
             load_ms = model.load_time.as_secs_f64() * 1e3,
@@ -444,6 +451,7 @@ impl Manager {
                 max_batch_delay: Duration::from_millis(delay_ms),
                 workers: min_workers,
                 queue_size,
+                threads_per_worker: threads_per_worker(min_workers),
             },
             min_workers,
             max_workers,

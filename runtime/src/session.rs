@@ -2,7 +2,7 @@
 //! eval and no-grad mode. Every libtorch failure comes back as a `SessionError` value.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
@@ -190,6 +190,26 @@ impl Session {
         }
     }
 
+    /// Runs two passes on a zero instance of the hinted size (the first pass of a TorchScript
+    /// module profiles it, the second runs the optimised graph), so the first request does
+    /// not pay for that, and returns the second pass's time. `None` when the model gives no
+    /// hint of its input or the pass fails (a model may refuse zeros; its first request will
+    /// tell the client).
+    pub fn warm_up(&self) -> Option<Duration> {
+        let hint = self.hint.filter(|h| h.dim_from_end == 1)?;
+        let input = Tensor::f_zeros([1, hint.size], (Kind::Float, self.device)).ok()?;
+        let mut took = Duration::ZERO;
+        for _ in 0..2 {
+            let started = Instant::now();
+            if let Err(e) = self.forward(&input) {
+                tracing::debug!(error = %e.summary(), "warm-up pass failed");
+                return None;
+            }
+            took = started.elapsed();
+        }
+        Some(took)
+    }
+
     /// Whether `shape` (one instance, without the batch dimension) contradicts the hint.
     pub fn rejects_shape(&self, shape: &[i64]) -> Option<String> {
         let hint = self.hint?;
@@ -225,12 +245,36 @@ fn input_hint(module: &CModule) -> Option<InputHint> {
     })
 }
 
-/// Sets libtorch's intra-op threads for the calling worker thread (OpenMP keeps the count
-/// per thread). `workers` model threads share the machine's cores.
-pub fn configure_worker_threads(workers: usize) {
+/// libtorch intra-op threads for each of `workers` model threads sharing the machine's
+/// cores, at least one.
+pub fn threads_per_worker(workers: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_worker = (cores / workers.max(1)).max(1);
-    tch::set_num_threads(per_worker as i32);
+    (cores / workers.max(1)).max(1)
+}
+
+/// A forward pass at batch 1 faster than this is "tiny": more intra-op threads cannot speed
+/// it up, and an idle OpenMP team spinning between passes would take a core from the HTTP
+/// side.
+pub const TINY_FORWARD: Duration = Duration::from_micros(200);
+
+/// Warms `session` up and picks the intra-op threads each of `workers` model threads gets:
+/// one for a tiny model on the CPU, else a fair share of the cores. Runs libtorch: call it
+/// from a blocking thread. Returns the threads and the warm pass's time.
+pub fn warm_up_and_pick_threads(session: &Session, workers: usize) -> (usize, Option<Duration>) {
+    let fair_share = threads_per_worker(workers);
+    set_threads(fair_share);
+    let warm = session.warm_up();
+    let threads = match warm {
+        Some(t) if t < TINY_FORWARD && !session.device().is_cuda() => 1,
+        _ => fair_share,
+    };
+    (threads, warm)
+}
+
+/// Sets libtorch's intra-op threads for the calling thread (OpenMP and MKL keep the count
+/// per thread).
+pub fn set_threads(threads: usize) {
+    tch::set_num_threads(threads.max(1) as i32);
 }
 
 #[cfg(test)]

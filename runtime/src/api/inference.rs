@@ -69,8 +69,6 @@ async fn predict_inner(
             decoded.instances.len()
         )));
     }
-    let span = tracing::Span::current();
-    span.record("model", model.name.as_str());
     let reply = model.batcher.submit(&model.name, decoded.instances)?;
     // response_timeout bounds the request's whole time, reading and decoding included.
     let timeout = model.settings.response_timeout;
@@ -110,16 +108,16 @@ async fn predict_inner(
             h.insert(name, v);
         }
     }
-    span.record("queue_us", outcome.queue_time.as_micros() as u64);
-    span.record("inference_us", outcome.inference_time.as_micros() as u64);
-    span.record("batch_size", outcome.batch_size);
-    tracing::debug!(
+    // One span with all of the prediction's figures, made once they are known (recording
+    // fields one by one re-formats the request span each time).
+    tracing::info_span!(
+        "prediction",
         model = %model.name,
         version = %model.version,
         queue_us = outcome.queue_time.as_micros() as u64,
         inference_us = outcome.inference_time.as_micros() as u64,
         batch_size = outcome.batch_size,
-        "prediction served"
-    );
+    )
+    .in_scope(|| tracing::debug!("prediction served"));
     Ok(resp)
 }

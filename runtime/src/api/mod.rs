@@ -65,10 +65,6 @@ async fn common_layer(State(state): State<AppState>, mut req: Request, next: Nex
         request_id = %id,
         method = %req.method(),
         path = %req.uri().path(),
-        model = tracing::field::Empty,
-        queue_us = tracing::field::Empty,
-        inference_us = tracing::field::Empty,
-        batch_size = tracing::field::Empty,
     );
     let mut resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
     let status = resp.status();

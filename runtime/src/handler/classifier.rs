@@ -125,13 +125,21 @@ impl Handler for ClassifierHandler {
             });
         }
         let classes = size[1] as usize;
-        let probs = output
-            .f_to_kind(Kind::Float)?
-            .f_softmax(1, Kind::Float)?
-            .f_to_device(Device::Cpu)?
-            .f_contiguous()?;
+        // One copy of the logits to the host; the softmax over a row of class scores is
+        // cheaper here than as further libtorch calls.
+        let logits = if output.device() == Device::Cpu && output.kind() == Kind::Float {
+            output.f_contiguous()?
+        } else {
+            output
+                .f_to_device(Device::Cpu)?
+                .f_to_kind(Kind::Float)?
+                .f_contiguous()?
+        };
         let mut flat = vec![0f32; rows * classes];
-        probs.f_copy_data(&mut flat, rows * classes)?;
+        logits.f_copy_data(&mut flat, rows * classes)?;
+        for row in flat.chunks_mut(classes.max(1)) {
+            softmax(row);
+        }
         Ok(flat
             .chunks(classes.max(1))
             .map(|p| {
@@ -159,6 +167,16 @@ impl Handler for ClassifierHandler {
                 Value::Object(out)
             })
             .collect())
+    }
+}
+
+/// In-place softmax of one row, computed in f64 and stored as f32.
+fn softmax(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f64> = row.iter().map(|&x| f64::from(x - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    for (x, e) in row.iter_mut().zip(exps) {
+        *x = (e / sum) as f32;
     }
 }
 
