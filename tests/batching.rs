@@ -177,7 +177,6 @@ fn a_caller_that_went_away_costs_no_forward_pass() {
         let before = passes(&server);
         let busy = s.spawn(|| server.predict("slow", json!({"data": [BUSY, 1]}).to_string()));
         wait_until("the busy pass to start", || passes(&server) > before);
-        let during = passes(&server);
         let impatient = reqwest::blocking::Client::builder()
             .timeout(Duration::from_millis(300))
             .build()

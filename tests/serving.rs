@@ -168,10 +168,9 @@ fn batching_does_not_change_answers() {
 
     let fx = fixtures();
     let labels = std::fs::read(fx.join("src/index_to_name.json")).unwrap();
-    let classifier: Box<dyn Handler> =
-        Box::new(ClassifierHandler::from_labels_json(&labels).unwrap());
-    let tensor: Box<dyn Handler> = Box::new(TensorHandler);
-    let cases: [(&Box<dyn Handler>, &str, Vec<i64>); 5] = [
+    let classifier = ClassifierHandler::from_labels_json(&labels).unwrap();
+    let tensor = TensorHandler;
+    let cases: [(&dyn Handler, &str, Vec<i64>); 5] = [
         (&classifier, "model_scripted.pt", vec![10]),
         (&tensor, "model_scripted.pt", vec![10]),
         (&tensor, "model_traced.pt", vec![10]),

@@ -425,7 +425,8 @@ pub fn table(r: &Results) -> String {
         out,
         "Each point: {:.1} s closed loop after {:.1} s warm-up, keep-alive HTTP/1.1 on loopback. \
          Batching on = batch_size {}, max_batch_delay {} ms; off = batch_size 1. \
-         1 worker per model ({} libtorch threads), job_queue_size {}.",
+         1 worker per model (libtorch threads: 1 for a model whose batch-1 pass is under \
+         200 µs, else {}), job_queue_size {}.",
         s.duration_s,
         s.warmup_s,
         s.batch_size,
