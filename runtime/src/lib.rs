@@ -9,7 +9,11 @@ pub mod manifest;
 pub mod mar;
 pub mod model_config;
 pub mod properties;
+#[cfg(feature = "s3")]
+pub mod registry;
 pub mod settings;
+#[cfg(feature = "s3")]
+pub mod store;
 
 #[cfg(feature = "torch")]
 pub mod api;
