@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::field_reassign_with_default)]
 
 mod common;
+#[path = "common/moto.rs"]
+mod moto;
 #[path = "common/server.rs"]
 mod server;
 
@@ -428,4 +430,54 @@ fn concurrent_requests_match_single_results_and_sigterm_stops_cleanly() {
         .unwrap()
         .read_to_string(&mut rest);
     assert!(rest.contains("stopped"), "{rest}");
+}
+
+#[test]
+fn serves_archives_from_an_s3_model_store() {
+    moto::env();
+    let reference = reference();
+    let store = torchfn_runtime::store::ObjectStore::from_env();
+    let bucket = format!("models-{}", std::process::id());
+    let archive = std::fs::read(fixtures().join("store/classifier.mar")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        store
+            .s3_client()
+            .await
+            .unwrap()
+            .create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .unwrap();
+        let at = format!("s3://{bucket}/store/classifier.mar")
+            .parse()
+            .unwrap();
+        store.put(&at, archive).await.unwrap();
+    });
+    // The server inherits the AWS environment pointing at the local S3 server.
+    let server = Server::start(&[
+        "--model-store",
+        &format!("s3://{bucket}/store"),
+        "--models",
+        "classifier=classifier.mar,missing=nope.mar",
+        "--ts-config",
+        path_str(&fixtures().join("config.properties")),
+        "--handler",
+        "classifier=classifier",
+    ])
+    .wait_healthy();
+    let single = json!({"features": reference["seed_features"]}).to_string();
+    let (status, body, _) = server.predict("classifier", single.clone());
+    assert_eq!(status, 200, "{body}");
+    assert_json_close(&body, &reference["classifier_single"], 1e-5, "from S3");
+    let (_, d) = server.get(format!("{}/models/classifier", server.management));
+    assert_eq!(d[0]["modelUrl"], "classifier.mar");
+    let (status, body, _) = server.predict("missing", single);
+    assert_error(status, &body, 404, "ModelNotFoundException", "missing");
+    let log = server.log();
+    assert!(
+        log.contains(&format!("Model not found at: s3://{bucket}/store/nope.mar")),
+        "{log}"
+    );
 }

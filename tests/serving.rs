@@ -19,6 +19,7 @@ use torchfn_runtime::error::ErrorKind;
 use torchfn_runtime::manager::{LoadSpec, Manager};
 use torchfn_runtime::metrics::Metrics;
 use torchfn_runtime::settings::Settings;
+use torchfn_runtime::store::Location;
 use tower::ServiceExt;
 
 fn manager(settings: Settings) -> Arc<Manager> {
@@ -28,7 +29,7 @@ fn manager(settings: Settings) -> Arc<Manager> {
 fn spec(path: PathBuf, name: Option<&str>) -> LoadSpec {
     LoadSpec {
         url: path.display().to_string(),
-        path,
+        source: Location::File(path),
         name: name.map(String::from),
         loaded_at_startup: false,
     }

@@ -35,7 +35,8 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "torchfn's local emulator of TorchServe's REST APIs"
 )]
 struct Args {
-    /// Folder holding model archives (config.properties: model_store).
+    /// Folder holding model archives, or `s3://bucket/prefix` (config.properties:
+    /// model_store). S3 settings come from the standard AWS environment.
     #[arg(long, env = "TORCHFN_MODEL_STORE")]
     model_store: Option<PathBuf>,
 
@@ -130,7 +131,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
         tracing::info!(keys = ?s.inert_keys, "TorchServe keys accepted that have no effect in torchfn");
     }
     if let Some(store) = &s.model_store {
-        if !store.is_dir() {
+        if !store.to_string_lossy().starts_with("s3://") && !store.is_dir() {
             bail!("model store {} is not a folder", store.display());
         }
     }

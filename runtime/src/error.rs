@@ -11,6 +11,7 @@ use crate::mar::MarError;
 pub enum ErrorKind {
     BadRequest,
     InvalidModel,
+    DownloadArchive,
     ModelNotFound,
     ModelVersionNotFound,
     ResourceNotFound,
@@ -31,6 +32,7 @@ impl ErrorKind {
         match self {
             BadRequest => (StatusCode::BAD_REQUEST, "BadRequestException"),
             InvalidModel => (StatusCode::BAD_REQUEST, "InvalidModelException"),
+            DownloadArchive => (StatusCode::BAD_REQUEST, "DownloadArchiveException"),
             ModelNotFound => (StatusCode::NOT_FOUND, "ModelNotFoundException"),
             ModelVersionNotFound => (StatusCode::NOT_FOUND, "ModelVersionNotFoundException"),
             ResourceNotFound => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),

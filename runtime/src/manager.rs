@@ -16,13 +16,15 @@ use crate::metrics::{Metrics, RequestMetrics};
 use crate::model_config::ParallelType;
 use crate::session::{choose_device, threads_per_worker, warm_up_and_pick_threads, Session};
 use crate::settings::Settings;
+use crate::store::{DownloadOptions, Expect, Location, ObjectStore};
 
 /// Where to load a model version from, and under which name.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
     /// The archive as the user named it (`modelUrl` in list and describe).
     pub url: String,
-    pub path: PathBuf,
+    /// Where the archive is: a local path, or an object in S3 (downloaded before unpacking).
+    pub source: Location,
     /// Overrides the manifest's model name.
     pub name: Option<String>,
     pub loaded_at_startup: bool,
@@ -167,6 +169,7 @@ pub struct Manager {
     models: RwLock<BTreeMap<String, Family>>,
     unpack_root: tempfile::TempDir,
     limits: Limits,
+    objects: ObjectStore,
 }
 
 impl Manager {
@@ -185,6 +188,7 @@ impl Manager {
             models: RwLock::new(BTreeMap::new()),
             unpack_root,
             limits: Limits::default(),
+            objects: ObjectStore::from_env(),
         })
     }
 
@@ -196,32 +200,50 @@ impl Manager {
         &self.metrics
     }
 
-    /// The archives named by `load_models` / `--models`, resolved against the model store.
+    /// The archives named by `load_models` / `--models`, resolved against the model store
+    /// (a folder or an `s3://bucket/prefix`).
     pub fn startup_specs(&self) -> Result<Vec<LoadSpec>, ApiError> {
         let mut specs = Vec::new();
         for entry in &self.settings.load_models {
             if entry == "all" {
                 let store = self.store()?;
-                let mut found: Vec<PathBuf> = std::fs::read_dir(store)
-                    .map_err(|e| {
-                        ApiError::internal(format!(
-                            "cannot list model store {}: {e}",
-                            store.display()
-                        ))
-                    })?
-                    .filter_map(Result::ok)
-                    .map(|e| e.path())
-                    .filter(|p| is_model_entry(p))
-                    .collect();
-                found.sort();
-                for path in found {
-                    let url = path
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default();
+                let found: Vec<Location> = match &store {
+                    Location::File(dir) => {
+                        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                            .map_err(|e| {
+                                ApiError::internal(format!(
+                                    "cannot list model store {}: {e}",
+                                    dir.display()
+                                ))
+                            })?
+                            .filter_map(Result::ok)
+                            .map(|e| e.path())
+                            .filter(|p| p.is_dir() || is_archive_name(&p.to_string_lossy()))
+                            .filter(|p| !file_name(&p.to_string_lossy()).starts_with('.'))
+                            .collect();
+                        found.sort();
+                        found.into_iter().map(Location::File).collect()
+                    }
+                    Location::S3 { .. } => {
+                        let listed = block_on(self.objects.list(&store))?.map_err(|e| {
+                            ApiError::internal(format!("cannot list model store {store}: {e}"))
+                        })?;
+                        let mut found: Vec<Location> = listed
+                            .into_iter()
+                            .map(|(l, _)| l)
+                            .filter(|l| {
+                                let text = l.to_string();
+                                is_archive_name(&text) && !file_name(&text).starts_with('.')
+                            })
+                            .collect();
+                        found.sort_by_key(ToString::to_string);
+                        found
+                    }
+                };
+                for source in found {
                     specs.push(LoadSpec {
-                        url,
-                        path,
+                        url: file_name(&source.to_string()).to_string(),
+                        source,
                         name: None,
                         loaded_at_startup: true,
                     });
@@ -232,14 +254,17 @@ impl Manager {
                 Some((n, f)) => (Some(n.trim().to_string()), f.trim()),
                 None => (None, entry.as_str()),
             };
-            let path = if Path::new(file).is_absolute() {
-                PathBuf::from(file)
+            let source = if file.starts_with("s3://") || file.starts_with("file://") {
+                file.parse::<Location>()
+                    .map_err(|e| ApiError::new(ErrorKind::ModelNotFound, e.to_string()))?
+            } else if Path::new(file).is_absolute() {
+                Location::File(PathBuf::from(file))
             } else {
                 self.store()?.join(file)
             };
             specs.push(LoadSpec {
                 url: file.to_string(),
-                path,
+                source,
                 name,
                 loaded_at_startup: true,
             });
@@ -247,26 +272,79 @@ impl Manager {
         Ok(specs)
     }
 
-    fn store(&self) -> Result<&Path, ApiError> {
-        self.settings.model_store.as_deref().ok_or_else(|| {
+    fn store(&self) -> Result<Location, ApiError> {
+        let store = self.settings.model_store.as_deref().ok_or_else(|| {
             ApiError::new(
                 ErrorKind::ModelNotFound,
                 "Model store has not been configured: pass --model-store DIR or set model_store",
             )
-        })
+        })?;
+        store
+            .to_string_lossy()
+            .parse::<Location>()
+            .map_err(|e| ApiError::new(ErrorKind::ModelNotFound, e.to_string()))
+    }
+
+    /// A local path for the archive: itself, or a download of the S3 object into the unpack
+    /// folder (removed by the caller once unpacked).
+    fn fetch(&self, spec: &LoadSpec) -> Result<(PathBuf, Option<tempfile::TempPath>), ApiError> {
+        match &spec.source {
+            Location::File(path) => {
+                if path.exists() {
+                    Ok((path.clone(), None))
+                } else {
+                    Err(ApiError::new(
+                        ErrorKind::ModelNotFound,
+                        format!("Model not found at: {}", spec.url),
+                    ))
+                }
+            }
+            remote => {
+                let dest = tempfile::Builder::new()
+                    .prefix(".download-")
+                    .tempfile_in(self.unpack_root.path())
+                    .map_err(|e| ApiError::internal(format!("cannot create a download file: {e}")))?
+                    .into_temp_path();
+                let report = block_on(self.objects.download(
+                    remote,
+                    &dest,
+                    Expect::default(),
+                    DownloadOptions::default(),
+                ))?
+                .map_err(|e| {
+                    tracing::error!(source = %remote, error = %e, "archive download failed");
+                    if e.is_not_found() {
+                        ApiError::new(
+                            ErrorKind::ModelNotFound,
+                            format!("Model not found at: {remote}"),
+                        )
+                    } else {
+                        ApiError::new(
+                            ErrorKind::DownloadArchive,
+                            format!("Failed to download archive from: {remote}: {e}"),
+                        )
+                    }
+                })?;
+                tracing::info!(
+                    source = %remote,
+                    bytes = report.bytes,
+                    sha256 = %report.sha256,
+                    ms = report.elapsed.as_secs_f64() * 1e3,
+                    "archive downloaded"
+                );
+                Ok((dest.to_path_buf(), Some(dest)))
+            }
+        }
     }
 
     /// Loads one model version: unpacks the archive, loads the TorchScript module and
     /// starts its workers. Blocking: call from a blocking thread.
     pub fn load(&self, spec: &LoadSpec) -> Result<Arc<ModelVersion>, ApiError> {
         let started = Instant::now();
-        if !spec.path.exists() {
-            return Err(ApiError::new(
-                ErrorKind::ModelNotFound,
-                format!("Model not found at: {}", spec.url),
-            ));
-        }
-        let archive = mar::open(&spec.path, self.unpack_root.path(), &self.limits)?;
+        let (path, download) = self.fetch(spec)?;
+        let archive = mar::open(&path, self.unpack_root.path(), &self.limits)?;
+        // The unpacked folder is what serves; a downloaded archive is not needed any more.
+        drop(download);
         let unpacked = started.elapsed();
         let manifest = archive.manifest();
         let name = spec
@@ -519,19 +597,32 @@ impl Manager {
     }
 }
 
-fn is_model_entry(path: &Path) -> bool {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    if name.starts_with('.') {
-        return false;
+/// Whether a file name is a model archive TorchServe would load from a store.
+fn is_archive_name(name: &str) -> bool {
+    [".mar", ".tar.gz", ".tgz", ".model"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+}
+
+/// The last path segment of a path or URL.
+fn file_name(path: &str) -> &str {
+    path.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or(path)
+}
+
+/// Runs a future from a blocking thread: on the current tokio runtime when there is one,
+/// else on a small runtime of its own.
+fn block_on<F: std::future::Future>(fut: F) -> Result<F::Output, ApiError> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => Ok(handle.block_on(fut)),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| rt.block_on(fut))
+            .map_err(|e| ApiError::internal(format!("cannot start a tokio runtime: {e}"))),
     }
-    path.is_dir()
-        || name.ends_with(".mar")
-        || name.ends_with(".tar.gz")
-        || name.ends_with(".tgz")
-        || name.ends_with(".model")
 }
 
 /// This process's resident memory (VmRSS), in bytes; 0 where /proc is absent.
