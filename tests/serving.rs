@@ -30,6 +30,7 @@ fn spec(path: PathBuf, name: Option<&str>) -> LoadSpec {
     LoadSpec {
         url: path.display().to_string(),
         source: Location::File(path),
+        expect: Default::default(),
         name: name.map(String::from),
         loaded_at_startup: false,
     }

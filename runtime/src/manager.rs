@@ -25,6 +25,8 @@ pub struct LoadSpec {
     pub url: String,
     /// Where the archive is: a local path, or an object in S3 (downloaded before unpacking).
     pub source: Location,
+    /// What a downloaded archive must match (size and SHA-256 recorded for the version).
+    pub expect: Expect,
     /// Overrides the manifest's model name.
     pub name: Option<String>,
     pub loaded_at_startup: bool,
@@ -244,6 +246,7 @@ impl Manager {
                     specs.push(LoadSpec {
                         url: file_name(&source.to_string()).to_string(),
                         source,
+                        expect: Expect::default(),
                         name: None,
                         loaded_at_startup: true,
                     });
@@ -265,6 +268,7 @@ impl Manager {
             specs.push(LoadSpec {
                 url: file.to_string(),
                 source,
+                expect: Expect::default(),
                 name,
                 loaded_at_startup: true,
             });
@@ -308,7 +312,7 @@ impl Manager {
                 let report = block_on(self.objects.download(
                     remote,
                     &dest,
-                    Expect::default(),
+                    spec.expect.clone(),
                     DownloadOptions::default(),
                 ))?
                 .map_err(|e| {

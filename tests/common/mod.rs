@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The repository root (the tests live in `<root>/tests`).
+/// The repository root: the first folder above the testing crate that holds `scripts/setup`.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
+        .ancestors()
+        .find(|d| d.join("scripts/setup").exists())
         .unwrap()
         .to_path_buf()
 }

@@ -105,6 +105,12 @@ pub fn management_router(state: AppState) -> Router {
     with_common(management::routes(), state)
 }
 
+/// What a model function serves on its one port: inference, `/ping` and `/metrics`, and
+/// no management routes.
+pub fn function_router(state: AppState) -> Router {
+    with_common(inference::routes().merge(metrics::routes()), state)
+}
+
 /// The metrics API (TorchServe's port 8082).
 pub fn metrics_router(state: AppState) -> Router {
     with_common(metrics::routes(), state)

@@ -1,0 +1,200 @@
+//! `torchfn-model`: the binary every model function runs. One model, configured by the
+//! environment, pulled from object storage and loaded once during start-up (Lambda's INIT
+//! phase), then served with the same router as the emulator's inference port.
+//!
+//! Where the model comes from (one of):
+//! - `TORCHFN_MODEL_URI`: an archive (`s3://bucket/key.mar` or a path), optionally checked
+//!   against `TORCHFN_MODEL_SHA256`;
+//! - `TORCHFN_REGISTRY` (`s3://bucket/prefix` or a folder) and `TORCHFN_MODEL_NAME`: the
+//!   registry's default version, or `TORCHFN_MODEL_VERSION` when set (pinned); the archive is
+//!   checked against the size and SHA-256 the registry recorded.
+//!
+//! Serving: under Lambda (`AWS_LAMBDA_RUNTIME_API` set) through `lambda_http`, with
+//! concurrent invocations (`AWS_LAMBDA_MAX_CONCURRENCY`) sharing the micro-batcher; elsewhere
+//! (Cloud Run, Knative, a container) as plain HTTP on `$PORT` (8080) on all interfaces
+//! (`TORCHFN_HOST` overrides), inference routes, `/ping` and `/metrics` only.
+//!
+//! Other settings: `TORCHFN_MODEL_NAME` (the name served), `TORCHFN_HANDLER` (built-in handler
+//! for archives that name a Python handler), `TORCHFN_BATCH_SIZE`, `TORCHFN_MAX_BATCH_DELAY_MS`,
+//! `TORCHFN_JOB_QUEUE_SIZE`, `TORCHFN_DEVICE`; logs honour `AWS_LAMBDA_LOG_LEVEL` /
+//! `RUST_LOG` and `AWS_LAMBDA_LOG_FORMAT=JSON`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use torchfn_runtime::api::{self, AppState};
+use torchfn_runtime::manager::{LoadSpec, Manager};
+use torchfn_runtime::metrics::Metrics;
+use torchfn_runtime::registry::{Registry, VersionStatus};
+use torchfn_runtime::settings::Settings;
+use torchfn_runtime::store::{Expect, Location, ObjectStore};
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn env_num<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>> {
+    env(name)
+        .map(|v| {
+            v.trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{name}={v} is not a whole number"))
+        })
+        .transpose()
+}
+
+fn init_logging() {
+    let level = env("AWS_LAMBDA_LOG_LEVEL")
+        .map(|l| l.to_ascii_lowercase())
+        .unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if env("AWS_LAMBDA_LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn settings() -> anyhow::Result<Settings> {
+    let mut s = Settings::default();
+    if let Some(n) = env_num("TORCHFN_BATCH_SIZE")? {
+        s.batch_size = n;
+    }
+    if let Some(ms) = env_num("TORCHFN_MAX_BATCH_DELAY_MS")? {
+        s.max_batch_delay = Duration::from_millis(ms);
+    }
+    if let Some(n) = env_num("TORCHFN_JOB_QUEUE_SIZE")? {
+        s.job_queue_size = n;
+    }
+    if let Some(d) = env("TORCHFN_DEVICE") {
+        s.device = d.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    }
+    // Lambda gives each environment /tmp; archives unpack there.
+    s.unpack_dir = Some(std::env::temp_dir());
+    s.default_service_handler = env("TORCHFN_HANDLER");
+    Ok(s)
+}
+
+/// Which archive to load, from the environment (and the registry when one is named).
+async fn resolve(store: &ObjectStore) -> anyhow::Result<LoadSpec> {
+    let name = env("TORCHFN_MODEL_NAME");
+    if let Some(uri) = env("TORCHFN_MODEL_URI") {
+        let source: Location = uri.parse()?;
+        return Ok(LoadSpec {
+            url: uri,
+            source,
+            name,
+            loaded_at_startup: true,
+            expect: Expect {
+                size: None,
+                sha256: env("TORCHFN_MODEL_SHA256"),
+            },
+        });
+    }
+    let (Some(registry), Some(name)) = (env("TORCHFN_REGISTRY"), name) else {
+        bail!(
+            "no model configured: set TORCHFN_MODEL_URI (an archive), or TORCHFN_REGISTRY and \
+             TORCHFN_MODEL_NAME (a registered model)"
+        );
+    };
+    let registry = Registry::new(store.clone(), registry.parse()?);
+    let version = match env("TORCHFN_MODEL_VERSION") {
+        Some(v) => v,
+        None => {
+            registry
+                .default_pointer(&name)
+                .await?
+                .with_context(|| {
+                    format!("model {name} has no default version in {}", registry.root())
+                })?
+                .0
+                .version
+        }
+    };
+    let record = registry.version(&name, &version).await?;
+    if record.status == VersionStatus::Removed {
+        bail!("model {name} version {version} was removed from the registry");
+    }
+    tracing::info!(model = %name, version = %version, source = %record.source, "resolved from the registry");
+    Ok(LoadSpec {
+        url: record.source.clone(),
+        source: record.source.parse()?,
+        name: Some(name),
+        loaded_at_startup: true,
+        expect: Expect {
+            size: Some(record.size),
+            sha256: Some(record.sha256),
+        },
+    })
+}
+
+/// One Lambda HTTP event through the router; the answer's body is kept as text when it is
+/// UTF-8 (JSON answers) and sent base64-encoded otherwise.
+async fn invoke(
+    router: axum::Router,
+    req: lambda_http::Request,
+) -> Result<lambda_http::Response<lambda_http::Body>, lambda_http::Error> {
+    use tower::ServiceExt;
+    let resp = router.oneshot(req.map(axum::body::Body::new)).await?;
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await?.to_vec();
+    let body = match String::from_utf8(bytes) {
+        Ok(text) => lambda_http::Body::Text(text),
+        Err(e) => lambda_http::Body::Binary(e.into_bytes()),
+    };
+    Ok(lambda_http::Response::from_parts(parts, body))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    let settings = settings()?;
+    let store = ObjectStore::from_env();
+    let spec = resolve(&store).await?;
+    let metrics = Arc::new(Metrics::new().context("could not create metrics")?);
+    let manager =
+        Arc::new(Manager::new(settings, metrics).context("could not create the unpack folder")?);
+    let state = AppState::new(manager.clone());
+
+    // Load before serving (during Lambda's INIT): a model that cannot load fails the start.
+    let loader = manager.clone();
+    let model = tokio::task::spawn_blocking(move || loader.load(&spec))
+        .await?
+        .map_err(|e| anyhow::anyhow!("model not loaded: {}", e.message))?;
+    tracing::info!(model = %model.name, version = %model.version, "model function ready");
+    state.set_ready();
+    let router = api::function_router(state);
+
+    if env("AWS_LAMBDA_RUNTIME_API").is_some() {
+        // Each invocation goes through the same router; concurrent invocations of one
+        // environment (AWS_LAMBDA_MAX_CONCURRENCY > 1) share the model's micro-batcher.
+        let handler = lambda_http::service_fn(move |req: lambda_http::Request| {
+            let router = router.clone();
+            async move { invoke(router, req).await }
+        });
+        return lambda_http::run_concurrent(handler)
+            .await
+            .map_err(|e| anyhow::anyhow!("Lambda runtime stopped: {e}"));
+    }
+    let host = env("TORCHFN_HOST").unwrap_or_else(|| "0.0.0.0".into());
+    let port: u16 = env_num("PORT")?.unwrap_or(8080);
+    let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+        .await
+        .with_context(|| format!("could not bind {host}:{port}"))?;
+    println!("Inference API bind to: http://{}", listener.local_addr()?);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    tokio::task::spawn_blocking(move || manager.shutdown()).await?;
+    Ok(())
+}
