@@ -1,0 +1,188 @@
+//! `torchfn-model` under a Lambda Runtime API: this test serves the Runtime API's
+//! invocation endpoints itself (the runtime polls `/next`, posts `/response`), sends API
+//! Gateway HTTP API (v2) events, and checks that with `AWS_LAMBDA_MAX_CONCURRENCY=8`
+//! concurrent invocations of one environment share the micro-batcher (mean batch size above
+//! 1) while each invocation gets its own answer.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Clone)]
+struct RuntimeApi {
+    events: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, Value)>>>,
+    waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>,
+    init_errors: Arc<Mutex<Vec<String>>>,
+}
+
+async fn next(State(api): State<RuntimeApi>) -> impl IntoResponse {
+    let (id, event) = api.events.lock().await.recv().await.unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "lambda-runtime-aws-request-id",
+        HeaderValue::from_str(&id).unwrap(),
+    );
+    let deadline = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 60_000;
+    headers.insert(
+        "lambda-runtime-deadline-ms",
+        HeaderValue::from_str(&deadline.to_string()).unwrap(),
+    );
+    headers.insert(
+        "lambda-runtime-invoked-function-arn",
+        HeaderValue::from_static("arn:aws:lambda:us-east-1:123456789012:function:slow"),
+    );
+    headers.insert(
+        "lambda-runtime-trace-id",
+        HeaderValue::from_static("Root=1-0-0"),
+    );
+    (headers, event.to_string())
+}
+
+async fn respond(
+    State(api): State<RuntimeApi>,
+    Path(id): Path<String>,
+    body: String,
+) -> StatusCode {
+    let value: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    if let Some(tx) = api.waiting.lock().unwrap().remove(&id) {
+        let _ = tx.send(value);
+    }
+    StatusCode::ACCEPTED
+}
+
+async fn init_error(State(api): State<RuntimeApi>, body: String) -> StatusCode {
+    api.init_errors.lock().unwrap().push(body);
+    StatusCode::ACCEPTED
+}
+
+/// An API Gateway HTTP API (v2) event for `POST /predictions/slow` with a JSON body.
+fn http_api_event(id: &str, body: &Value) -> Value {
+    json!({
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": "/predictions/slow",
+        "rawQueryString": "",
+        "headers": {"content-type": "application/json", "host": "example.execute-api.us-east-1.amazonaws.com"},
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "example",
+            "domainName": "example.execute-api.us-east-1.amazonaws.com",
+            "domainPrefix": "example",
+            "http": {"method": "POST", "path": "/predictions/slow", "protocol": "HTTP/1.1",
+                     "sourceIp": "127.0.0.1", "userAgent": "torchfn-test"},
+            "requestId": id,
+            "routeKey": "$default",
+            "stage": "$default",
+            "time": "25/Nov/2026:12:00:00 +0000",
+            "timeEpoch": 1_795_000_000_000u64
+        },
+        "body": body.to_string(),
+        "isBase64Encoded": false
+    })
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_invocations_share_the_batcher() {
+    let slow = common::fixtures().join("slow/slow.mar");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let api = RuntimeApi {
+        events: Arc::new(tokio::sync::Mutex::new(rx)),
+        waiting: Arc::new(Mutex::new(HashMap::new())),
+        init_errors: Arc::new(Mutex::new(Vec::new())),
+    };
+    let router = Router::new()
+        .route("/2018-06-01/runtime/invocation/next", get(next))
+        .route(
+            "/2018-06-01/runtime/invocation/{id}/response",
+            post(respond),
+        )
+        .route("/2018-06-01/runtime/invocation/{id}/error", post(respond))
+        .route("/2018-06-01/runtime/init/error", post(init_error))
+        .with_state(api.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let child = Command::new(env!("CARGO_BIN_EXE_torchfn-model"))
+        .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
+        .env("AWS_LAMBDA_FUNCTION_NAME", "slow")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "2048")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_MAX_CONCURRENCY", "8")
+        .env("TORCHFN_MODEL_URI", slow.to_str().unwrap())
+        .env("TORCHFN_MODEL_NAME", "slow")
+        .env("TORCHFN_BATCH_SIZE", "8")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let _child = Kill(child);
+
+    // Round 1 warms the environment; round 2 is counted. Each invocation's value is its
+    // own, so a mixed-up answer shows.
+    let mut batch_sizes = Vec::new();
+    for round in 0..2 {
+        let mut replies = Vec::new();
+        for i in 0..8u32 {
+            let id = format!("r{round}-{i}");
+            let value = f64::from(round * 100 + i);
+            let (reply_tx, reply_rx) = oneshot::channel();
+            api.waiting.lock().unwrap().insert(id.clone(), reply_tx);
+            tx.send((
+                id.clone(),
+                http_api_event(&id, &json!({"data": [20_000, value]})),
+            ))
+            .unwrap();
+            replies.push((value, reply_rx));
+        }
+        for (value, reply) in replies {
+            let response = tokio::time::timeout(Duration::from_secs(120), reply)
+                .await
+                .expect("no answer from the function")
+                .unwrap();
+            assert_eq!(response["statusCode"], 200, "{response}");
+            let body: Value = serde_json::from_str(response["body"].as_str().unwrap()).unwrap();
+            assert_eq!(body, json!([value * 2.0]), "{response}");
+            let size = response["headers"]["x-torchfn-batch-size"]
+                .as_str()
+                .unwrap()
+                .parse::<f64>()
+                .unwrap();
+            if round == 1 {
+                batch_sizes.push(size);
+            }
+        }
+    }
+    assert!(api.init_errors.lock().unwrap().is_empty());
+    let mean = batch_sizes.iter().sum::<f64>() / batch_sizes.len() as f64;
+    eprintln!("batch sizes seen by 8 concurrent invocations: {batch_sizes:?} (mean {mean})");
+    assert!(
+        mean > 1.0,
+        "invocations did not share passes: {batch_sizes:?}"
+    );
+}
