@@ -137,11 +137,23 @@ async fn concurrent_invocations_share_the_batcher() {
         .env("TORCHFN_MODEL_URI", slow.to_str().unwrap())
         .env("TORCHFN_MODEL_NAME", "slow")
         .env("TORCHFN_BATCH_SIZE", "8")
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let _child = Kill(child);
+    let mut child = Kill(child);
+    // The function's stdout: its EMF metric lines.
+    let stdout = child.0.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
 
     // Round 1 warms the environment; round 2 is counted. Each invocation's value is its
     // own, so a mixed-up answer shows.
@@ -179,6 +191,26 @@ async fn concurrent_invocations_share_the_batcher() {
         }
     }
     assert!(api.init_errors.lock().unwrap().is_empty());
+    // One EMF line per invocation, dimensions model and version only.
+    let emf: Vec<Value> = (0..16)
+        .map(|_| {
+            let line = lines_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            serde_json::from_str(&line).unwrap()
+        })
+        .collect();
+    for m in &emf {
+        assert_eq!(
+            m["_aws"]["CloudWatchMetrics"][0]["Dimensions"],
+            json!([["model", "version"]])
+        );
+        assert_eq!(
+            (m["model"].as_str(), m["version"].as_str()),
+            (Some("slow"), Some("1.0"))
+        );
+        assert!(m["Latency"].as_u64().unwrap() > 0);
+        assert!(m["BatchSize"].as_u64().unwrap() >= 1);
+        assert!(m["QueueTime"].is_u64());
+    }
     let mean = batch_sizes.iter().sum::<f64>() / batch_sizes.len() as f64;
     eprintln!("batch sizes seen by 8 concurrent invocations: {batch_sizes:?} (mean {mean})");
     assert!(

@@ -136,15 +136,59 @@ async fn resolve(store: &ObjectStore) -> anyhow::Result<LoadSpec> {
     })
 }
 
+/// The model a function serves, for its metric dimensions.
+#[derive(Clone)]
+struct Served {
+    model: Arc<str>,
+    version: Arc<str>,
+}
+
+/// One CloudWatch Embedded Metric Format line for a prediction: latency, queue time and
+/// batch size, with the model and version as the only dimensions.
+fn emf_line(served: &Served, latency_us: u128, headers: &axum::http::HeaderMap) -> Option<String> {
+    let header = |name: &str| -> Option<u64> { headers.get(name)?.to_str().ok()?.parse().ok() };
+    let queue_us = header("x-torchfn-queue-us")?;
+    let batch = header("x-torchfn-batch-size")?;
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let line = serde_json::json!({
+        "_aws": {
+            "Timestamp": timestamp,
+            "CloudWatchMetrics": [{
+                "Namespace": "torchfn",
+                "Dimensions": [["model", "version"]],
+                "Metrics": [
+                    {"Name": "Latency", "Unit": "Microseconds"},
+                    {"Name": "QueueTime", "Unit": "Microseconds"},
+                    {"Name": "BatchSize", "Unit": "Count"}
+                ]
+            }]
+        },
+        "model": &*served.model,
+        "version": &*served.version,
+        "Latency": latency_us as u64,
+        "QueueTime": queue_us,
+        "BatchSize": batch,
+    });
+    Some(line.to_string())
+}
+
 /// One Lambda HTTP event through the router; the answer's body is kept as text when it is
-/// UTF-8 (JSON answers) and sent base64-encoded otherwise.
+/// UTF-8 (JSON answers) and sent base64-encoded otherwise. A prediction also prints its EMF
+/// line to stdout, where Lambda's log capture turns it into metrics.
 async fn invoke(
     router: axum::Router,
+    served: Served,
     req: lambda_http::Request,
 ) -> Result<lambda_http::Response<lambda_http::Body>, lambda_http::Error> {
     use tower::ServiceExt;
+    let started = std::time::Instant::now();
     let resp = router.oneshot(req.map(axum::body::Body::new)).await?;
     let (parts, body) = resp.into_parts();
+    if let Some(line) = emf_line(&served, started.elapsed().as_micros(), &parts.headers) {
+        println!("{line}");
+    }
     let bytes = axum::body::to_bytes(body, usize::MAX).await?.to_vec();
     let body = match String::from_utf8(bytes) {
         Ok(text) => lambda_http::Body::Text(text),
@@ -176,9 +220,14 @@ async fn main() -> anyhow::Result<()> {
     if env("AWS_LAMBDA_RUNTIME_API").is_some() {
         // Each invocation goes through the same router; concurrent invocations of one
         // environment (AWS_LAMBDA_MAX_CONCURRENCY > 1) share the model's micro-batcher.
+        let served = Served {
+            model: model.name.as_str().into(),
+            version: model.version.as_str().into(),
+        };
         let handler = lambda_http::service_fn(move |req: lambda_http::Request| {
             let router = router.clone();
-            async move { invoke(router, req).await }
+            let served = served.clone();
+            async move { invoke(router, served, req).await }
         });
         return lambda_http::run_concurrent(handler)
             .await
