@@ -13,14 +13,26 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{assert_json_close, fixtures, reference};
+use common::{assert_json_close, fixtures, json_close, reference};
 use serde_json::json;
 use torchfn_runtime::registry::{Registry, VersionRecord, VersionStatus};
 use torchfn_runtime::store::{Location, ObjectStore};
 
 /// Uploads the seed archive and registers it as `classifier` `version` with `sha256`.
 async fn publish(store: &ObjectStore, bucket: &str, version: &str, sha256: Option<&str>) {
-    let archive = std::fs::read(fixtures().join("store/classifier.mar")).unwrap();
+    publish_archive(store, bucket, version, "store/classifier.mar", sha256).await;
+}
+
+/// Uploads a fixture archive and registers it as `classifier` `version`, recording `sha256`
+/// (the archive's own when `None`), and advances the default pointer to it.
+async fn publish_archive(
+    store: &ObjectStore,
+    bucket: &str,
+    version: &str,
+    fixture: &str,
+    sha256: Option<&str>,
+) {
+    let archive = std::fs::read(fixtures().join(fixture)).unwrap();
     let key: Location = format!("s3://{bucket}/archives/classifier-{version}.mar")
         .parse()
         .unwrap();
@@ -58,6 +70,18 @@ async fn publish(store: &ObjectStore, bucket: &str, version: &str, sha256: Optio
         .unwrap();
 }
 
+async fn new_bucket(store: &ObjectStore, bucket: &str) {
+    store
+        .s3_client()
+        .await
+        .unwrap()
+        .create_bucket()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
+}
+
 fn start(envs: &[(&str, String)]) -> (Child, Option<String>) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_torchfn-model"));
     cmd.env_remove("AWS_LAMBDA_RUNTIME_API")
@@ -86,15 +110,7 @@ fn serves_the_registry_default_and_refuses_a_mismatched_archive() {
     let bucket = format!("functions-{}", std::process::id());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        store
-            .s3_client()
-            .await
-            .unwrap()
-            .create_bucket()
-            .bucket(&bucket)
-            .send()
-            .await
-            .unwrap();
+        new_bucket(&store, &bucket).await;
         publish(&store, &bucket, "1.0", None).await;
     });
     let registry = format!("s3://{bucket}/registry");
@@ -142,4 +158,62 @@ fn serves_the_registry_default_and_refuses_a_mismatched_archive() {
         err.contains("SHA-256") || err.contains("sha256") || err.contains("checksum"),
         "{err}"
     );
+}
+
+#[test]
+fn a_warm_function_swaps_to_a_new_default_without_dropping_requests() {
+    moto::env();
+    let reference = reference();
+    let store = ObjectStore::from_env();
+    let bucket = format!("swap-{}", std::process::id());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        new_bucket(&store, &bucket).await;
+        publish(&store, &bucket, "1.0", None).await;
+    });
+    let (mut child, addr) = start(&[
+        ("TORCHFN_REGISTRY", format!("s3://{bucket}/registry")),
+        ("TORCHFN_MODEL_NAME", "classifier".into()),
+        ("TORCHFN_POLL_SECONDS", "1".into()),
+    ]);
+    let addr = addr.expect("the function printed no address");
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let predict = || {
+        let r = client
+            .post(format!("{addr}/predictions/classifier"))
+            .body(json!({"features": reference["seed_features"]}).to_string())
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "a request failed during the swap");
+        r.json::<serde_json::Value>().unwrap()
+    };
+    assert_json_close(&predict(), &reference["classifier_single"], 1e-5, "v1");
+    rt.block_on(publish_archive(
+        &store,
+        &bucket,
+        "2.0",
+        "v2/classifier.mar",
+        None,
+    ));
+    // Requests keep flowing while the function notices the new default and swaps.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut served = 0;
+    loop {
+        let body = predict();
+        served += 1;
+        if json_close(&body, &reference["classifier_v2_single"], 1e-5) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never swapped after {served} requests"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_json_close(&predict(), &reference["classifier_v2_single"], 1e-5, "v2");
+    let _ = child.kill();
+    let _ = child.wait();
 }

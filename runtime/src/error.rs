@@ -17,6 +17,8 @@ pub enum ErrorKind {
     ResourceNotFound,
     MethodNotAllowed,
     Conflict,
+    /// TorchServe's `InvalidModelVersionException` (403), e.g. removing a default version.
+    Forbidden,
     RequestTimeout,
     PayloadTooLarge,
     ServiceUnavailable,
@@ -38,6 +40,7 @@ impl ErrorKind {
             ResourceNotFound => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowedException"),
             Conflict => (StatusCode::CONFLICT, "ConflictStatusException"),
+            Forbidden => (StatusCode::FORBIDDEN, "InvalidModelVersionException"),
             RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "RequestTimeoutException"),
             PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLargeException"),
             ServiceUnavailable => (

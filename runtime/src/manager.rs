@@ -576,6 +576,55 @@ impl Manager {
         })
     }
 
+    /// Makes `version` the model's default: new requests without a version go to it.
+    pub fn set_default(&self, name: &str, version: &str) -> Result<(), ApiError> {
+        let mut models = self
+            .models
+            .write()
+            .map_err(|_| ApiError::internal("model table lock poisoned"))?;
+        let family = models
+            .get_mut(name)
+            .ok_or_else(|| ApiError::model_not_found(name))?;
+        if !family.versions.contains_key(version) {
+            return Err(ApiError::new(
+                ErrorKind::ModelVersionNotFound,
+                format!("Model version {version} does not exist for model {name}"),
+            ));
+        }
+        family.default = version.to_string();
+        Ok(())
+    }
+
+    /// Removes a version that is not the default. Requests already holding it finish; its
+    /// workers stop when the last of them drops it (see `retire`).
+    pub fn unload(&self, name: &str, version: &str) -> Result<Arc<ModelVersion>, ApiError> {
+        let mut models = self
+            .models
+            .write()
+            .map_err(|_| ApiError::internal("model table lock poisoned"))?;
+        let family = models
+            .get_mut(name)
+            .ok_or_else(|| ApiError::model_not_found(name))?;
+        if family.default == version && family.versions.len() > 1 {
+            return Err(ApiError::new(
+                ErrorKind::Forbidden,
+                format!("Cannot remove default version for model {name}"),
+            ));
+        }
+        let model = family
+            .versions
+            .remove(version)
+            .ok_or_else(|| ApiError::version_not_found(name, version))?;
+        if family.versions.is_empty() {
+            models.remove(name);
+        }
+        self.metrics
+            .model_workers
+            .with_label_values(&[name, version])
+            .set(0);
+        Ok(model)
+    }
+
     /// Default versions of all models, by name.
     pub fn defaults(&self) -> Vec<Arc<ModelVersion>> {
         let Ok(models) = self.models.read() else {
@@ -683,4 +732,16 @@ mod tests {
             "1970-01-01T00:00:00.000Z"
         );
     }
+}
+
+/// Waits (on a blocking thread) until no request holds `model` any more, then drops it,
+/// which stops its workers after they finish what is queued.
+pub fn retire(model: Arc<ModelVersion>) {
+    std::thread::spawn(move || {
+        while Arc::strong_count(&model) > 1 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::info!(model = %model.name, version = %model.version, "model version retired");
+        drop(model);
+    });
 }

@@ -217,6 +217,22 @@ impl Registry {
         }
     }
 
+    /// The default pointer if it changed since `etag` was read (a conditional GET: cheap
+    /// when nothing changed), else `None`.
+    pub async fn default_pointer_if_changed(
+        &self,
+        model: &str,
+        etag: &str,
+    ) -> Result<Option<(DefaultPointer, String)>, RegistryError> {
+        let location = self.pointer_location(model)?;
+        match self.store.get_if_changed(&location, etag).await {
+            Ok(Some(object)) => Ok(Some((from_json(&object.bytes, &location)?, object.etag))),
+            Ok(None) => Ok(None),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Moves the default pointer to `version` if it is higher than the current default
     /// (or there is none) and the model is not pinned. Compare-and-swap: a concurrent writer
     /// makes this re-read and decide again, so no update is lost. Returns whether it moved.

@@ -87,34 +87,48 @@ pub fn reference() -> serde_json::Value {
 
 /// Asserts two JSON values are equal, numbers within `tol` relative (absolute below 1).
 pub fn assert_json_close(got: &serde_json::Value, want: &serde_json::Value, tol: f64, at: &str) {
+    if let Some(diff) = json_diff(got, want, tol, at) {
+        panic!("{diff}");
+    }
+}
+
+/// Whether two JSON values are equal, numbers within `tol` relative (absolute below 1).
+pub fn json_close(got: &serde_json::Value, want: &serde_json::Value, tol: f64) -> bool {
+    json_diff(got, want, tol, "").is_none()
+}
+
+/// The first difference between two JSON values, if any.
+fn json_diff(
+    got: &serde_json::Value,
+    want: &serde_json::Value,
+    tol: f64,
+    at: &str,
+) -> Option<String> {
     use serde_json::Value::*;
     match (got, want) {
         (Number(g), Number(w)) => {
-            let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+            let (g, w) = (g.as_f64()?, w.as_f64()?);
             let err = (g - w).abs() / w.abs().max(1.0);
-            assert!(
-                err <= tol,
-                "{at}: got {g}, want {w} (error {err:e} > {tol:e})"
-            );
+            (err > tol).then(|| format!("{at}: got {g}, want {w} (error {err:e} > {tol:e})"))
         }
         (Array(g), Array(w)) => {
-            assert_eq!(
-                g.len(),
-                w.len(),
-                "{at}: array lengths differ: {got} vs {want}"
-            );
-            for (i, (g, w)) in g.iter().zip(w).enumerate() {
-                assert_json_close(g, w, tol, &format!("{at}[{i}]"));
+            if g.len() != w.len() {
+                return Some(format!("{at}: array lengths differ: {got} vs {want}"));
             }
+            g.iter()
+                .zip(w)
+                .enumerate()
+                .find_map(|(i, (g, w))| json_diff(g, w, tol, &format!("{at}[{i}]")))
         }
         (Object(g), Object(w)) => {
             let gk: Vec<_> = g.keys().collect();
             let wk: Vec<_> = w.keys().collect();
-            assert_eq!(gk, wk, "{at}: keys differ");
-            for (k, w) in w {
-                assert_json_close(&g[k], w, tol, &format!("{at}.{k}"));
+            if gk != wk {
+                return Some(format!("{at}: keys differ: {gk:?} vs {wk:?}"));
             }
+            w.iter()
+                .find_map(|(k, w)| json_diff(&g[k], w, tol, &format!("{at}.{k}")))
         }
-        _ => assert_eq!(got, want, "{at}"),
+        _ => (got != want).then(|| format!("{at}: got {got}, want {want}")),
     }
 }

@@ -136,11 +136,85 @@ async fn resolve(store: &ObjectStore) -> anyhow::Result<LoadSpec> {
     })
 }
 
-/// The model a function serves, for its metric dimensions.
+/// Polls the registry's default pointer (a conditional GET, cheap while nothing changes) and,
+/// when it moves, loads the new version beside the old, makes it the default, and retires the
+/// old one once the requests holding it have finished. No request is dropped.
+async fn follow_default(
+    registry: Registry,
+    manager: Arc<Manager>,
+    name: String,
+    mut current: String,
+    every: Duration,
+) {
+    let mut etag = match registry.default_pointer(&name).await {
+        Ok(Some((_, etag))) => etag,
+        _ => String::new(),
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let pointer = match registry.default_pointer_if_changed(&name, &etag).await {
+            Ok(Some(found)) => found,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the default version; keeping the current one");
+                continue;
+            }
+        };
+        etag = pointer.1;
+        let version = pointer.0.version;
+        if version == current {
+            continue;
+        }
+        if let Err(e) = swap(&registry, &manager, &name, &current, &version).await {
+            tracing::error!(model = %name, version = %version, error = %e, "new default version not loaded; keeping {current}");
+            continue;
+        }
+        current = version;
+    }
+}
+
+async fn swap(
+    registry: &Registry,
+    manager: &Arc<Manager>,
+    name: &str,
+    old: &str,
+    new: &str,
+) -> anyhow::Result<()> {
+    let record = registry.version(name, new).await?;
+    let spec = LoadSpec {
+        url: record.source.clone(),
+        source: record.source.parse()?,
+        name: Some(name.to_string()),
+        loaded_at_startup: false,
+        expect: Expect {
+            size: Some(record.size),
+            sha256: Some(record.sha256),
+        },
+    };
+    let loader = manager.clone();
+    let loaded = tokio::task::spawn_blocking(move || loader.load(&spec))
+        .await?
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    if loaded.version != new {
+        tracing::warn!(registry = new, archive = %loaded.version, "the archive's manifest names another version");
+    }
+    manager
+        .set_default(name, &loaded.version)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let retired = manager
+        .unload(name, old)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    torchfn_runtime::manager::retire(retired);
+    tracing::info!(model = name, from = old, to = %loaded.version, "default version swapped");
+    Ok(())
+}
+
+/// The model a function serves, for its metric dimensions (the version is looked up per
+/// invocation: it changes when the function swaps to a new default).
 #[derive(Clone)]
 struct Served {
     model: Arc<str>,
-    version: Arc<str>,
+    manager: Arc<Manager>,
 }
 
 /// One CloudWatch Embedded Metric Format line for a prediction: latency, queue time and
@@ -166,7 +240,11 @@ fn emf_line(served: &Served, latency_us: u128, headers: &axum::http::HeaderMap) 
             }]
         },
         "model": &*served.model,
-        "version": &*served.version,
+        "version": served
+            .manager
+            .get(&served.model, None)
+            .map(|m| m.version.clone())
+            .unwrap_or_default(),
         "Latency": latency_us as u64,
         "QueueTime": queue_us,
         "BatchSize": batch,
@@ -215,6 +293,18 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("model not loaded: {}", e.message))?;
     tracing::info!(model = %model.name, version = %model.version, "model function ready");
     state.set_ready();
+    // Following the registry's default (not pinned): notice a new default while warm.
+    if let (Some(root), None) = (env("TORCHFN_REGISTRY"), env("TORCHFN_MODEL_VERSION")) {
+        let every = Duration::from_secs(env_num("TORCHFN_POLL_SECONDS")?.unwrap_or(30));
+        let registry = Registry::new(store.clone(), root.parse()?);
+        tokio::spawn(follow_default(
+            registry,
+            manager.clone(),
+            model.name.clone(),
+            model.version.clone(),
+            every,
+        ));
+    }
     let router = api::function_router(state);
 
     if env("AWS_LAMBDA_RUNTIME_API").is_some() {
@@ -222,7 +312,7 @@ async fn main() -> anyhow::Result<()> {
         // environment (AWS_LAMBDA_MAX_CONCURRENCY > 1) share the model's micro-batcher.
         let served = Served {
             model: model.name.as_str().into(),
-            version: model.version.as_str().into(),
+            manager: manager.clone(),
         };
         let handler = lambda_http::service_fn(move |req: lambda_http::Request| {
             let router = router.clone();
