@@ -719,6 +719,18 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// Waits (on a blocking thread) until no request holds `model` any more, then drops it,
+/// which stops its workers after they finish what is queued.
+pub fn retire(model: Arc<ModelVersion>) {
+    std::thread::spawn(move || {
+        while Arc::strong_count(&model) > 1 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::info!(model = %model.name, version = %model.version, "model version retired");
+        drop(model);
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -732,16 +744,4 @@ mod tests {
             "1970-01-01T00:00:00.000Z"
         );
     }
-}
-
-/// Waits (on a blocking thread) until no request holds `model` any more, then drops it,
-/// which stops its workers after they finish what is queued.
-pub fn retire(model: Arc<ModelVersion>) {
-    std::thread::spawn(move || {
-        while Arc::strong_count(&model) > 1 {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        tracing::info!(model = %model.name, version = %model.version, "model version retired");
-        drop(model);
-    });
 }
