@@ -441,15 +441,7 @@ fn serves_archives_from_an_s3_model_store() {
     let archive = std::fs::read(fixtures().join("store/classifier.mar")).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        store
-            .s3_client()
-            .await
-            .unwrap()
-            .create_bucket()
-            .bucket(&bucket)
-            .send()
-            .await
-            .unwrap();
+        moto::new_bucket(&store, &bucket).await;
         let at = format!("s3://{bucket}/store/classifier.mar")
             .parse()
             .unwrap();

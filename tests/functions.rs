@@ -70,18 +70,6 @@ async fn publish_archive(
         .unwrap();
 }
 
-async fn new_bucket(store: &ObjectStore, bucket: &str) {
-    store
-        .s3_client()
-        .await
-        .unwrap()
-        .create_bucket()
-        .bucket(bucket)
-        .send()
-        .await
-        .unwrap();
-}
-
 fn start(envs: &[(&str, String)]) -> (Child, Option<String>) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_torchfn-model"));
     cmd.env_remove("AWS_LAMBDA_RUNTIME_API")
@@ -110,7 +98,7 @@ fn serves_the_registry_default_and_refuses_a_mismatched_archive() {
     let bucket = format!("functions-{}", std::process::id());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        new_bucket(&store, &bucket).await;
+        moto::new_bucket(&store, &bucket).await;
         publish(&store, &bucket, "1.0", None).await;
     });
     let registry = format!("s3://{bucket}/registry");
@@ -168,7 +156,7 @@ fn a_warm_function_swaps_to_a_new_default_without_dropping_requests() {
     let bucket = format!("swap-{}", std::process::id());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        new_bucket(&store, &bucket).await;
+        moto::new_bucket(&store, &bucket).await;
         publish(&store, &bucket, "1.0", None).await;
     });
     let (mut child, addr) = start(&[

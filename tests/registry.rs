@@ -38,15 +38,7 @@ async fn registries() -> Vec<(Registry, Option<tempfile::TempDir>)> {
     let store = ObjectStore::from_env();
     let file = Registry::new(store.clone(), Location::File(dir.path().to_path_buf()));
     let bucket = format!("registry-{}", std::process::id());
-    store
-        .s3_client()
-        .await
-        .unwrap()
-        .create_bucket()
-        .bucket(&bucket)
-        .send()
-        .await
-        .unwrap();
+    moto::new_bucket(&store, &bucket).await;
     let s3: Location = format!("s3://{bucket}/registry").parse().unwrap();
     vec![(file, Some(dir)), (Registry::new(store, s3), None)]
 }

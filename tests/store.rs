@@ -27,15 +27,7 @@ use torchfn_runtime::store::{DownloadOptions, Expect, Location, ObjectStore, Sto
 async fn store_with_bucket(bucket: &str) -> ObjectStore {
     env();
     let store = ObjectStore::from_env();
-    store
-        .s3_client()
-        .await
-        .unwrap()
-        .create_bucket()
-        .bucket(bucket)
-        .send()
-        .await
-        .unwrap();
+    moto::new_bucket(&store, bucket).await;
     store
 }
 

@@ -576,8 +576,13 @@ impl Manager {
         })
     }
 
-    /// Makes `version` the model's default: new requests without a version go to it.
-    pub fn set_default(&self, name: &str, version: &str) -> Result<(), ApiError> {
+    /// Runs `f` on a model's family under the write lock; 404 when there is no such model.
+    /// `f` returns whether the family should be dropped (its last version went).
+    fn with_family_mut<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut Family) -> Result<(T, bool), ApiError>,
+    ) -> Result<T, ApiError> {
         let mut models = self
             .models
             .write()
@@ -585,39 +590,43 @@ impl Manager {
         let family = models
             .get_mut(name)
             .ok_or_else(|| ApiError::model_not_found(name))?;
-        if !family.versions.contains_key(version) {
-            return Err(ApiError::new(
-                ErrorKind::ModelVersionNotFound,
-                format!("Model version {version} does not exist for model {name}"),
-            ));
+        let (out, drop_family) = f(family)?;
+        if drop_family {
+            models.remove(name);
         }
-        family.default = version.to_string();
-        Ok(())
+        Ok(out)
+    }
+
+    /// Makes `version` the model's default: new requests without a version go to it.
+    pub fn set_default(&self, name: &str, version: &str) -> Result<(), ApiError> {
+        self.with_family_mut(name, |family| {
+            if !family.versions.contains_key(version) {
+                return Err(ApiError::new(
+                    ErrorKind::ModelVersionNotFound,
+                    format!("Model version {version} does not exist for model {name}"),
+                ));
+            }
+            family.default = version.to_string();
+            Ok(((), false))
+        })
     }
 
     /// Removes a version that is not the default. Requests already holding it finish; its
     /// workers stop when the last of them drops it (see `retire`).
     pub fn unload(&self, name: &str, version: &str) -> Result<Arc<ModelVersion>, ApiError> {
-        let mut models = self
-            .models
-            .write()
-            .map_err(|_| ApiError::internal("model table lock poisoned"))?;
-        let family = models
-            .get_mut(name)
-            .ok_or_else(|| ApiError::model_not_found(name))?;
-        if family.default == version && family.versions.len() > 1 {
-            return Err(ApiError::new(
-                ErrorKind::Forbidden,
-                format!("Cannot remove default version for model {name}"),
-            ));
-        }
-        let model = family
-            .versions
-            .remove(version)
-            .ok_or_else(|| ApiError::version_not_found(name, version))?;
-        if family.versions.is_empty() {
-            models.remove(name);
-        }
+        let model = self.with_family_mut(name, |family| {
+            if family.default == version && family.versions.len() > 1 {
+                return Err(ApiError::new(
+                    ErrorKind::Forbidden,
+                    format!("Cannot remove default version for model {name}"),
+                ));
+            }
+            let model = family
+                .versions
+                .remove(version)
+                .ok_or_else(|| ApiError::version_not_found(name, version))?;
+            Ok((model, family.versions.is_empty()))
+        })?;
         self.metrics
             .model_workers
             .with_label_values(&[name, version])

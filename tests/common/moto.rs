@@ -162,3 +162,16 @@ fn start_counting_listener(count: Arc<AtomicUsize>) -> u16 {
     count.store(0, Ordering::SeqCst);
     port
 }
+
+/// Creates `bucket` on the server (valid S3 names only).
+pub async fn new_bucket(store: &torchfn_runtime::store::ObjectStore, bucket: &str) {
+    store
+        .s3_client()
+        .await
+        .unwrap()
+        .create_bucket()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
+}
