@@ -98,6 +98,56 @@ fn http_api_event(id: &str, body: &Value) -> Value {
     })
 }
 
+/// An API Gateway REST API (v1) proxy event for `POST /predictions/slow` on stage `prod`.
+fn rest_api_event(id: &str, body: &Value) -> Value {
+    json!({
+        "resource": "/{proxy+}",
+        "path": "/predictions/slow",
+        "httpMethod": "POST",
+        "headers": {"content-type": "application/json"},
+        "multiValueHeaders": {"content-type": ["application/json"]},
+        "queryStringParameters": null,
+        "multiValueQueryStringParameters": null,
+        "pathParameters": {"proxy": "predictions/slow"},
+        "stageVariables": null,
+        "requestContext": {
+            "accountId": "123456789012",
+            "resourceId": "abc123",
+            "stage": "prod",
+            "requestId": id,
+            "identity": {"sourceIp": "127.0.0.1"},
+            "resourcePath": "/{proxy+}",
+            "httpMethod": "POST",
+            "apiId": "example",
+            "path": "/prod/predictions/slow"
+        },
+        "body": body.to_string(),
+        "isBase64Encoded": false
+    })
+}
+
+/// Standard base64 with padding.
+fn base64_encode(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 struct Kill(Child);
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -189,6 +239,25 @@ async fn concurrent_invocations_share_the_batcher() {
                 batch_sizes.push(size);
             }
         }
+    }
+    // A REST API (v1) event under a named stage, and an HTTP API event whose body came
+    // base64-encoded: the same route, the same answers.
+    let body = json!({"data": [0, 21]});
+    let encoded = base64_encode(body.to_string().as_bytes());
+    let mut v2_binary = http_api_event("b64", &body);
+    v2_binary["body"] = json!(encoded);
+    v2_binary["isBase64Encoded"] = json!(true);
+    for (id, event) in [("rest", rest_api_event("rest", &body)), ("b64", v2_binary)] {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        api.waiting.lock().unwrap().insert(id.to_string(), reply_tx);
+        tx.send((id.to_string(), event)).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(60), reply_rx)
+            .await
+            .expect("no answer from the function")
+            .unwrap();
+        assert_eq!(response["statusCode"], 200, "{id}: {response}");
+        let answer: Value = serde_json::from_str(response["body"].as_str().unwrap()).unwrap();
+        assert_eq!(answer, json!([42.0]), "{id}");
     }
     assert!(api.init_errors.lock().unwrap().is_empty());
     // One EMF line per invocation, dimensions model and version only.

@@ -79,6 +79,8 @@ fn settings() -> anyhow::Result<Settings> {
     }
     // Lambda gives each environment /tmp; archives unpack there.
     s.unpack_dir = Some(std::env::temp_dir());
+    // Lambda's limit for a synchronous invocation's payload; the plain-HTTP mode keeps it.
+    s.max_request_size = 6 * 1024 * 1024;
     s.default_service_handler = env("TORCHFN_HANDLER");
     Ok(s)
 }
@@ -275,8 +277,21 @@ async fn invoke(
     Ok(lambda_http::Response::from_parts(parts, body))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // API Gateway REST APIs (and HTTP APIs with a named stage) put the stage in front of the
+    // path (`/prod/predictions/m`); the routes are the same under every stage. Set before any
+    // thread starts.
+    if std::env::var_os("AWS_LAMBDA_HTTP_IGNORE_STAGE_IN_PATH").is_none() {
+        std::env::set_var("AWS_LAMBDA_HTTP_IGNORE_STAGE_IN_PATH", "true");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("could not start the async runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     init_logging();
     let settings = settings()?;
     let store = ObjectStore::from_env();
