@@ -3,7 +3,7 @@
 //! loopback port, and against local files.
 //!
 //! Run: `cargo test -p torchfn-runtime --no-default-features --features s3 --test store`
-//! (no libtorch needed). moto's log goes to `<target>/moto-store-test.log`.
+//! (no libtorch needed). moto's log goes to `<target>/moto-server.log`.
 
 #![allow(clippy::unwrap_used)]
 

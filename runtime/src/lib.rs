@@ -10,6 +10,8 @@ pub mod mar;
 pub mod model_config;
 pub mod properties;
 #[cfg(feature = "s3")]
+pub mod registrar;
+#[cfg(feature = "s3")]
 pub mod registry;
 pub mod settings;
 #[cfg(feature = "s3")]

@@ -167,6 +167,22 @@ impl Registry {
         Ok(out)
     }
 
+    /// Every version record, across models, whose archive is `source`.
+    pub async fn find_by_source(&self, source: &str) -> Result<Vec<VersionRecord>, RegistryError> {
+        let mut out = Vec::new();
+        for (location, _) in self.store.list(&self.root).await? {
+            let text = location.to_string();
+            if text.contains("/versions/") && text.ends_with(".json") {
+                let object = self.store.get(&location).await?;
+                let record: VersionRecord = from_json(&object.bytes, &location)?;
+                if record.source == source {
+                    out.push(record);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Marks a version removed (its archive was deleted). The record stays, so the version
     /// cannot be claimed again by another archive.
     pub async fn mark_removed(&self, model: &str, version: &str) -> Result<(), RegistryError> {

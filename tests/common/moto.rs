@@ -101,7 +101,8 @@ fn start_moto() -> (Child, u16) {
         "{} is missing: run scripts/setup",
         server.display()
     );
-    let log = std::fs::File::create(target_dir().join("moto-store-test.log")).unwrap();
+    std::fs::create_dir_all(target_dir()).unwrap();
+    let log = std::fs::File::create(target_dir().join("moto-server.log")).unwrap();
     for _ in 0..5 {
         let port = free_port();
         let mut child = Command::new(common::venv_python())
@@ -134,7 +135,7 @@ fn start_moto() -> (Child, u16) {
         let _ = child.kill();
         let _ = child.wait();
     }
-    panic!("moto_server did not start; see target/moto-store-test.log");
+    panic!("moto_server did not start; see target/moto-server.log");
 }
 
 /// A loopback listener that counts the connections it accepts (standing in for the EC2

@@ -1,0 +1,179 @@
+//! The registrar's event handling against a real S3 server (moto_server): archives uploaded
+//! under the prefix become version records, re-delivery is harmless, another archive claiming
+//! a version is refused, a removed archive marks its version removed; S3 events arrive
+//! directly and wrapped in SQS messages, with URL-encoded keys.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "common/moto.rs"]
+mod moto;
+
+use serde_json::{json, Value};
+use torchfn_runtime::registrar::{handle, parse_events, Outcome, RegistrarConfig};
+use torchfn_runtime::registry::{Registry, VersionStatus};
+use torchfn_runtime::store::{Location, ObjectStore};
+
+/// The S3 notification payload in tests/data, for `bucket` and `key` (URL-encoded as S3
+/// sends it), created or removed.
+fn s3_event(bucket: &str, encoded_key: &str, created: bool) -> Value {
+    let text =
+        std::fs::read_to_string(common::repo_root().join("tests/data/s3-object-created.json"))
+            .unwrap();
+    let mut event: Value = serde_json::from_str(&text).unwrap();
+    let record = &mut event["Records"][0];
+    record["s3"]["bucket"]["name"] = json!(bucket);
+    record["s3"]["object"]["key"] = json!(encoded_key);
+    if !created {
+        record["eventName"] = json!("ObjectRemoved:Delete");
+    }
+    event
+}
+
+async fn deliver(
+    registry: &Registry,
+    store: &ObjectStore,
+    payload: &Value,
+) -> Vec<Result<Outcome, String>> {
+    let config = RegistrarConfig {
+        prefix: "archives/".into(),
+        max_archive_bytes: 100 << 20,
+    };
+    let mut out = Vec::new();
+    for event in parse_events(payload).unwrap() {
+        out.push(
+            handle(registry, store, &config, &event)
+                .await
+                .map_err(|e| e.to_string()),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archives_become_versions() {
+    moto::env();
+    let store = ObjectStore::from_env();
+    let bucket = format!("registrar-{}", std::process::id());
+    moto::new_bucket(&store, &bucket).await;
+    let fx = common::fixtures();
+    let upload = |key: &str, fixture: &str| {
+        let store = store.clone();
+        let at: Location = format!("s3://{bucket}/{key}").parse().unwrap();
+        let bytes = std::fs::read(fx.join(fixture)).unwrap();
+        async move { store.put(&at, bytes).await.unwrap() }
+    };
+    let registry = Registry::new(
+        store.clone(),
+        format!("s3://{bucket}/registry").parse().unwrap(),
+    );
+
+    // A zip MAR whose key has a space (S3 sends it as `+`).
+    upload("archives/seed classifier.mar", "store/classifier.mar").await;
+    let created = s3_event(&bucket, "archives/seed+classifier.mar", true);
+    let got = deliver(&registry, &store, &created).await;
+    assert_eq!(
+        got,
+        [Ok(Outcome::Registered {
+            model: "classifier".into(),
+            version: "1.0".into(),
+            default: true
+        })]
+    );
+    let record = registry.version("classifier", "1.0").await.unwrap();
+    assert_eq!(
+        record.source,
+        format!("s3://{bucket}/archives/seed classifier.mar")
+    );
+    assert_eq!(record.handler.as_deref(), Some("handler.py"));
+    assert_eq!(record.sha256.len(), 64);
+    // The same event again, and wrapped in an SQS message: harmless.
+    let sqs = json!({"Records": [{"messageId": "1", "body": created.to_string(), "eventSource": "aws:sqs"}]});
+    for payload in [&created, &sqs] {
+        assert_eq!(
+            deliver(&registry, &store, payload).await,
+            [Ok(Outcome::AlreadyRegistered {
+                model: "classifier".into(),
+                version: "1.0".into()
+            })]
+        );
+    }
+    // A tgz archive of the same model and version, with other bytes: refused, nothing
+    // overwritten.
+    upload(
+        "archives/classifier.tar.gz",
+        "formats/tgz/classifier.tar.gz",
+    )
+    .await;
+    let got = deliver(
+        &registry,
+        &store,
+        &s3_event(&bucket, "archives/classifier.tar.gz", true),
+    )
+    .await;
+    assert!(matches!(&got[0], Ok(Outcome::Conflict { .. })), "{got:?}");
+    assert_eq!(
+        registry.version("classifier", "1.0").await.unwrap().sha256,
+        record.sha256
+    );
+    // Version 2.0 becomes the default.
+    upload("archives/classifier-2.0.mar", "v2/classifier.mar").await;
+    let got = deliver(
+        &registry,
+        &store,
+        &s3_event(&bucket, "archives/classifier-2.0.mar", true),
+    )
+    .await;
+    assert_eq!(
+        got,
+        [Ok(Outcome::Registered {
+            model: "classifier".into(),
+            version: "2.0".into(),
+            default: true
+        })]
+    );
+    assert_eq!(
+        registry
+            .default_pointer("classifier")
+            .await
+            .unwrap()
+            .unwrap()
+            .0
+            .version,
+        "2.0"
+    );
+    // An eager archive is refused with the reason; keys outside the prefix are ignored.
+    upload("archives/eager.mar", "eager/eager.mar").await;
+    let got = deliver(
+        &registry,
+        &store,
+        &s3_event(&bucket, "archives/eager.mar", true),
+    )
+    .await;
+    assert!(got[0].as_ref().unwrap_err().contains("eager"), "{got:?}");
+    let got = deliver(
+        &registry,
+        &store,
+        &s3_event(&bucket, "elsewhere/x.mar", true),
+    )
+    .await;
+    assert!(matches!(&got[0], Ok(Outcome::Ignored { .. })), "{got:?}");
+    // Removing an archive marks its version removed.
+    let got = deliver(
+        &registry,
+        &store,
+        &s3_event(&bucket, "archives/classifier-2.0.mar", false),
+    )
+    .await;
+    assert_eq!(
+        got,
+        [Ok(Outcome::Removed {
+            model: "classifier".into(),
+            version: "2.0".into()
+        })]
+    );
+    assert_eq!(
+        registry.version("classifier", "2.0").await.unwrap().status,
+        VersionStatus::Removed
+    );
+}
