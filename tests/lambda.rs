@@ -7,70 +7,14 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "common/runtime_api.rs"]
+mod runtime_api;
 
-use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::{get, post};
-use axum::Router;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
-
-#[derive(Clone)]
-struct RuntimeApi {
-    events: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, Value)>>>,
-    waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>,
-    init_errors: Arc<Mutex<Vec<String>>>,
-}
-
-async fn next(State(api): State<RuntimeApi>) -> impl IntoResponse {
-    let (id, event) = api.events.lock().await.recv().await.unwrap();
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        "lambda-runtime-aws-request-id",
-        HeaderValue::from_str(&id).unwrap(),
-    );
-    let deadline = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        + 60_000;
-    headers.insert(
-        "lambda-runtime-deadline-ms",
-        HeaderValue::from_str(&deadline.to_string()).unwrap(),
-    );
-    headers.insert(
-        "lambda-runtime-invoked-function-arn",
-        HeaderValue::from_static("arn:aws:lambda:us-east-1:123456789012:function:slow"),
-    );
-    headers.insert(
-        "lambda-runtime-trace-id",
-        HeaderValue::from_static("Root=1-0-0"),
-    );
-    (headers, event.to_string())
-}
-
-async fn respond(
-    State(api): State<RuntimeApi>,
-    Path(id): Path<String>,
-    body: String,
-) -> StatusCode {
-    let value: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
-    if let Some(tx) = api.waiting.lock().unwrap().remove(&id) {
-        let _ = tx.send(value);
-    }
-    StatusCode::ACCEPTED
-}
-
-async fn init_error(State(api): State<RuntimeApi>, body: String) -> StatusCode {
-    api.init_errors.lock().unwrap().push(body);
-    StatusCode::ACCEPTED
-}
+use tokio::sync::oneshot;
 
 /// An API Gateway HTTP API (v2) event for `POST /predictions/slow` with a JSON body.
 fn http_api_event(id: &str, body: &Value) -> Value {
@@ -159,25 +103,7 @@ impl Drop for Kill {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_invocations_share_the_batcher() {
     let slow = common::fixtures().join("slow/slow.mar");
-    let (tx, rx) = mpsc::unbounded_channel();
-    let api = RuntimeApi {
-        events: Arc::new(tokio::sync::Mutex::new(rx)),
-        waiting: Arc::new(Mutex::new(HashMap::new())),
-        init_errors: Arc::new(Mutex::new(Vec::new())),
-    };
-    let router = Router::new()
-        .route("/2018-06-01/runtime/invocation/next", get(next))
-        .route(
-            "/2018-06-01/runtime/invocation/{id}/response",
-            post(respond),
-        )
-        .route("/2018-06-01/runtime/invocation/{id}/error", post(respond))
-        .route("/2018-06-01/runtime/init/error", post(init_error))
-        .with_state(api.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
-
+    let (api, tx, addr) = runtime_api::start().await;
     let child = Command::new(env!("CARGO_BIN_EXE_torchfn-model"))
         .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
         .env("AWS_LAMBDA_FUNCTION_NAME", "slow")

@@ -1,0 +1,112 @@
+//! A Lambda Runtime API for tests: the invocation endpoints a function's runtime polls
+//! (`/next`) and answers (`/response`, `/error`, `/init/error`), on 127.0.0.1 port 0. Tests
+//! queue events with the sender `start` returns and await each answer through `waiting`.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Clone)]
+pub struct RuntimeApi {
+    events: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, Value)>>>,
+    pub waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>,
+    pub init_errors: Arc<Mutex<Vec<String>>>,
+}
+
+async fn next(State(api): State<RuntimeApi>) -> impl IntoResponse {
+    let (id, event) = api.events.lock().await.recv().await.unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "lambda-runtime-aws-request-id",
+        HeaderValue::from_str(&id).unwrap(),
+    );
+    let deadline = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 60_000;
+    headers.insert(
+        "lambda-runtime-deadline-ms",
+        HeaderValue::from_str(&deadline.to_string()).unwrap(),
+    );
+    headers.insert(
+        "lambda-runtime-invoked-function-arn",
+        HeaderValue::from_static("arn:aws:lambda:us-east-1:123456789012:function:slow"),
+    );
+    headers.insert(
+        "lambda-runtime-trace-id",
+        HeaderValue::from_static("Root=1-0-0"),
+    );
+    (headers, event.to_string())
+}
+
+async fn respond(
+    State(api): State<RuntimeApi>,
+    Path(id): Path<String>,
+    body: String,
+) -> StatusCode {
+    let value: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    if let Some(tx) = api.waiting.lock().unwrap().remove(&id) {
+        let _ = tx.send(value);
+    }
+    StatusCode::ACCEPTED
+}
+
+async fn init_error(State(api): State<RuntimeApi>, body: String) -> StatusCode {
+    api.init_errors.lock().unwrap().push(body);
+    StatusCode::ACCEPTED
+}
+
+/// Serves the Runtime API; returns it, the event queue, and its address.
+pub async fn start() -> (
+    RuntimeApi,
+    mpsc::UnboundedSender<(String, Value)>,
+    SocketAddr,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let api = RuntimeApi {
+        events: Arc::new(tokio::sync::Mutex::new(rx)),
+        waiting: Arc::new(Mutex::new(HashMap::new())),
+        init_errors: Arc::new(Mutex::new(Vec::new())),
+    };
+    let router = Router::new()
+        .route("/2018-06-01/runtime/invocation/next", get(next))
+        .route(
+            "/2018-06-01/runtime/invocation/{id}/response",
+            post(respond),
+        )
+        .route("/2018-06-01/runtime/invocation/{id}/error", post(respond))
+        .route("/2018-06-01/runtime/init/error", post(init_error))
+        .with_state(api.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (api, tx, addr)
+}
+
+/// Queues one invocation and waits (up to `secs`) for the function's answer.
+pub async fn invoke(
+    api: &RuntimeApi,
+    tx: &mpsc::UnboundedSender<(String, Value)>,
+    id: &str,
+    event: Value,
+    secs: u64,
+) -> Value {
+    let (reply_tx, reply_rx) = oneshot::channel();
+    api.waiting.lock().unwrap().insert(id.to_string(), reply_tx);
+    tx.send((id.to_string(), event)).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(secs), reply_rx)
+        .await
+        .expect("no answer from the function")
+        .unwrap()
+}

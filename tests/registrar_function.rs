@@ -1,0 +1,87 @@
+//! `torchfn-registrar` as a Lambda function, under a Runtime API served by the test, with a
+//! real S3 server (moto_server): an uploaded archive's S3 notification registers its version;
+//! the same notification re-delivered through SQS changes nothing. The binary is built
+//! without libtorch (it would not start here otherwise: it has no rpath to libtorch).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "common/moto.rs"]
+mod moto;
+#[path = "common/runtime_api.rs"]
+mod runtime_api;
+
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{json, Value};
+use torchfn_runtime::registry::Registry;
+use torchfn_runtime::store::{Location, ObjectStore};
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn s3_event(bucket: &str, key: &str) -> Value {
+    let text =
+        std::fs::read_to_string(common::repo_root().join("tests/data/s3-object-created.json"))
+            .unwrap();
+    let mut event: Value = serde_json::from_str(&text).unwrap();
+    event["Records"][0]["s3"]["bucket"]["name"] = json!(bucket);
+    event["Records"][0]["s3"]["object"]["key"] = json!(key);
+    event
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_notification_registers_its_version() {
+    moto::env();
+    let store = ObjectStore::from_env();
+    let bucket = format!("registrar-fn-{}", std::process::id());
+    moto::new_bucket(&store, &bucket).await;
+    let archive = std::fs::read(common::fixtures().join("store/classifier.mar")).unwrap();
+    let at: Location = format!("s3://{bucket}/archives/classifier.mar")
+        .parse()
+        .unwrap();
+    store.put(&at, archive).await.unwrap();
+
+    let (api, tx, addr) = runtime_api::start().await;
+    let child = Command::new(env!("CARGO_BIN_EXE_torchfn-registrar"))
+        .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
+        .env("AWS_LAMBDA_FUNCTION_NAME", "registrar")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("TORCHFN_REGISTRY", format!("s3://{bucket}/registry"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let _child = Kill(child);
+
+    let event = s3_event(&bucket, "archives/classifier.mar");
+    let answer = runtime_api::invoke(&api, &tx, "created", event.clone(), 60).await;
+    let outcomes = answer["outcomes"].to_string();
+    assert!(outcomes.contains("Registered"), "{answer}");
+    let registry = Registry::new(
+        store.clone(),
+        format!("s3://{bucket}/registry").parse().unwrap(),
+    );
+    let record = registry.version("classifier", "1.0").await.unwrap();
+    assert_eq!(record.source, at.to_string());
+    let (pointer, _) = registry
+        .default_pointer("classifier")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pointer.version, "1.0");
+
+    let sqs = json!({"Records": [{"messageId": "m1", "eventSource": "aws:sqs", "body": event.to_string()}]});
+    let answer = runtime_api::invoke(&api, &tx, "again", sqs, 60).await;
+    assert!(
+        answer["outcomes"].to_string().contains("AlreadyRegistered"),
+        "{answer}"
+    );
+    assert!(api.init_errors.lock().unwrap().is_empty());
+}
