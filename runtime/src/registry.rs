@@ -249,6 +249,28 @@ impl Registry {
         }
     }
 
+    /// Writes the default pointer as a compare-and-swap against what was read: `etag` of the
+    /// pointer read, or `None` when there was none. `Ok(false)` when another writer got there
+    /// first (the caller reads again and decides again).
+    async fn swap_pointer(
+        &self,
+        location: &Location,
+        new: &DefaultPointer,
+        etag: Option<&str>,
+    ) -> Result<bool, RegistryError> {
+        let written = match etag {
+            None => self.store.put_if_absent(location, to_json(new)).await,
+            Some(etag) => self.store.put_if_match(location, to_json(new), etag).await,
+        };
+        match written {
+            Ok(_) => Ok(true),
+            Err(StoreError::AlreadyExists { .. } | StoreError::PreconditionFailed { .. }) => {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Moves the default pointer to `version` if it is higher than the current default
     /// (or there is none) and the model is not pinned. Compare-and-swap: a concurrent writer
     /// makes this re-read and decide again, so no update is lost. Returns whether it moved.
@@ -260,45 +282,34 @@ impl Registry {
         let location = self.pointer_location(model)?;
         for _ in 0..CAS_ATTEMPTS {
             let current = self.default_pointer(model).await?;
+            if let Some((pointer, _)) = &current {
+                if pointer.pinned || pointer.version == version {
+                    return Ok(false);
+                }
+                let current_created = match self.version(model, &pointer.version).await {
+                    Ok(r) => r.created_ms,
+                    Err(RegistryError::UnknownVersion { .. }) => 0,
+                    Err(e) => return Err(e),
+                };
+                let order = compare_versions(
+                    version,
+                    candidate.created_ms,
+                    &pointer.version,
+                    current_created,
+                );
+                if order != Ordering::Greater {
+                    return Ok(false);
+                }
+            }
             let new = DefaultPointer {
                 version: version.to_string(),
                 pinned: false,
                 updated_ms: now_ms(),
             };
-            let written = match &current {
-                None => self.store.put_if_absent(&location, to_json(&new)).await,
-                Some((pointer, etag)) => {
-                    if pointer.pinned || pointer.version == version {
-                        return Ok(false);
-                    }
-                    let current_created = match self.version(model, &pointer.version).await {
-                        Ok(r) => r.created_ms,
-                        Err(RegistryError::UnknownVersion { .. }) => 0,
-                        Err(e) => return Err(e),
-                    };
-                    let order = compare_versions(
-                        version,
-                        candidate.created_ms,
-                        &pointer.version,
-                        current_created,
-                    );
-                    if order != Ordering::Greater {
-                        return Ok(false);
-                    }
-                    self.store
-                        .put_if_match(&location, to_json(&new), etag)
-                        .await
-                }
-            };
-            match written {
-                Ok(_) => {
-                    tracing::info!(model, version, "default version advanced");
-                    return Ok(true);
-                }
-                Err(StoreError::AlreadyExists { .. } | StoreError::PreconditionFailed { .. }) => {
-                    continue
-                }
-                Err(e) => return Err(e.into()),
+            let etag = current.as_ref().map(|(_, etag)| etag.as_str());
+            if self.swap_pointer(&location, &new, etag).await? {
+                tracing::info!(model, version, "default version advanced");
+                return Ok(true);
             }
         }
         Err(RegistryError::Contended {
@@ -317,20 +328,10 @@ impl Registry {
             updated_ms: now_ms(),
         };
         for _ in 0..CAS_ATTEMPTS {
-            let written = match self.default_pointer(model).await? {
-                None => self.store.put_if_absent(&location, to_json(&new)).await,
-                Some((_, etag)) => {
-                    self.store
-                        .put_if_match(&location, to_json(&new), &etag)
-                        .await
-                }
-            };
-            match written {
-                Ok(_) => return Ok(()),
-                Err(StoreError::AlreadyExists { .. } | StoreError::PreconditionFailed { .. }) => {
-                    continue
-                }
-                Err(e) => return Err(e.into()),
+            let current = self.default_pointer(model).await?;
+            let etag = current.as_ref().map(|(_, etag)| etag.as_str());
+            if self.swap_pointer(&location, &new, etag).await? {
+                return Ok(());
             }
         }
         Err(RegistryError::Contended {
