@@ -70,6 +70,20 @@ fn rest_api_event(id: &str, body: &Value) -> Value {
     })
 }
 
+/// An Application Load Balancer target event for `POST /predictions/slow`.
+fn alb_event(body: &Value) -> Value {
+    json!({
+        "requestContext": {"elb": {"targetGroupArn":
+            "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/torchfn/0123456789abcdef"}},
+        "httpMethod": "POST",
+        "path": "/predictions/slow",
+        "queryStringParameters": {},
+        "headers": {"content-type": "application/json", "host": "torchfn-alb.example.com"},
+        "body": body.to_string(),
+        "isBase64Encoded": false
+    })
+}
+
 /// Standard base64 with padding.
 fn base64_encode(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -166,14 +180,18 @@ async fn concurrent_invocations_share_the_batcher() {
             }
         }
     }
-    // A REST API (v1) event under a named stage, and an HTTP API event whose body came
-    // base64-encoded: the same route, the same answers.
+    // A REST API (v1) event under a named stage, an ALB event, and an HTTP API event whose
+    // body came base64-encoded: the same route, the same answers.
     let body = json!({"data": [0, 21]});
     let encoded = base64_encode(body.to_string().as_bytes());
     let mut v2_binary = http_api_event("b64", &body);
     v2_binary["body"] = json!(encoded);
     v2_binary["isBase64Encoded"] = json!(true);
-    for (id, event) in [("rest", rest_api_event("rest", &body)), ("b64", v2_binary)] {
+    for (id, event) in [
+        ("rest", rest_api_event("rest", &body)),
+        ("alb", alb_event(&body)),
+        ("b64", v2_binary),
+    ] {
         let (reply_tx, reply_rx) = oneshot::channel();
         api.waiting.lock().unwrap().insert(id.to_string(), reply_tx);
         tx.send((id.to_string(), event)).unwrap();
@@ -182,6 +200,10 @@ async fn concurrent_invocations_share_the_batcher() {
             .expect("no answer from the function")
             .unwrap();
         assert_eq!(response["statusCode"], 200, "{id}: {response}");
+        if id == "alb" {
+            // An ALB answer carries its status line too.
+            assert_eq!(response["statusDescription"], "200 OK", "{response}");
+        }
         let answer: Value = serde_json::from_str(response["body"].as_str().unwrap()).unwrap();
         assert_eq!(answer, json!([42.0]), "{id}");
     }
@@ -212,4 +234,29 @@ async fn concurrent_invocations_share_the_batcher() {
         mean > 1.0,
         "invocations did not share passes: {batch_sizes:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_is_reported_to_the_runtime_api() {
+    let (api, _tx, addr) = runtime_api::start().await;
+    let missing = common::fixtures().join("store/no-such-model.mar");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_torchfn-model"))
+        .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
+        .env("AWS_LAMBDA_FUNCTION_NAME", "missing")
+        .env("TORCHFN_MODEL_URI", missing.to_str().unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!status.success());
+    let errors = api.init_errors.lock().unwrap().clone();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let report: Value = serde_json::from_str(&errors[0]).unwrap();
+    assert_eq!(report["errorType"], "Runtime.InitError");
+    let message = report["errorMessage"].as_str().unwrap();
+    assert!(message.contains("no-such-model.mar"), "{message}");
 }

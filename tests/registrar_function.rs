@@ -62,8 +62,11 @@ async fn an_upload_notification_registers_its_version() {
 
     let event = s3_event(&bucket, "archives/classifier.mar");
     let answer = runtime_api::invoke(&api, &tx, "created", event.clone(), 60).await;
-    let outcomes = answer["outcomes"].to_string();
-    assert!(outcomes.contains("Registered"), "{answer}");
+    assert_eq!(
+        answer["outcomes"],
+        json!([{"outcome": "registered", "model": "classifier", "version": "1.0", "default": true}]),
+        "{answer}"
+    );
     let registry = Registry::new(
         store.clone(),
         format!("s3://{bucket}/registry").parse().unwrap(),
@@ -79,8 +82,9 @@ async fn an_upload_notification_registers_its_version() {
 
     let sqs = json!({"Records": [{"messageId": "m1", "eventSource": "aws:sqs", "body": event.to_string()}]});
     let answer = runtime_api::invoke(&api, &tx, "again", sqs, 60).await;
-    assert!(
-        answer["outcomes"].to_string().contains("AlreadyRegistered"),
+    assert_eq!(
+        answer["outcomes"],
+        json!([{"outcome": "already_registered", "model": "classifier", "version": "1.0"}]),
         "{answer}"
     );
     assert!(api.init_errors.lock().unwrap().is_empty());

@@ -148,28 +148,6 @@ async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutting down: finishing in-flight requests");
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -223,7 +201,7 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
-    shutdown_signal().await;
+    api::shutdown_signal().await;
     let _ = stop_tx.send(true);
     for s in servers {
         if let Ok(Err(e)) = s.await {

@@ -47,8 +47,9 @@ pub struct ArchiveEvent {
     pub key: String,
 }
 
-/// What handling an event did.
-#[derive(Debug, Clone, PartialEq)]
+/// What handling an event did; serialized as `{"outcome": "registered", "model": …}`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     Registered {
         model: String,

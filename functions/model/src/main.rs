@@ -33,9 +33,9 @@ use torchfn_runtime::store::{Expect, Location, ObjectStore};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
+#[path = "../../support/lambda_env.rs"]
+mod lambda_env;
+use lambda_env::env;
 
 fn env_num<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>> {
     env(name)
@@ -45,22 +45,6 @@ fn env_num<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>> {
                 .map_err(|_| anyhow::anyhow!("{name}={v} is not a whole number"))
         })
         .transpose()
-}
-
-fn init_logging() {
-    let level = env("AWS_LAMBDA_LOG_LEVEL")
-        .map(|l| l.to_ascii_lowercase())
-        .unwrap_or_else(|| "info".into());
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if env("AWS_LAMBDA_LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json")) {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 fn settings() -> anyhow::Result<Settings> {
@@ -291,8 +275,15 @@ fn main() -> anyhow::Result<()> {
         .block_on(run())
 }
 
-async fn run() -> anyhow::Result<()> {
-    init_logging();
+/// Everything done before the first event (Lambda's INIT phase): settings, the archive, the
+/// loaded model, the registry watch.
+struct Ready {
+    manager: Arc<Manager>,
+    model_name: String,
+    router: axum::Router,
+}
+
+async fn init() -> anyhow::Result<Ready> {
     let settings = settings()?;
     let store = ObjectStore::from_env();
     let spec = resolve(&store).await?;
@@ -320,13 +311,33 @@ async fn run() -> anyhow::Result<()> {
             every,
         ));
     }
-    let router = api::function_router(state);
+    Ok(Ready {
+        manager,
+        model_name: model.name.clone(),
+        router: api::function_router(state),
+    })
+}
+
+async fn run() -> anyhow::Result<()> {
+    lambda_env::init_logging();
+    let Ready {
+        manager,
+        model_name,
+        router,
+    } = match init().await {
+        Ok(ready) => ready,
+        Err(e) => {
+            // Under Lambda the pending invocation then fails at once with this message.
+            lambda_env::report_init_error(&e).await;
+            return Err(e);
+        }
+    };
 
     if env("AWS_LAMBDA_RUNTIME_API").is_some() {
         // Each invocation goes through the same router; concurrent invocations of one
         // environment (AWS_LAMBDA_MAX_CONCURRENCY > 1) share the model's micro-batcher.
         let served = Served {
-            model: model.name.as_str().into(),
+            model: model_name.as_str().into(),
             manager: manager.clone(),
         };
         let handler = lambda_http::service_fn(move |req: lambda_http::Request| {
@@ -345,9 +356,7 @@ async fn run() -> anyhow::Result<()> {
         .with_context(|| format!("could not bind {host}:{port}"))?;
     println!("Inference API bind to: http://{}", listener.local_addr()?);
     axum::serve(listener, router)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(api::shutdown_signal())
         .await?;
     tokio::task::spawn_blocking(move || manager.shutdown()).await?;
     Ok(())

@@ -18,26 +18,9 @@ use torchfn_runtime::registrar::{handle, parse_events, Outcome, RegistrarConfig,
 use torchfn_runtime::registry::Registry;
 use torchfn_runtime::store::ObjectStore;
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
-fn init_logging() {
-    let level = env("AWS_LAMBDA_LOG_LEVEL")
-        .map(|l| l.to_ascii_lowercase())
-        .unwrap_or_else(|| "info".into());
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .without_time();
-    if env("AWS_LAMBDA_LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json")) {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
+#[path = "../../support/lambda_env.rs"]
+mod lambda_env;
+use lambda_env::env;
 
 async fn on_event(
     registry: &Registry,
@@ -62,14 +45,32 @@ async fn on_event(
             }
         };
         tracing::info!(bucket = %event.bucket, key = %event.key, ?outcome, "archive event handled");
-        outcomes.push(format!("{outcome:?}"));
+        outcomes.push(outcome);
     }
     Ok(json!({ "outcomes": outcomes }))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
+    lambda_env::init_logging();
+    let (registry, store, config) = match setup() {
+        Ok(parts) => parts,
+        Err(e) => {
+            // A bad configuration fails the start, and Lambda is told why.
+            lambda_env::report_init_error(&e).await;
+            return Err(e);
+        }
+    };
+    let (registry, store, config) = (&registry, &store, &config);
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
+        on_event(registry, store, config, event.payload).await
+    }))
+    .await
+    .map_err(|e| anyhow::anyhow!("Lambda runtime stopped: {e}"))
+}
+
+/// The registry, store and settings, from the environment.
+fn setup() -> anyhow::Result<(Registry, ObjectStore, RegistrarConfig)> {
     let registry_root = env("TORCHFN_REGISTRY")
         .context("TORCHFN_REGISTRY (s3://bucket/prefix of the registry) is not set")?;
     let config = RegistrarConfig {
@@ -84,10 +85,5 @@ async fn main() -> anyhow::Result<()> {
     };
     let store = ObjectStore::from_env();
     let registry = Registry::new(store.clone(), registry_root.parse()?);
-    let (registry, store, config) = (&registry, &store, &config);
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-        on_event(registry, store, config, event.payload).await
-    }))
-    .await
-    .map_err(|e| anyhow::anyhow!("Lambda runtime stopped: {e}"))
+    Ok((registry, store, config))
 }

@@ -162,3 +162,27 @@ pub fn json_response(status: axum::http::StatusCode, value: &serde_json::Value) 
     );
     resp
 }
+
+/// Resolves on Ctrl-C or SIGTERM (what container platforms and Kubernetes send), for a
+/// graceful shutdown that finishes in-flight requests.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}

@@ -93,7 +93,8 @@ pub fn for_archive(
             "model {model_name}: its manifest names the Python handler `{manifest_handler}`, \
              which torchfn does not run. Serve it with a built-in handler that does the same \
              work: start torchfn-local with `--handler {model_name}=classifier` (or `tensor`), \
-             or set `default_service_handler=classifier` in config.properties"
+             or set `default_service_handler=classifier` in config.properties; a model \
+             function takes `TORCHFN_HANDLER=classifier`"
         )
     };
     Err(ApiError::new(
