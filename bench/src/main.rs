@@ -11,6 +11,7 @@
 //! targets with PASS or MISS. The same figures go to `target/bench/results.json`.
 
 mod floor;
+mod functions;
 mod http_floor;
 mod load;
 mod machine;
@@ -91,6 +92,19 @@ struct Args {
     #[arg(long, env = "TORCHFN_BENCH_TORCHFN_LOCAL")]
     torchfn_local: Option<PathBuf>,
 
+    /// The torchfn-model binary for the functions' figures (default: beside this one).
+    #[arg(long, env = "TORCHFN_BENCH_TORCHFN_MODEL")]
+    torchfn_model: Option<PathBuf>,
+
+    /// Size of the archive fetched from the local S3 server, in MB (default 200; 20 with
+    /// --quick).
+    #[arg(long, env = "TORCHFN_BENCH_LARGE_ARCHIVE_MB")]
+    large_archive_mb: Option<usize>,
+
+    /// Skip the functions' figures (S3 cold start, archive fetch).
+    #[arg(long, env = "TORCHFN_BENCH_NO_FUNCTIONS")]
+    no_functions: bool,
+
     /// The project's venv (default: what scripts/setup prints).
     #[arg(long, env = "TORCHFN_BENCH_VENV")]
     venv: Option<PathBuf>,
@@ -118,6 +132,8 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Every S3 client of this run talks to the local S3 server only (before any thread).
+    functions::isolate_aws_environment();
     let repo = repo_root();
     let target = target_dir(&repo);
     let quick = args.quick;
@@ -168,6 +184,21 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("could not copy {}", source.display()))?;
         }
         p
+    };
+    // The model function, pinned the same way when it is there.
+    let torchfn_model = {
+        let source = match &args.torchfn_model {
+            Some(p) => p.clone(),
+            None => source.with_file_name("torchfn-model"),
+        };
+        let p = pinned.path().join("torchfn-model");
+        if !source.is_file() || args.no_functions {
+            None
+        } else if std::fs::hard_link(&source, &p).is_ok() || std::fs::copy(&source, &p).is_ok() {
+            Some(p)
+        } else {
+            None
+        }
     };
     let out = args
         .out
@@ -292,7 +323,38 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    // 5. TorchServe on the same archives and load.
+    // 5. The functions: cold start with the archive in S3, fetch + unpack of a large one.
+    match (&torchfn_model, workloads.iter().find(|w| w.label == "seed")) {
+        (Some(bin), Some(seed)) => {
+            let mb = args
+                .large_archive_mb
+                .unwrap_or(if quick { 20 } else { 200 });
+            let runs = if quick { 1 } else { 3 };
+            results.functions = Some(run_functions(
+                bin,
+                &venv,
+                &target,
+                &store.join(seed.mar),
+                seed,
+                results.settings.cold_starts,
+                mb,
+                runs,
+                &rt,
+            )?);
+        }
+        _ => {
+            results.functions_skipped = Some(if args.no_functions {
+                "--no-functions".into()
+            } else if torchfn_model.is_none() {
+                "no torchfn-model binary beside this one (cargo build --release -p torchfn-model)"
+                    .into()
+            } else {
+                "the seed model is not in this run".into()
+            });
+        }
+    }
+
+    // 6. TorchServe on the same archives and load.
     let want_torchserve = !args.no_torchserve && (args.torchserve || !quick);
     if want_torchserve {
         match torchserve::locate(&venv, true)? {
@@ -392,4 +454,43 @@ fn run_torchserve(
     }
     results.torchserve = Some(ts);
     Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_functions(
+    bin: &Path,
+    venv: &Path,
+    target: &Path,
+    seed_archive: &Path,
+    seed: &Workload,
+    cold_starts: usize,
+    large_mb: usize,
+    runs: usize,
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<functions::FunctionsResults> {
+    eprintln!("bench: functions: starting the local S3 server");
+    let s3 = functions::S3Server::start(venv)?;
+    let store = torchfn_runtime::store::ObjectStore::with_s3_endpoint(s3.endpoint.clone());
+    rt.block_on(functions::prepare(&store, seed_archive))?;
+    let mut cold = Vec::new();
+    for i in 0..cold_starts {
+        eprintln!("bench: torchfn-model cold start from S3 {}", i + 1);
+        cold.push(functions::cold_start(bin, &s3.endpoint, seed, rt)?);
+    }
+    eprintln!("bench: functions: a {large_mb} MB archive (made once, then cached)");
+    let dir = target.join("bench");
+    let large = functions::large_archive(venv, &dir, large_mb)?;
+    let mut fetch = Vec::new();
+    {
+        let fs = functions::FsS3Server::start(&dir)?;
+        let fs_store = torchfn_runtime::store::ObjectStore::with_s3_endpoint(fs.endpoint.clone());
+        rt.block_on(functions::create_bucket(&fs_store))?;
+        eprintln!("bench: functions: fetch + unpack vs one GET on s3s-fs, {runs} runs");
+        let (bytes, r) = rt.block_on(functions::fetch_vs_raw_get(&fs_store, &large, &dir, runs))?;
+        fetch.push(functions::FetchSeries::new("s3s-fs", bytes, r));
+    }
+    eprintln!("bench: functions: fetch + unpack vs one GET on moto_server, {runs} runs");
+    let (bytes, r) = rt.block_on(functions::fetch_vs_raw_get(&store, &large, &dir, runs))?;
+    fetch.push(functions::FetchSeries::new("moto_server", bytes, r));
+    Ok(functions::FunctionsResults::new(cold, fetch))
 }

@@ -133,13 +133,16 @@ pub struct Results {
     pub cold_start_median: Option<ColdStartMedian>,
     pub torchserve: Option<TorchServeResults>,
     pub torchserve_skipped: Option<String>,
+    /// The model function's cold start from S3 and the large-archive fetch.
+    pub functions: Option<crate::functions::FunctionsResults>,
+    pub functions_skipped: Option<String>,
     /// Share of all CPUs busy during half a second after the run (every server stopped).
     pub cpu_busy_after_pct: Option<f64>,
     pub ratios: Vec<Ratio>,
     pub targets: Vec<TargetCheck>,
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -173,6 +176,8 @@ impl Results {
             cold_start_median: None,
             torchserve: None,
             torchserve_skipped: None,
+            functions: None,
+            functions_skipped: None,
             cpu_busy_after_pct: None,
             ratios: Vec::new(),
             targets: Vec::new(),
@@ -348,6 +353,35 @@ impl Results {
             },
             None => missing(name),
         });
+        let name = "torchfn-model cold start, archive in local S3 ≤ 1 s (seed, median)".to_string();
+        out.push(
+            match self.functions.as_ref().and_then(|f| f.cold_start_median_ms) {
+                Some(ms) => TargetCheck {
+                    target: name,
+                    measured: format!("{ms:.0} ms"),
+                    pass: Some(ms <= 1000.0),
+                },
+                None => missing(name),
+            },
+        );
+        let name = "large archive fetch + unpack ≥ 80% of one raw GET's throughput".to_string();
+        out.push(
+            match self.functions.as_ref().and_then(|f| {
+                let s = f.target_series()?;
+                Some((s.fetch_unpack_mb_s?, s.raw_get_mb_s?, s.archive_bytes))
+            }) {
+                Some((fetch, raw, bytes)) => TargetCheck {
+                    target: name,
+                    measured: format!(
+                        "{:.0}% ({fetch:.0} vs {raw:.0} MB/s, {:.0} MB, s3s-fs)",
+                        fetch / raw * 100.0,
+                        bytes as f64 / 1e6
+                    ),
+                    pass: Some(fetch >= 0.8 * raw),
+                },
+                None => missing(name),
+            },
+        );
         let name = "peak RSS serving the seed ≤ 1/3 of TorchServe (frontend + worker)".to_string();
         out.push(
             match (
@@ -597,7 +631,50 @@ pub fn table(r: &Results) -> String {
         (None, None) => {}
     }
 
-    let _ = writeln!(out, "\ntargets (issue 3)");
+    match (&r.functions, &r.functions_skipped) {
+        (Some(f), _) => {
+            let _ = writeln!(out, "\nfunctions, with a local S3 server (moto_server)");
+            let runs = f
+                .cold_start
+                .iter()
+                .map(|c| format!("ready {:.0} ms, answer {:.0} ms", c.ready_ms, c.total_ms))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let _ = writeln!(
+                out,
+                "  torchfn-model cold start (registry → archive → model → first answer): median {} ms ({runs})",
+                opt(f.cold_start_median_ms, 0)
+            );
+            for series in &f.fetch {
+                let _ = writeln!(
+                    out,
+                    "  {:.0} MB archive from {}: one GET {} MB/s, ranged GETs + SHA-256 + unpack {} MB/s (medians)",
+                    series.archive_bytes as f64 / 1e6,
+                    series.server,
+                    opt(series.raw_get_mb_s, 0),
+                    opt(series.fetch_unpack_mb_s, 0),
+                );
+                for x in &series.runs {
+                    let _ = writeln!(
+                        out,
+                        "    one GET {:.0} ms; ranged GETs + SHA-256 {:.0} ms, + unpack {:.0} ms",
+                        x.raw_get_ms, x.download_ms, x.fetch_unpack_ms
+                    );
+                }
+            }
+            let _ = writeln!(
+                out,
+                "  (moto_server reads the whole object for each ranged GET, so ranged downloads \
+                 lose to one GET there; s3s-fs seeks, as S3 does, and is the target's server)"
+            );
+        }
+        (None, Some(why)) => {
+            let _ = writeln!(out, "\nfunctions: not run ({why})");
+        }
+        (None, None) => {}
+    }
+
+    let _ = writeln!(out, "\ntargets (issues 3 and 4)");
     for t in &r.targets {
         let verdict = match t.pass {
             Some(true) => "PASS",

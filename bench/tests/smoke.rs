@@ -59,7 +59,10 @@ fn quick_run_writes_every_section() {
         "torchfn-bench --quick failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    assert!(stdout.contains("targets (issue 3)"), "no table:\n{stdout}");
+    assert!(
+        stdout.contains("targets (issues 3 and 4)"),
+        "no table:\n{stdout}"
+    );
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
 
     assert_eq!(r["machine"]["device"], "cpu");
