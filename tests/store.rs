@@ -838,3 +838,100 @@ async fn files_conditional_writes_and_races() {
     let listed = store.list(&root).await.unwrap();
     assert_eq!(listed.len(), 4, "{listed:?}");
 }
+
+/// A model archive (zip) holding `weights` as its serialized file.
+fn archive_with(weights: &[u8]) -> Vec<u8> {
+    use zip::write::SimpleFileOptions;
+    let manifest = r#"{"runtime": "python", "model": {"modelName": "big", "serializedFile": "model.pt", "handler": "base_handler", "modelVersion": "1.0"}, "archiverVersion": "0.12.0"}"#;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    w.start_file("model.pt", options).unwrap();
+    w.write_all(weights).unwrap();
+    w.start_file("MAR-INF/MANIFEST.json", options).unwrap();
+    w.write_all(manifest.as_bytes()).unwrap();
+    w.finish().unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_archives_unpack_while_they_download() {
+    use torchfn_runtime::mar::{self, Limits};
+    let store = store_with_bucket("torchfn-streaming").await;
+    let weights = data(3 << 20, 11);
+    let archive = archive_with(&weights);
+    put_raw(
+        &store,
+        "torchfn-streaming",
+        "big.mar",
+        archive.clone(),
+        false,
+    )
+    .await;
+    let from = s3("torchfn-streaming", "big.mar");
+    // Many small parts: the unpacker's reads wait on parts landing out of order (the last
+    // one first, where the zip's directory is).
+    let opts = DownloadOptions {
+        part_size: 64 << 10,
+        concurrency: 4,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("models");
+    let unpack = |root: std::path::PathBuf| {
+        move |reopen: torchfn_runtime::store::Reopen| {
+            mar::open_archive(Path::new("big.mar"), &*reopen, &root, &Limits::default())
+        }
+    };
+    let (report, opened) = store
+        .download_consuming(
+            &from,
+            &dir.path().join("big.mar"),
+            Expect {
+                size: Some(archive.len() as u64),
+                sha256: Some(sha256_hex(&archive)),
+            },
+            opts,
+            unpack(root.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.sha256, sha256_hex(&archive));
+    assert!(report.parts > 40, "{report:?}");
+    let opened = opened.unwrap();
+    assert_eq!(opened.model_name(), "big");
+    assert!(std::fs::read(opened.dir().join("model.pt")).unwrap() == weights);
+    drop(opened);
+    assert!(files_in(&root).is_empty(), "{:?}", files_in(&root));
+
+    // A recorded checksum the bytes do not match: an error, and whatever the unpacker made
+    // of the bytes is gone with it.
+    let err = store
+        .download_consuming(
+            &from,
+            &dir.path().join("bad.mar"),
+            Expect {
+                size: None,
+                sha256: Some("0".repeat(64)),
+            },
+            opts,
+            unpack(root.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::ChecksumMismatch { .. }), "{err}");
+    assert!(files_in(&root).is_empty(), "{:?}", files_in(&root));
+    assert!(!dir.path().join("bad.mar").exists());
+
+    // A missing object: the error, at once, with the unpacker released.
+    let started = std::time::Instant::now();
+    let err = store
+        .download_consuming(
+            &s3("torchfn-streaming", "absent.mar"),
+            &dir.path().join("absent.mar"),
+            Expect::default(),
+            opts,
+            unpack(root.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}

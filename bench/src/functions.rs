@@ -168,8 +168,10 @@ pub struct FunctionColdStart {
 pub struct FetchRun {
     /// One GET of the whole object, streamed and dropped.
     pub raw_get_ms: f64,
-    /// Ranged GETs to disk, SHA-256 checked, then unpacked (what a cold start does).
+    /// Ranged GETs to disk, SHA-256 checked, unpacked as the parts land (what a cold start
+    /// does), until both are done.
     pub fetch_unpack_ms: f64,
+    /// The download alone (ranged GETs, SHA-256).
     pub download_ms: f64,
 }
 
@@ -408,8 +410,9 @@ pub async fn fetch_vs_raw_get(
             .tempdir_in(scratch)?;
         let dest = dir.path().join("large.mar");
         let started = Instant::now();
-        let report = store
-            .download(
+        let root = dir.path().to_path_buf();
+        let (report, unpacked) = store
+            .download_consuming(
                 &at,
                 &dest,
                 Expect {
@@ -417,15 +420,15 @@ pub async fn fetch_vs_raw_get(
                     sha256: Some(sha256.clone()),
                 },
                 DownloadOptions::default(),
+                move |reopen| {
+                    mar::open_archive(Path::new("large.mar"), &*reopen, &root, &Limits::default())
+                        .map(|a| a.dir().is_dir())
+                },
             )
             .await?;
-        let download_ms = started.elapsed().as_secs_f64() * 1e3;
-        let root = dir.path().to_path_buf();
-        let unpacked = tokio::task::spawn_blocking(move || {
-            mar::open(&dest, &root, &Limits::default()).map(|a| a.dir().is_dir())
-        })
-        .await??;
         let fetch_unpack_ms = started.elapsed().as_secs_f64() * 1e3;
+        let download_ms = report.elapsed.as_secs_f64() * 1e3;
+        let unpacked = unpacked?;
         anyhow::ensure!(
             report.bytes == size && unpacked,
             "the archive did not unpack"

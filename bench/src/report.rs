@@ -657,7 +657,7 @@ pub fn table(r: &Results) -> String {
                 for x in &series.runs {
                     let _ = writeln!(
                         out,
-                        "    one GET {:.0} ms; ranged GETs + SHA-256 {:.0} ms, + unpack {:.0} ms",
+                        "    one GET {:.0} ms; ranged GETs + SHA-256 {:.0} ms; with the unpack overlapped {:.0} ms",
                         x.raw_get_ms, x.download_ms, x.fetch_unpack_ms
                     );
                 }

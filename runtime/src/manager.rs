@@ -289,66 +289,68 @@ impl Manager {
             .map_err(|e| ApiError::new(ErrorKind::ModelNotFound, e.to_string()))
     }
 
-    /// A local path for the archive: itself, or a download of the S3 object into the unpack
-    /// folder (removed by the caller once unpacked).
-    fn fetch(&self, spec: &LoadSpec) -> Result<(PathBuf, Option<tempfile::TempPath>), ApiError> {
-        match &spec.source {
+    /// Opens the archive: a local one in place; an S3 object is downloaded into the unpack
+    /// folder and unpacked while it downloads (the parts land in any order; the unpacker's
+    /// reads wait for theirs). A download that fails its size or checksum check fails the
+    /// load, and what was unpacked from it is removed.
+    fn open_archive(&self, spec: &LoadSpec) -> Result<mar::ModelArchive, ApiError> {
+        let remote = match &spec.source {
             Location::File(path) => {
-                if path.exists() {
-                    Ok((path.clone(), None))
-                } else {
-                    Err(ApiError::new(
+                if !path.exists() {
+                    return Err(ApiError::new(
                         ErrorKind::ModelNotFound,
                         format!("Model not found at: {}", spec.url),
-                    ))
+                    ));
                 }
+                return Ok(mar::open(path, self.unpack_root.path(), &self.limits)?);
             }
-            remote => {
-                let dest = tempfile::Builder::new()
-                    .prefix(".download-")
-                    .tempfile_in(self.unpack_root.path())
-                    .map_err(|e| ApiError::internal(format!("cannot create a download file: {e}")))?
-                    .into_temp_path();
-                let report = block_on(self.objects.download(
-                    remote,
-                    &dest,
-                    spec.expect.clone(),
-                    DownloadOptions::default(),
-                ))?
-                .map_err(|e| {
-                    tracing::error!(source = %remote, error = %e, "archive download failed");
-                    if e.is_not_found() {
-                        ApiError::new(
-                            ErrorKind::ModelNotFound,
-                            format!("Model not found at: {remote}"),
-                        )
-                    } else {
-                        ApiError::new(
-                            ErrorKind::DownloadArchive,
-                            format!("Failed to download archive from: {remote}: {e}"),
-                        )
-                    }
-                })?;
-                tracing::info!(
-                    source = %remote,
-                    bytes = report.bytes,
-                    sha256 = %report.sha256,
-                    ms = report.elapsed.as_secs_f64() * 1e3,
-                    "archive downloaded"
-                );
-                Ok((dest.to_path_buf(), Some(dest)))
+            remote => remote,
+        };
+        let dest = tempfile::Builder::new()
+            .prefix(".download-")
+            .tempfile_in(self.unpack_root.path())
+            .map_err(|e| ApiError::internal(format!("cannot create a download file: {e}")))?
+            .into_temp_path();
+        let (root, limits) = (self.unpack_root.path().to_path_buf(), self.limits);
+        let label = PathBuf::from(remote.to_string());
+        let downloaded = block_on(self.objects.download_consuming(
+            remote,
+            &dest,
+            spec.expect.clone(),
+            DownloadOptions::default(),
+            move |reopen| mar::open_archive(&label, &*reopen, &root, &limits),
+        ))?;
+        // The unpacked folder is what serves; the downloaded archive is not needed.
+        drop(dest);
+        let (report, archive) = downloaded.map_err(|e| {
+            tracing::error!(source = %remote, error = %e, "archive download failed");
+            if e.is_not_found() {
+                ApiError::new(
+                    ErrorKind::ModelNotFound,
+                    format!("Model not found at: {remote}"),
+                )
+            } else {
+                ApiError::new(
+                    ErrorKind::DownloadArchive,
+                    format!("Failed to download archive from: {remote}: {e}"),
+                )
             }
-        }
+        })?;
+        tracing::info!(
+            source = %remote,
+            bytes = report.bytes,
+            sha256 = %report.sha256,
+            ms = report.elapsed.as_secs_f64() * 1e3,
+            "archive downloaded"
+        );
+        Ok(archive?)
     }
 
     /// Loads one model version: unpacks the archive, loads the TorchScript module and
     /// starts its workers. Blocking: call from a blocking thread.
     pub fn load(&self, spec: &LoadSpec) -> Result<Arc<ModelVersion>, ApiError> {
         let started = Instant::now();
-        let (path, download) = self.fetch(spec)?;
-        let archive = mar::open(&path, self.unpack_root.path(), &self.limits)?;
-        // The unpacked folder is what serves; a downloaded archive is not needed any more.
-        drop(download);
+        let archive = self.open_archive(spec)?;
         let unpacked = started.elapsed();
         let manifest = archive.manifest();
         let name = spec

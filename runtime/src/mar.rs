@@ -302,7 +302,24 @@ pub fn open(source: &Path, unpack_root: &Path, limits: &Limits) -> Result<ModelA
         });
     }
 
-    let format = detect_format(source)?;
+    let reopen = || -> io::Result<Box<dyn ReadSeek>> { Ok(Box::new(File::open(source)?)) };
+    open_archive(source, &reopen, unpack_root, limits)
+}
+
+/// Something an archive can be read from.
+pub trait ReadSeek: Read + Seek + Send {}
+impl<T: Read + Seek + Send> ReadSeek for T {}
+
+/// Opens the archive file `reopen` gives a fresh reader of each time it is called (a file,
+/// or a download still landing whose reads wait for their bytes). `source` names it in
+/// messages. Unpacked as [`open`] unpacks a file.
+pub fn open_archive(
+    source: &Path,
+    reopen: &dyn Fn() -> io::Result<Box<dyn ReadSeek>>,
+    unpack_root: &Path,
+    limits: &Limits,
+) -> Result<ModelArchive, MarError> {
+    let format = detect_format(reopen)?;
     fs::create_dir_all(unpack_root).map_err(|e| MarError::io("create the unpack folder", e))?;
     // Unpack under a hidden name and rename only on success, so a failure (or a crash)
     // never leaves something that looks like a model folder. Dropping `tmp` removes it.
@@ -314,8 +331,8 @@ pub fn open(source: &Path, unpack_root: &Path, limits: &Limits) -> Result<ModelA
     let started = Instant::now();
     let mut budget = Budget::new(limits);
     match format {
-        ArchiveFormat::Zip => unpack_zip(source, tmp.path(), &mut budget)?,
-        ArchiveFormat::Tgz => unpack_tgz(source, tmp.path(), &mut budget)?,
+        ArchiveFormat::Zip => unpack_zip(reopen, tmp.path(), &mut budget)?,
+        ArchiveFormat::Tgz => unpack_tgz(reopen, tmp.path(), &mut budget)?,
         ArchiveFormat::Directory => {}
     }
     debug!(
@@ -340,9 +357,11 @@ pub fn open(source: &Path, unpack_root: &Path, limits: &Limits) -> Result<ModelA
 }
 
 /// Tells zip from gzip by their magic bytes (the extension is not trusted).
-fn detect_format(source: &Path) -> Result<ArchiveFormat, MarError> {
+fn detect_format(
+    reopen: &dyn Fn() -> io::Result<Box<dyn ReadSeek>>,
+) -> Result<ArchiveFormat, MarError> {
     let mut head = [0u8; 4];
-    let mut file = File::open(source).map_err(|e| MarError::io("read the model archive", e))?;
+    let mut file = reopen().map_err(|e| MarError::io("read the model archive", e))?;
     let mut got = 0;
     while got < head.len() {
         match file.read(&mut head[got..]) {
@@ -716,14 +735,18 @@ fn zip_error(e: zip::result::ZipError) -> MarError {
     }
 }
 
-fn unpack_zip(source: &Path, dest: &Path, budget: &mut Budget) -> Result<(), MarError> {
-    let file = File::open(source).map_err(|e| MarError::io("read the model archive", e))?;
+fn unpack_zip(
+    reopen: &dyn Fn() -> io::Result<Box<dyn ReadSeek>>,
+    dest: &Path,
+    budget: &mut Budget,
+) -> Result<(), MarError> {
+    let file = reopen().map_err(|e| MarError::io("read the model archive", e))?;
     let mut archive = zip::ZipArchive::new(BufReader::new(file)).map_err(zip_error)?;
 
     // The zip reader keeps only the last of several entries with one name, so duplicates
     // and the true entry count are read from the central directory itself.
     check_zip_directory(
-        source,
+        reopen,
         archive.central_directory_start(),
         budget.limits.max_entries,
     )?;
@@ -777,9 +800,13 @@ fn unpack_zip(source: &Path, dest: &Path, budget: &mut Budget) -> Result<(), Mar
 
 /// Walks the zip central directory: counts the entries (refusing more than `max_entries`)
 /// and refuses a name that appears twice.
-fn check_zip_directory(source: &Path, start: u64, max_entries: usize) -> Result<(), MarError> {
+fn check_zip_directory(
+    reopen: &dyn Fn() -> io::Result<Box<dyn ReadSeek>>,
+    start: u64,
+    max_entries: usize,
+) -> Result<(), MarError> {
     const CENTRAL_HEADER: u32 = 0x0201_4b50;
-    let file = File::open(source).map_err(|e| MarError::io("read the model archive", e))?;
+    let file = reopen().map_err(|e| MarError::io("read the model archive", e))?;
     let mut r = BufReader::new(file);
     r.seek(SeekFrom::Start(start))
         .map_err(|e| MarError::Corrupt(format!("bad zip central directory: {e}")))?;
@@ -842,8 +869,12 @@ impl<R: Read> Read for StreamGuard<R> {
     }
 }
 
-fn unpack_tgz(source: &Path, dest: &Path, budget: &mut Budget) -> Result<(), MarError> {
-    let file = File::open(source).map_err(|e| MarError::io("read the model archive", e))?;
+fn unpack_tgz(
+    reopen: &dyn Fn() -> io::Result<Box<dyn ReadSeek>>,
+    dest: &Path,
+    budget: &mut Budget,
+) -> Result<(), MarError> {
+    let file = reopen().map_err(|e| MarError::io("read the model archive", e))?;
     let consumed = Rc::new(Cell::new(0u64));
     let allowed = Rc::new(Cell::new(MAX_TAR_ENTRY_METADATA));
     let tripped = Rc::new(Cell::new(false));

@@ -716,6 +716,69 @@ impl ObjectStore {
         expect: Expect,
         opts: DownloadOptions,
     ) -> Result<DownloadReport> {
+        self.download_inner(from, dest, expect, opts, None).await
+    }
+
+    /// Downloads as [`download`](Self::download) does while `consume` reads the file as it
+    /// lands (on a blocking thread): its readers' reads wait for their bytes, and fail if the
+    /// download stops first. On S3 the last part is fetched first, so a zip's directory is
+    /// there at once. Returns the download's report and what `consume` returned; when the
+    /// download fails (or fails its checks), that is the error and `consume`'s result is
+    /// dropped, so it must not have been used for anything yet.
+    pub async fn download_consuming<T, F>(
+        &self,
+        from: &Location,
+        dest: &Path,
+        expect: Expect,
+        opts: DownloadOptions,
+        consume: F,
+    ) -> Result<(DownloadReport, T)>
+    where
+        T: Send + 'static,
+        F: FnOnce(Reopen) -> T + Send + 'static,
+    {
+        let landing = Arc::new(Landing::new());
+        let (file_tx, file_rx) = tokio::sync::oneshot::channel::<(Arc<File>, u64)>();
+        let consumer = {
+            let landing = landing.clone();
+            tokio::task::spawn_blocking(move || {
+                let (file, size) = file_rx.blocking_recv().ok()?;
+                let reopen: Reopen = Arc::new(move || {
+                    Ok(Box::new(LandingReader {
+                        file: file.clone(),
+                        landing: landing.clone(),
+                        size,
+                        pos: 0,
+                    }) as Box<dyn crate::mar::ReadSeek>)
+                });
+                Some(consume(reopen))
+            })
+        };
+        let report = self
+            .download_inner(from, dest, expect, opts, Some((landing, file_tx)))
+            .await;
+        let consumed = consumer.await;
+        let report = report?;
+        match consumed {
+            Ok(Some(value)) => Ok((report, value)),
+            Ok(None) => Err(StoreError::Config(format!(
+                "the download of {from} never started its reader"
+            ))),
+            Err(e) => Err(StoreError::Config(format!(
+                "the reader of {from} stopped: {e}"
+            ))),
+        }
+    }
+
+    async fn download_inner(
+        &self,
+        from: &Location,
+        dest: &Path,
+        expect: Expect,
+        opts: DownloadOptions,
+        consumer: Option<(Arc<Landing>, tokio::sync::oneshot::Sender<(Arc<File>, u64)>)>,
+    ) -> Result<DownloadReport> {
+        let _end = EndLanding(consumer.as_ref().map(|(l, _)| l.clone()));
         let started = Instant::now();
         if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
             let parent = parent.to_path_buf();
@@ -731,6 +794,13 @@ impl ObjectStore {
                 let loc = from.clone();
                 let temp_path = temp.path.clone();
                 let (bytes, sha256) = blocking(move || file_copy(&loc, &src, &temp_path)).await?;
+                if let Some((landing, tx)) = consumer {
+                    // A local copy is quick: its reader starts once it is complete.
+                    let file =
+                        File::open(&temp.path).map_err(|e| io_error("open", &temp.path, e))?;
+                    landing.add(0..bytes);
+                    let _ = tx.send((Arc::new(file), bytes));
+                }
                 (bytes, sha256, 1)
             }
             Location::S3 { bucket, key } => {
@@ -745,14 +815,20 @@ impl ObjectStore {
                     }
                 }
                 let client = self.s3_client().await?.clone();
+                let file = create_file(&temp.path, meta.size)?;
+                let landing = consumer.map(|(landing, tx)| {
+                    let _ = tx.send((file.clone(), meta.size));
+                    landing
+                });
                 let job = Arc::new(PartJob {
                     client,
                     location: from.clone(),
                     bucket: bucket.clone(),
                     key: key.clone(),
                     etag: meta.etag.clone(),
-                    file: create_file(&temp.path, meta.size)?,
+                    file,
                     path: temp.path.clone(),
+                    landing,
                 });
                 let (sha256, parts) = fetch_parts(job, meta.size, opts).await?;
                 if let Some(recorded) = &meta.sha256 {
@@ -891,6 +967,8 @@ struct PartJob {
     etag: Option<String>,
     file: Arc<File>,
     path: PathBuf,
+    /// Told of every range written, for a reader unpacking while the download runs.
+    landing: Option<Arc<Landing>>,
 }
 
 fn create_file(path: &Path, size: u64) -> Result<Arc<File>> {
@@ -926,10 +1004,13 @@ async fn fetch_parts(
         let done_tx = done_tx.clone();
         workers.spawn(async move {
             loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                if index >= parts {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= parts {
                     return Ok(());
                 }
+                // The last part first: a zip's directory is at its end, so a reader
+                // unpacking while the download runs can start at once.
+                let index = if k == 0 { parts - 1 } else { k - 1 };
                 let start = index as u64 * part_size;
                 let end = (start + part_size).min(size);
                 fetch_part(&job, start..end).await?;
@@ -1092,13 +1173,133 @@ async fn fetch_part(job: &PartJob, range: Range<u64>) -> Result<()> {
 async fn write_at(job: &PartJob, buf: Vec<u8>, offset: u64) -> Result<Vec<u8>> {
     let file = job.file.clone();
     let path = job.path.clone();
+    let landing = job.landing.clone();
     blocking(move || {
         file.write_all_at(&buf, offset)
             .map_err(|e| io_error("write", &path, e))?;
+        if let Some(landing) = landing {
+            landing.add(offset..offset + buf.len() as u64);
+        }
         Ok(buf)
     })
     .await
 }
+
+/// Which byte ranges of a download's file have been written, for readers that consume the
+/// file while it downloads.
+struct Landing {
+    state: std::sync::Mutex<LandingState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct LandingState {
+    /// Sorted, disjoint, non-adjacent.
+    ranges: Vec<Range<u64>>,
+    /// The download stopped; bytes not landed by now never will.
+    over: bool,
+}
+
+impl Landing {
+    fn new() -> Self {
+        Landing {
+            state: std::sync::Mutex::new(LandingState::default()),
+            changed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn add(&self, range: Range<u64>) {
+        if range.is_empty() {
+            return;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let ranges = &mut state.ranges;
+        let at = ranges.partition_point(|r| r.end < range.start);
+        let mut merged = range;
+        while at < ranges.len() && ranges[at].start <= merged.end {
+            merged.start = merged.start.min(ranges[at].start);
+            merged.end = merged.end.max(ranges[at].end);
+            ranges.remove(at);
+        }
+        ranges.insert(at, merged);
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// Marks the download over (finished or failed): waiting readers stop waiting.
+    fn end(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).over = true;
+        self.changed.notify_all();
+    }
+
+    /// Blocks until byte `pos` has landed; returns how many bytes from `pos` on have.
+    fn wait(&self, pos: u64) -> std::io::Result<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let at = state.ranges.partition_point(|r| r.end <= pos);
+            if let Some(r) = state.ranges.get(at).filter(|r| r.start <= pos) {
+                return Ok(r.end - pos);
+            }
+            if state.over {
+                return Err(std::io::Error::other(
+                    "the archive's download stopped before these bytes arrived",
+                ));
+            }
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Ends the landing when dropped: whatever way a download stops, its readers are released.
+struct EndLanding(Option<Arc<Landing>>);
+
+impl Drop for EndLanding {
+    fn drop(&mut self) {
+        if let Some(landing) = &self.0 {
+            landing.end();
+        }
+    }
+}
+
+/// A reader over a file being downloaded: reads wait until their bytes have landed.
+struct LandingReader {
+    file: Arc<File>,
+    landing: Arc<Landing>,
+    size: u64,
+    pos: u64,
+}
+
+impl Read for LandingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let ready = self.landing.wait(self.pos)?;
+        let want = buf
+            .len()
+            .min(usize::try_from(ready.min(self.size - self.pos)).unwrap_or(usize::MAX));
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for LandingReader {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let base = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.size.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = base.ok_or_else(|| {
+            std::io::Error::new(ErrorKind::InvalidInput, "seek before the start of the file")
+        })?;
+        Ok(self.pos)
+    }
+}
+
+/// Opens readers over a download's file (each with its own position).
+pub type Reopen = Arc<dyn Fn() -> std::io::Result<Box<dyn crate::mar::ReadSeek>> + Send + Sync>;
 
 /// Exponential backoff with full jitter: a random wait in [0, min(5 s, 100 ms × 2^attempt)).
 fn backoff(attempt: u32) -> Duration {
