@@ -776,7 +776,7 @@ impl ObjectStore {
         dest: &Path,
         expect: Expect,
         opts: DownloadOptions,
-        consumer: Option<(Arc<Landing>, tokio::sync::oneshot::Sender<(Arc<File>, u64)>)>,
+        consumer: Option<(Arc<Landing>, FileSender)>,
     ) -> Result<DownloadReport> {
         let _end = EndLanding(consumer.as_ref().map(|(l, _)| l.clone()));
         let started = Instant::now();
@@ -1297,6 +1297,9 @@ impl Seek for LandingReader {
         Ok(self.pos)
     }
 }
+
+/// Hands a consumer the download's file and size once the file exists.
+type FileSender = tokio::sync::oneshot::Sender<(Arc<File>, u64)>;
 
 /// Opens readers over a download's file (each with its own position).
 pub type Reopen = Arc<dyn Fn() -> std::io::Result<Box<dyn crate::mar::ReadSeek>> + Send + Sync>;
