@@ -156,7 +156,7 @@ fn bad_inputs_get_clear_errors_and_the_server_keeps_serving() {
     );
     let r = server
         .client
-        .post(format!("{}/models", server.management))
+        .patch(format!("{}/models", server.management))
         .send()
         .unwrap();
     assert_eq!(r.status(), 405);

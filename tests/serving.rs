@@ -33,6 +33,7 @@ fn spec(path: PathBuf, name: Option<&str>) -> LoadSpec {
         expect: Default::default(),
         name: name.map(String::from),
         loaded_at_startup: false,
+        params: Default::default(),
     }
 }
 

@@ -63,6 +63,17 @@ struct Args {
     #[arg(long, env = "TORCHFN_DEVICE")]
     device: Option<DevicePreference>,
 
+    /// Register, unregister and scale without a token even when the management API is bound
+    /// to a non-loopback address (TorchServe's flag; config.properties:
+    /// disable_token_authorization).
+    #[arg(long = "disable-token-auth")]
+    disable_token_auth: bool,
+
+    /// TorchServe's flag: serve register and unregister (on unless config.properties says
+    /// enable_model_api=false).
+    #[arg(long = "enable-model-api")]
+    enable_model_api: bool,
+
     /// Log as JSON lines (level from RUST_LOG, default info).
     #[arg(long, env = "TORCHFN_LOG_JSON")]
     log_json: bool,
@@ -116,6 +127,12 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
     if let Some(d) = args.device {
         s.device = d;
     }
+    if args.disable_token_auth {
+        s.disable_token_authorization = true;
+    }
+    if args.enable_model_api {
+        s.enable_model_api = Some(true);
+    }
     let mut handlers = BTreeMap::new();
     for h in &args.handlers {
         let Some((model, handler)) = h.split_once('=') else {
@@ -160,7 +177,20 @@ async fn main() -> anyhow::Result<()> {
     let specs = manager
         .startup_specs()
         .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    let state = AppState::new(manager.clone());
+    let access = api::security::Access::decide(&settings);
+    if let Some(path) = access
+        .write_key_file(&std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")))
+        .context("could not write key_file.json")?
+    {
+        tracing::warn!(
+            key_file = %path.display(),
+            management = %settings.management_address,
+            "the management API is reachable from the network: registering, unregistering and \
+             scaling need `Authorization: Bearer <management key>` from the key file \
+             (--disable-token-auth turns this off)"
+        );
+    }
+    let state = AppState::new(manager.clone()).with_access(access);
 
     let inference = bind("Inference", settings.inference_address).await?;
     let management = bind("Management", settings.management_address).await?;

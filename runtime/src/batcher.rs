@@ -55,10 +55,25 @@ struct Job {
 pub struct Batcher {
     tx: Mutex<Option<Sender<Job>>>,
     rx: Receiver<Job>,
-    workers: Mutex<Vec<JoinHandle<()>>>,
+    workers: Mutex<Vec<WorkerHandle>>,
+    /// Workers running now (scaling changes it).
+    running: AtomicUsize,
+    /// Workers asked to stop by a scale-down, still finishing their pass.
+    stopping: Mutex<Vec<JoinHandle<()>>>,
+    spawned: AtomicUsize,
+    label: String,
+    handler: Arc<dyn Handler>,
+    session: Arc<Session>,
     busy: Arc<AtomicUsize>,
     config: BatchConfig,
     metrics: BatchMetrics,
+}
+
+/// A worker thread and the channel whose closing tells it to stop.
+struct WorkerHandle {
+    thread: JoinHandle<()>,
+    /// Dropping it stops the worker after its current pass.
+    _stop: Sender<()>,
 }
 
 /// The metrics one model version's batcher keeps up to date.
@@ -73,7 +88,8 @@ pub struct BatchMetrics {
 }
 
 impl Batcher {
-    /// Starts `config.workers` threads named after the model.
+    /// Starts `config.workers` threads named after the model (none is allowed: requests are
+    /// then refused until the model is scaled up).
     pub fn start(
         label: &str,
         handler: Arc<dyn Handler>,
@@ -82,32 +98,79 @@ impl Batcher {
         metrics: BatchMetrics,
     ) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_size.max(1));
-        let busy = Arc::new(AtomicUsize::new(0));
-        let mut workers = Vec::with_capacity(config.workers);
-        for i in 0..config.workers.max(1) {
-            let worker = Worker {
-                rx: rx.clone(),
-                handler: handler.clone(),
-                session: session.clone(),
-                batch_size: config.batch_size.max(1),
-                max_batch_delay: config.max_batch_delay,
-                threads: config.threads_per_worker.max(1),
-                busy: busy.clone(),
-                metrics: metrics.clone(),
-            };
-            let handle = std::thread::Builder::new()
-                .name(format!("{label}-w{i}"))
-                .spawn(move || worker.run())?;
-            workers.push(handle);
-        }
-        Ok(Self {
+        let batcher = Self {
             tx: Mutex::new(Some(tx)),
             rx,
-            workers: Mutex::new(workers),
-            busy,
+            workers: Mutex::new(Vec::new()),
+            running: AtomicUsize::new(0),
+            stopping: Mutex::new(Vec::new()),
+            spawned: AtomicUsize::new(0),
+            label: label.to_string(),
+            handler,
+            session,
+            busy: Arc::new(AtomicUsize::new(0)),
             config,
             metrics,
-        })
+        };
+        batcher.scale(config.workers)?;
+        Ok(batcher)
+    }
+
+    /// Runs `n` workers: starts the missing ones, or tells the extra ones to stop once their
+    /// current pass is done (queued requests stay for the others). Returns the count.
+    pub fn scale(&self, n: usize) -> std::io::Result<usize> {
+        let mut workers = self
+            .workers
+            .lock()
+            .map_err(|_| std::io::Error::other("worker list lock poisoned"))?;
+        while workers.len() < n {
+            let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+            let i = self.spawned.fetch_add(1, Ordering::Relaxed);
+            let worker = Worker {
+                rx: self.rx.clone(),
+                stop: stop_rx,
+                handler: self.handler.clone(),
+                session: self.session.clone(),
+                batch_size: self.config.batch_size.max(1),
+                max_batch_delay: self.config.max_batch_delay,
+                threads: self.config.threads_per_worker.max(1),
+                busy: self.busy.clone(),
+                metrics: self.metrics.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("{}-w{i}", self.label))
+                .spawn(move || worker.run())?;
+            workers.push(WorkerHandle {
+                thread,
+                _stop: stop_tx,
+            });
+        }
+        let keep = n.min(workers.len());
+        let extra: Vec<WorkerHandle> = workers.drain(keep..).collect();
+        if !extra.is_empty() {
+            let mut stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
+            // Dropping each stop sender tells its worker to stop.
+            stopping.extend(extra.into_iter().map(|w| w.thread));
+            stopping.retain(|t| !t.is_finished());
+        }
+        self.running.store(workers.len(), Ordering::Relaxed);
+        if workers.is_empty() {
+            // Nobody will take what is queued: answer it now.
+            while let Ok(job) = self.rx.try_recv() {
+                let _ = job.reply.send(Outcome {
+                    outputs: Err(no_worker(&self.label, "it was scaled to 0 workers")),
+                    queue_time: job.enqueued.elapsed(),
+                    inference_time: Duration::ZERO,
+                    batch_size: 0,
+                });
+            }
+        }
+        Ok(workers.len())
+    }
+
+    /// Workers running now.
+    pub fn workers(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
     }
 
     pub fn config(&self) -> BatchConfig {
@@ -133,6 +196,12 @@ impl Batcher {
         let Some(tx) = guard.as_ref() else {
             return Err(no_worker(model_label, "it is shutting down"));
         };
+        if self.workers() == 0 {
+            return Err(no_worker(
+                model_label,
+                "it has 0 workers; add some with PUT /models/{name}?min_worker=1",
+            ));
+        }
         match tx.try_send(job) {
             Ok(()) => {
                 self.metrics.queue_length.set(self.rx.len() as i64);
@@ -164,12 +233,23 @@ impl Batcher {
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }
-        let handles = self
+        // The workers drain the queue (its sender is gone), then stop; their stop senders
+        // live until they are joined, so none stops with requests still queued.
+        let workers = self
             .workers
             .lock()
             .map(|mut w| std::mem::take(&mut *w))
             .unwrap_or_default();
-        for h in handles {
+        for w in workers {
+            let _ = w.thread.join();
+        }
+        self.running.store(0, Ordering::Relaxed);
+        let stopping = self
+            .stopping
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
+        for h in stopping {
             let _ = h.join();
         }
     }
@@ -190,6 +270,8 @@ fn no_worker(model_label: &str, why: &str) -> ApiError {
 
 struct Worker {
     rx: Receiver<Job>,
+    /// Disconnected when a scale-down stops this worker.
+    stop: Receiver<()>,
     handler: Arc<dyn Handler>,
     session: Arc<Session>,
     batch_size: usize,
@@ -204,7 +286,14 @@ impl Worker {
         set_threads(self.threads);
         // The previous pass: how many instances it ran and how long it took.
         let mut last = (0usize, Duration::ZERO);
-        while let Ok(first) = self.rx.recv() {
+        loop {
+            let first = crossbeam_channel::select! {
+                recv(self.rx) -> job => match job {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+                recv(self.stop) -> _ => break,
+            };
             let oldest = first.enqueued;
             let mut items = first.instances.len();
             let mut jobs = vec![first];

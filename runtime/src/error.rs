@@ -19,6 +19,8 @@ pub enum ErrorKind {
     Conflict,
     /// TorchServe's `InvalidModelVersionException` (403), e.g. removing a default version.
     Forbidden,
+    /// A missing, wrong or expired token (TorchServe answers 400).
+    InvalidKey,
     RequestTimeout,
     PayloadTooLarge,
     ServiceUnavailable,
@@ -41,6 +43,7 @@ impl ErrorKind {
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowedException"),
             Conflict => (StatusCode::CONFLICT, "ConflictStatusException"),
             Forbidden => (StatusCode::FORBIDDEN, "InvalidModelVersionException"),
+            InvalidKey => (StatusCode::BAD_REQUEST, "InvalidKeyException"),
             RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "RequestTimeoutException"),
             PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLargeException"),
             ServiceUnavailable => (

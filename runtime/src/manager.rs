@@ -30,6 +30,21 @@ pub struct LoadSpec {
     /// Overrides the manifest's model name.
     pub name: Option<String>,
     pub loaded_at_startup: bool,
+    /// Settings given with a registration (`POST /models`), over everything else.
+    pub params: RegisterParams,
+}
+
+/// The settings `POST /models` may give; each overrides the model-config YAML, which
+/// overrides the config.properties `models` JSON, which overrides the server's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct RegisterParams {
+    pub batch_size: Option<usize>,
+    pub max_batch_delay_ms: Option<u64>,
+    /// Workers to start with (0 is allowed: the model then waits to be scaled up).
+    pub initial_workers: Option<usize>,
+    pub response_timeout_s: Option<u64>,
+    /// A built-in handler, over the manifest's and `default_service_handler`.
+    pub handler: Option<String>,
 }
 
 /// The settings one model version runs with, after precedence (model-config YAML over the
@@ -58,9 +73,16 @@ pub struct ModelVersion {
     pub loaded_at_startup: bool,
     pub started_at: SystemTime,
     pub load_time: Duration,
+    /// `minWorkers` and `maxWorkers` now (the scale API changes them).
+    pub worker_range: std::sync::Mutex<(usize, usize)>,
 }
 
 impl ModelVersion {
+    /// `(minWorkers, maxWorkers)`.
+    pub fn worker_range(&self) -> (usize, usize) {
+        *self.worker_range.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// TorchServe's describe entry, fields in TorchServe's order.
     pub fn describe(&self) -> Value {
         let cfg = self.archive.config();
@@ -75,8 +97,9 @@ impl ModelVersion {
             "runtime".into(),
             json!(self.archive.manifest().runtime.as_str()),
         );
-        m.insert("minWorkers".into(), json!(s.min_workers));
-        m.insert("maxWorkers".into(), json!(s.max_workers));
+        let (min_workers, max_workers) = self.worker_range();
+        m.insert("minWorkers".into(), json!(min_workers));
+        m.insert("maxWorkers".into(), json!(max_workers));
         m.insert("batchSize".into(), json!(s.batch.batch_size));
         m.insert(
             "maxBatchDelay".into(),
@@ -127,7 +150,7 @@ impl ModelVersion {
         m.insert("loadedAtStartup".into(), json!(self.loaded_at_startup));
         let rss = resident_memory_bytes();
         let start = format_time(self.started_at);
-        let workers: Vec<Value> = (0..s.batch.workers)
+        let workers: Vec<Value> = (0..self.batcher.workers())
             .map(|i| {
                 json!({
                     "id": format!("{}", 9000 + i),
@@ -249,6 +272,7 @@ impl Manager {
                         expect: Expect::default(),
                         name: None,
                         loaded_at_startup: true,
+                        params: Default::default(),
                     });
                 }
                 continue;
@@ -271,6 +295,7 @@ impl Manager {
                 expect: Expect::default(),
                 name,
                 loaded_at_startup: true,
+                params: Default::default(),
             });
         }
         Ok(specs)
@@ -382,9 +407,17 @@ impl Manager {
                 format!("Model version {version} is already registered for model {name}"),
             ));
         }
-        let handler =
-            handler::for_archive(&archive, &name, self.settings.handler_for(&name, &version))?;
-        let settings = self.model_settings(&name, &version, &archive);
+        // A registration's own handler, then what is configured for the name it is served
+        // under, then for the name its manifest gives (the same archive registered under
+        // another name keeps its handler).
+        let configured = spec
+            .params
+            .handler
+            .as_deref()
+            .or(self.settings.handler_for(&name, &version))
+            .or(self.settings.handler_for(manifest.model_name(), &version));
+        let handler = handler::for_archive(&archive, &name, configured)?;
+        let settings = self.model_settings(&name, &version, &archive, &spec.params);
         let cfg = archive.config();
         let device = choose_device(self.settings.device, cfg.and_then(|c| c.device_type));
         let model_path = archive.path_of(&serialized).map_err(ApiError::from)?;
@@ -432,6 +465,7 @@ impl Manager {
             .model_workers
             .with_label_values(&[name.as_str(), version.as_str()])
             .set(settings.batch.workers as i64);
+        let worker_range = (settings.min_workers, settings.max_workers);
         let model = Arc::new(ModelVersion {
             name: name.clone(),
             version: version.clone(),
@@ -448,6 +482,7 @@ impl Manager {
             loaded_at_startup: spec.loaded_at_startup,
             started_at: SystemTime::now(),
             load_time: started.elapsed(),
+            worker_range: std::sync::Mutex::new(worker_range),
         });
         let mut models = self
             .models
@@ -489,35 +524,49 @@ impl Manager {
         Ok(model)
     }
 
-    fn model_settings(&self, name: &str, version: &str, archive: &ModelArchive) -> ModelSettings {
+    fn model_settings(
+        &self,
+        name: &str,
+        version: &str,
+        archive: &ModelArchive,
+        rest: &RegisterParams,
+    ) -> ModelSettings {
         let s = &self.settings;
         let json = s.overrides(name, version);
         let yaml = archive.config();
         let pick = |y: Option<usize>, j: Option<usize>, d: usize| y.or(j).unwrap_or(d);
-        let batch_size = pick(
-            yaml.and_then(|c| c.batch_size).map(|v| v as usize),
-            json.and_then(|j| j.batch_size),
-            s.batch_size,
-        )
-        .max(1);
-        let delay_ms = yaml
-            .and_then(|c| c.max_batch_delay)
-            .or(json.and_then(|j| j.max_batch_delay))
-            .unwrap_or(s.max_batch_delay.as_millis() as u64);
-        let min_workers = pick(
-            yaml.and_then(|c| c.min_workers).map(|v| v as usize),
-            json.and_then(|j| j.min_workers),
-            s.default_workers_per_model.unwrap_or(1),
-        )
-        .max(1);
+        let batch_size = rest
+            .batch_size
+            .unwrap_or_else(|| {
+                pick(
+                    yaml.and_then(|c| c.batch_size).map(|v| v as usize),
+                    json.and_then(|j| j.batch_size),
+                    s.batch_size,
+                )
+            })
+            .max(1);
+        let delay_ms = rest.max_batch_delay_ms.unwrap_or_else(|| {
+            yaml.and_then(|c| c.max_batch_delay)
+                .or(json.and_then(|j| j.max_batch_delay))
+                .unwrap_or(s.max_batch_delay.as_millis() as u64)
+        });
+        let min_workers = rest.initial_workers.unwrap_or_else(|| {
+            pick(
+                yaml.and_then(|c| c.min_workers).map(|v| v as usize),
+                json.and_then(|j| j.min_workers),
+                s.default_workers_per_model.unwrap_or(1),
+            )
+            .max(1)
+        });
         let max_workers = pick(
             yaml.and_then(|c| c.max_workers).map(|v| v as usize),
             json.and_then(|j| j.max_workers),
             min_workers,
         )
         .max(min_workers);
-        let response_timeout = yaml
-            .and_then(|c| c.response_timeout)
+        let response_timeout = rest
+            .response_timeout_s
+            .or(yaml.and_then(|c| c.response_timeout))
             .or(json.and_then(|j| j.response_timeout))
             .map_or(s.response_timeout, Duration::from_secs);
         let startup_timeout = yaml
@@ -535,7 +584,7 @@ impl Manager {
                 max_batch_delay: Duration::from_millis(delay_ms),
                 workers: min_workers,
                 queue_size,
-                threads_per_worker: threads_per_worker(min_workers),
+                threads_per_worker: threads_per_worker(min_workers.max(1)),
             },
             min_workers,
             max_workers,
@@ -633,6 +682,32 @@ impl Manager {
             .model_workers
             .with_label_values(&[name, version])
             .set(0);
+        Ok(model)
+    }
+
+    /// Scales a version (the default when `version` is `None`) to `min` workers, as
+    /// TorchServe does (it starts workers up to `min_worker` and stops any above
+    /// `max_worker`; it does not autoscale between them). Returns the version scaled.
+    pub fn scale(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        min: usize,
+        max: usize,
+    ) -> Result<Arc<ModelVersion>, ApiError> {
+        let model = self.get(name, version)?;
+        let running = model.batcher.scale(min).map_err(|e| {
+            ApiError::internal(format!(
+                "Failed to start workers for model {name} version: {}: {e}",
+                model.version
+            ))
+        })?;
+        *model.worker_range.lock().unwrap_or_else(|e| e.into_inner()) = (min, max);
+        self.metrics
+            .model_workers
+            .with_label_values(&[name, model.version.as_str()])
+            .set(running as i64);
+        tracing::info!(model = name, version = %model.version, workers = running, "scaled");
         Ok(model)
     }
 

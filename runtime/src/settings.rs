@@ -125,6 +125,17 @@ pub struct Settings {
     pub device: DevicePreference,
     /// Folder where archives are unpacked (a fresh subfolder per model version).
     pub unpack_dir: Option<PathBuf>,
+    /// `enable_model_api`: whether register and unregister are served at all. Unset, they
+    /// are (see `api::security` for who may call them).
+    pub enable_model_api: Option<bool>,
+    /// `disable_token_authorization`: no token even where the management API is reachable
+    /// from the network.
+    pub disable_token_authorization: bool,
+    /// `token_expiration_min`: how long a generated key is valid (default 60).
+    pub token_expiration_min: u64,
+    /// Regular expressions (each matching a whole URL) an archive registered by URL must
+    /// match; absolute paths are matched as `file://` URLs.
+    pub allowed_urls: Vec<String>,
     /// Keys torchfn does not know; reported once at start-up.
     pub unknown_keys: Vec<String>,
     /// TorchServe keys that have no effect in torchfn; reported once at start-up.
@@ -153,6 +164,11 @@ impl Default for Settings {
             handlers: BTreeMap::new(),
             device: DevicePreference::Auto,
             unpack_dir: None,
+            enable_model_api: None,
+            disable_token_authorization: false,
+            token_expiration_min: 60,
+            // TorchServe's default, and S3 objects.
+            allowed_urls: vec!["file://.*|http(s)?://.*|s3://.*".to_string()],
             unknown_keys: Vec::new(),
             inert_keys: Vec::new(),
         }
@@ -191,11 +207,7 @@ const INERT_KEYS: &[&str] = &[
     "enable_grpc_ssl",
     "model_snapshot",
     "ts_open_inference_protocol",
-    // Security keys a later release of torchfn honours; accepted now so configs load.
-    "enable_model_api",
-    "disable_token_authorization",
-    "token_expiration_min",
-    "allowed_urls",
+    // Keys accepted so configs load, not honoured yet.
     "use_env_allowed_urls",
     "cors_allowed_origin",
     "cors_allowed_methods",
@@ -256,6 +268,22 @@ impl Settings {
                 }
                 "torchfn_device" => self.device = v.parse().map_err(|e: String| bad(key, e))?,
                 "torchfn_unpack_dir" => self.unpack_dir = Some(PathBuf::from(v)),
+                "enable_model_api" => self.enable_model_api = Some(parse_bool(key, v)?),
+                "disable_token_authorization" => {
+                    self.disable_token_authorization = parse_bool(key, v)?;
+                }
+                "token_expiration_min" => {
+                    self.token_expiration_min = parse_num::<u64>(key, v)?.max(1);
+                }
+                "allowed_urls" => {
+                    let patterns = split_list(v);
+                    for p in &patterns {
+                        regex_lite::Regex::new(p).map_err(|e| {
+                            bad(key, format!("`{p}` is not a regular expression: {e}"))
+                        })?;
+                    }
+                    self.allowed_urls = patterns;
+                }
                 k if INERT_KEYS.contains(&k) => self.inert_keys.push(k.to_string()),
                 k => self.unknown_keys.push(k.to_string()),
             }
@@ -268,6 +296,14 @@ impl Settings {
             self.batch_size = 1;
         }
         Ok(())
+    }
+
+    /// Whether `url` (a `file://`, `s3://` or http(s) URL) matches one of `allowed_urls` as a
+    /// whole.
+    pub fn url_allowed(&self, url: &str) -> bool {
+        self.allowed_urls
+            .iter()
+            .any(|p| regex_lite::Regex::new(&format!("^(?:{p})$")).is_ok_and(|re| re.is_match(url)))
     }
 
     /// The built-in handler configured for a model version, if any: `--handler`, then the
@@ -320,6 +356,14 @@ pub fn parse_address(key: &str, value: &str) -> Result<SocketAddr, SettingsError
 fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, SettingsError> {
     v.parse()
         .map_err(|_| bad(key, format!("`{v}` is not a non-negative whole number")))
+}
+
+fn parse_bool(key: &str, v: &str) -> Result<bool, SettingsError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(bad(key, format!("`{other}` is not true or false"))),
+    }
 }
 
 fn split_list(v: &str) -> Vec<String> {

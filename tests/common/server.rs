@@ -30,7 +30,9 @@ impl Server {
         let logdir = tempfile::tempdir().unwrap();
         let log = logdir.path().join("stderr.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_torchfn-local"));
+        // Its working folder is its own (key_file.json lands there, not in the repository).
         cmd.args(args)
+            .current_dir(logdir.path())
             .env_remove("TS_CONFIG_FILE")
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -57,7 +59,8 @@ impl Server {
                 )
             });
             if let Some((what, addr)) = line.split_once(" API bind to: ") {
-                addrs.insert(what.to_string(), addr.to_string());
+                // A listener on all interfaces is reached on loopback.
+                addrs.insert(what.to_string(), addr.replace("0.0.0.0", "127.0.0.1"));
             }
         }
         let client = reqwest::blocking::Client::builder()
@@ -96,6 +99,11 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The server's working folder (where it writes key_file.json).
+    pub fn dir(&self) -> &std::path::Path {
+        self._logdir.path()
     }
 
     pub fn log(&self) -> String {

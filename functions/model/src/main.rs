@@ -79,6 +79,7 @@ async fn resolve(store: &ObjectStore) -> anyhow::Result<LoadSpec> {
             source,
             name,
             loaded_at_startup: true,
+            params: Default::default(),
             expect: Expect {
                 size: None,
                 sha256: env("TORCHFN_MODEL_SHA256"),
@@ -115,6 +116,7 @@ async fn resolve(store: &ObjectStore) -> anyhow::Result<LoadSpec> {
         source: record.source.parse()?,
         name: Some(name),
         loaded_at_startup: true,
+        params: Default::default(),
         expect: Expect {
             size: Some(record.size),
             sha256: Some(record.sha256),
@@ -172,6 +174,7 @@ async fn swap(
         source: record.source.parse()?,
         name: Some(name.to_string()),
         loaded_at_startup: false,
+        params: Default::default(),
         expect: Expect {
             size: Some(record.size),
             sha256: Some(record.sha256),

@@ -5,6 +5,7 @@
 pub mod inference;
 pub mod management;
 pub mod metrics;
+pub mod security;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,6 +29,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set once the models named at start-up have been loaded (`/ping` turns Healthy).
     pub ready: Arc<AtomicBool>,
+    /// Who may change the loaded models (open unless set with `with_access`).
+    pub access: Arc<security::Access>,
 }
 
 impl AppState {
@@ -36,7 +39,14 @@ impl AppState {
             metrics: manager.metrics().clone(),
             manager,
             ready: Arc::new(AtomicBool::new(false)),
+            access: Arc::new(security::Access::default()),
         }
+    }
+
+    /// The same state with `access` deciding who may change models.
+    pub fn with_access(mut self, access: security::Access) -> Self {
+        self.access = Arc::new(access);
+        self
     }
 
     pub fn set_ready(&self) {
@@ -102,7 +112,11 @@ pub fn inference_router(state: AppState) -> Router {
 
 /// The management API (TorchServe's port 8081).
 pub fn management_router(state: AppState) -> Router {
-    with_common(management::routes(), state)
+    let routes = management::routes().layer(middleware::from_fn_with_state(
+        state.clone(),
+        security::guard,
+    ));
+    with_common(routes, state)
 }
 
 /// What a model function serves on its one port: inference, `/ping` and `/metrics`, and

@@ -1,0 +1,707 @@
+//! The management API over real HTTP against `torchfn-local`: the seed guide's commands as
+//! written, every endpoint's errors with TorchServe's statuses and messages, several versions
+//! of one model, changes under prediction load (nothing lost, no answer from the wrong
+//! version), and who may change models (token, model API switch).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "common/server.rs"]
+mod server;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{assert_json_close, fixtures, json_close, reference};
+use reqwest::blocking::Client;
+use serde_json::{json, Value};
+use server::Server;
+
+fn path_str(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The seed guide's server: its config.properties, the store, classifier.mar at start.
+fn seed_server(extra: &[&str]) -> Server {
+    let fx = fixtures();
+    let (store, config) = (fx.join("store"), fx.join("config.properties"));
+    let mut args = vec![
+        "--model-store",
+        path_str(&store),
+        "--models",
+        "classifier=classifier.mar",
+        "--ts-config",
+        path_str(&config),
+        "--handler",
+        "classifier=classifier",
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args).wait_healthy()
+}
+
+/// A request to the management API: status and JSON body.
+fn call(server: &Server, method: reqwest::Method, path: &str) -> (u16, Value) {
+    call_with(
+        &server.client,
+        method,
+        &format!("{}{path}", server.management),
+        None,
+    )
+}
+
+fn call_with(
+    client: &Client,
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let mut req = client.request(method, url);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let r = req.send().unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().unwrap();
+    let value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: not JSON ({e}): {text}"));
+    (status, value)
+}
+
+fn assert_error(got: (u16, Value), code: u16, kind: &str, message: &str) {
+    let (status, body) = got;
+    assert_eq!(status, code, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["type"], kind, "{body}");
+    let text = body["message"].as_str().unwrap();
+    assert!(text.contains(message), "{text:?} lacks {message:?}");
+}
+
+fn status_text(got: (u16, Value), code: u16) -> String {
+    assert_eq!(got.0, code, "{}", got.1);
+    got.1["status"].as_str().unwrap().to_string()
+}
+
+use reqwest::Method;
+
+#[test]
+fn the_seed_guides_management_commands_work_as_written() {
+    let reference = reference();
+    let server = seed_server(&[]);
+    let single = json!({"features": reference["seed_features"]}).to_string();
+
+    // curl http://localhost:8081/models
+    let (code, list) = call(&server, Method::GET, "/models");
+    assert_eq!(code, 200);
+    assert_eq!(
+        list,
+        json!({"models": [{"modelName": "classifier", "modelUrl": "classifier.mar"}]})
+    );
+    // curl http://localhost:8081/models/classifier
+    let (code, described) = call(&server, Method::GET, "/models/classifier");
+    assert_eq!(code, 200);
+    assert_eq!(described[0]["modelName"], "classifier");
+    assert_eq!(described[0]["workers"].as_array().unwrap().len(), 1);
+
+    // curl -X POST "http://localhost:8081/models?url=classifier.mar&model_name=classifier_v2"
+    let text = status_text(
+        call(
+            &server,
+            Method::POST,
+            "/models?url=classifier.mar&model_name=classifier_v2",
+        ),
+        200,
+    );
+    assert_eq!(
+        text,
+        "Model \"classifier_v2\" Version: 1.0 registered with 1 initial workers"
+    );
+    let (code, body, _) = server.predict("classifier_v2", single.clone());
+    assert_eq!(code, 200, "{body}");
+    assert_json_close(
+        &body,
+        &reference["classifier_single"],
+        1e-5,
+        "classifier_v2",
+    );
+
+    // curl -X PUT "http://localhost:8081/models/classifier?min_worker=2&max_worker=4"
+    let text = status_text(
+        call(
+            &server,
+            Method::PUT,
+            "/models/classifier?min_worker=2&max_worker=4&synchronous=true",
+        ),
+        200,
+    );
+    assert_eq!(text, "Workers scaled to 2 for model: classifier");
+    let (_, described) = call(&server, Method::GET, "/models/classifier");
+    assert_eq!(described[0]["minWorkers"], 2);
+    assert_eq!(described[0]["maxWorkers"], 4);
+    assert_eq!(described[0]["workers"].as_array().unwrap().len(), 2);
+    let (code, body, _) = server.predict("classifier", single.clone());
+    assert_eq!(code, 200, "{body}");
+    // As written (no synchronous=true): TorchServe's 202, and the workers follow.
+    let text = status_text(
+        call(
+            &server,
+            Method::PUT,
+            "/models/classifier?min_worker=3&max_worker=4",
+        ),
+        202,
+    );
+    assert_eq!(text, "Processing worker updates...");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, d) = call(&server, Method::GET, "/models/classifier");
+        if d[0]["workers"].as_array().unwrap().len() == 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never 3 workers: {d}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // curl -X PUT "http://localhost:8081/models/classifier/1.0/set-default"
+    let text = status_text(
+        call(&server, Method::PUT, "/models/classifier/1.0/set-default"),
+        200,
+    );
+    assert_eq!(
+        text,
+        "Default version successfully updated for model \"classifier\" to \"1.0\""
+    );
+
+    // curl -X DELETE "http://localhost:8081/models/classifier"
+    let text = status_text(call(&server, Method::DELETE, "/models/classifier"), 200);
+    assert_eq!(text, "Model \"classifier\" unregistered");
+    let (code, _, _) = server.predict("classifier", single.clone());
+    assert_eq!(code, 404);
+    let (_, list) = call(&server, Method::GET, "/models");
+    assert_eq!(
+        list,
+        json!({"models": [{"modelName": "classifier_v2", "modelUrl": "classifier.mar"}]})
+    );
+    let (code, body, _) = server.predict("classifier_v2", single);
+    assert_eq!(code, 200, "{body}");
+}
+
+#[test]
+fn management_errors_have_torchserves_statuses_and_messages() {
+    let fx = fixtures();
+    let server = seed_server(&[]);
+    let post = |q: &str| call(&server, Method::POST, &format!("/models{q}"));
+    assert_error(
+        post(""),
+        400,
+        "BadRequestException",
+        "Parameter url is required.",
+    );
+    assert_error(
+        post("?url=missing.mar"),
+        404,
+        "ModelNotFoundException",
+        "Model not found at: missing.mar",
+    );
+    assert_error(
+        post("?url=../store/classifier.mar"),
+        404,
+        "ModelNotFoundException",
+        "Relative path is not allowed in url: ../store/classifier.mar",
+    );
+    assert_error(
+        post("?url=classifier.mar"),
+        409,
+        "ConflictStatusException",
+        "Model version 1.0 is already registered for model classifier",
+    );
+    assert_error(
+        post("?url=classifier.mar&model_name=x&runtime=java"),
+        400,
+        "BadRequestException",
+        "Invalid RuntimeType value: java",
+    );
+    assert_error(
+        post("?url=https://example.com/classifier.mar"),
+        400,
+        "DownloadArchiveException",
+        "Failed to download archive from: https://example.com/classifier.mar",
+    );
+    // An eager-mode archive: a bad archive is 400, and nothing stays registered.
+    let eager = fx.join("eager/eager.mar");
+    if eager.exists() {
+        let (code, body) = post(&format!("?url={}&model_name=eager", eager.display()));
+        assert_eq!(code, 400, "{body}");
+        assert_eq!(call(&server, Method::GET, "/models/eager").0, 404);
+    }
+
+    assert_error(
+        call(
+            &server,
+            Method::PUT,
+            "/models/classifier?min_worker=3&max_worker=2",
+        ),
+        400,
+        "BadRequestException",
+        "max_worker cannot be less than min_worker.",
+    );
+    assert_error(
+        call(&server, Method::PUT, "/models/nope?min_worker=1"),
+        404,
+        "ModelNotFoundException",
+        "Model not found: nope",
+    );
+    assert_error(
+        call(&server, Method::PUT, "/models/classifier/9.9?min_worker=1"),
+        404,
+        "ModelVersionNotFoundException",
+        "Model version: 9.9 does not exist for model: classifier",
+    );
+    assert_error(
+        call(&server, Method::PUT, "/models/classifier/9.9/set-default"),
+        404,
+        "ModelVersionNotFoundException",
+        "Model version 9.9 does not exist for model classifier",
+    );
+    assert_error(
+        call(&server, Method::PUT, "/models/nope/1.0/set-default"),
+        404,
+        "ModelNotFoundException",
+        "Model not found: nope",
+    );
+    assert_error(
+        call(&server, Method::DELETE, "/models/nope"),
+        404,
+        "ModelNotFoundException",
+        "Model not found: nope",
+    );
+    assert_error(
+        call(&server, Method::DELETE, "/models/classifier/9.9"),
+        404,
+        "ModelVersionNotFoundException",
+        "Model version: 9.9 does not exist for model: classifier",
+    );
+    assert_error(
+        call(&server, Method::PATCH, "/models/classifier"),
+        405,
+        "MethodNotAllowedException",
+        "Requested method is not allowed",
+    );
+
+    // Scaled to 0 workers: predictions are refused at once with 503 until scaled up.
+    status_text(
+        call(
+            &server,
+            Method::PUT,
+            "/models/classifier?min_worker=0&max_worker=0&synchronous=true",
+        ),
+        200,
+    );
+    let body = json!({"features": reference()["seed_features"]}).to_string();
+    let (code, value, _) = server.predict("classifier", body.clone());
+    assert_eq!(code, 503, "{value}");
+    status_text(
+        call(
+            &server,
+            Method::PUT,
+            "/models/classifier?min_worker=1&synchronous=true",
+        ),
+        200,
+    );
+    let (code, value, _) = server.predict("classifier", body);
+    assert_eq!(code, 200, "{value}");
+}
+
+#[test]
+fn allowed_urls_restrict_where_archives_come_from() {
+    let fx = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.properties");
+    let store = fx.join("store");
+    std::fs::write(
+        &config,
+        format!(
+            "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\n\
+             metrics_address=http://127.0.0.1:0\nallowed_urls=file://{}/.*\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&[
+        "--ts-config",
+        path_str(&config),
+        "--handler",
+        "classifier=classifier",
+    ])
+    .wait_healthy();
+    let allowed = store.join("classifier.mar");
+    let elsewhere = fx.join("v2/classifier.mar");
+    let (code, body) = call(
+        &server,
+        Method::POST,
+        &format!("/models?url={}", elsewhere.display()),
+    );
+    assert_eq!(code, 404, "{body}");
+    assert!(body["message"]
+        .as_str()
+        .unwrap()
+        .contains("does not match any allowed URL(s)"));
+    let text = status_text(
+        call(
+            &server,
+            Method::POST,
+            &format!("/models?url=file://{}", allowed.display()),
+        ),
+        200,
+    );
+    assert!(
+        text.starts_with("Model \"classifier\" Version: 1.0 registered"),
+        "{text}"
+    );
+}
+
+#[test]
+fn several_versions_of_one_model() {
+    let reference = reference();
+    let server = seed_server(&[]);
+    let single = json!({"features": reference["seed_features"]}).to_string();
+    let v2 = fixtures().join("v2/classifier.mar");
+    let text = status_text(
+        call(
+            &server,
+            Method::POST,
+            &format!("/models?url={}&handler=classifier", v2.display()),
+        ),
+        200,
+    );
+    assert!(text.contains("Version: 2.0 registered"), "{text}");
+    // The first registered version stays the default until set-default.
+    let (_, list) = call(&server, Method::GET, "/models");
+    assert_eq!(list["models"].as_array().unwrap().len(), 1);
+    let (_, all) = call(&server, Method::GET, "/models/classifier/all");
+    let versions: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["modelVersion"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["1.0", "2.0"]);
+    let answer = |path: &str| {
+        let (code, body, _) = server.predict(path, single.clone());
+        assert_eq!(code, 200, "{path}: {body}");
+        body
+    };
+    assert_json_close(
+        &answer("classifier"),
+        &reference["classifier_single"],
+        1e-5,
+        "v1",
+    );
+    assert_json_close(
+        &answer("classifier/2.0"),
+        &reference["classifier_v2_single"],
+        1e-5,
+        "v2",
+    );
+    // The default cannot go while another version remains.
+    assert_error(
+        call(&server, Method::DELETE, "/models/classifier/1.0"),
+        403,
+        "InvalidModelVersionException",
+        "Cannot remove default version for model classifier",
+    );
+    status_text(
+        call(&server, Method::PUT, "/models/classifier/2.0/set-default"),
+        200,
+    );
+    assert_json_close(
+        &answer("classifier"),
+        &reference["classifier_v2_single"],
+        1e-5,
+        "default",
+    );
+    status_text(call(&server, Method::DELETE, "/models/classifier/1.0"), 200);
+    let (code, _, _) = server.predict("classifier/1.0", single.clone());
+    assert_eq!(code, 404);
+    assert_json_close(
+        &answer("classifier"),
+        &reference["classifier_v2_single"],
+        1e-5,
+        "after",
+    );
+}
+
+#[test]
+fn changes_under_prediction_load_lose_nothing() {
+    let reference = reference();
+    let server = Arc::new(seed_server(&[]));
+    let single = json!({"features": reference["seed_features"]}).to_string();
+    let (v1, v2) = (
+        reference["classifier_single"].clone(),
+        reference["classifier_v2_single"].clone(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    // Four clients on the default route, two pinned to 1.0.
+    for i in 0..6 {
+        let (server, stop, sent, single) =
+            (server.clone(), stop.clone(), sent.clone(), single.clone());
+        let (v1, v2) = (v1.clone(), v2.clone());
+        clients.push(std::thread::spawn(move || {
+            let pinned = i >= 4;
+            let path = if pinned {
+                "classifier/1.0"
+            } else {
+                "classifier"
+            };
+            let mut gone = false;
+            while !stop.load(Ordering::Relaxed) {
+                let (code, body, _) = server.predict(path, single.clone());
+                sent.fetch_add(1, Ordering::Relaxed);
+                if pinned && code == 404 {
+                    // 1.0 was unregistered: from then on it stays gone.
+                    gone = true;
+                    continue;
+                }
+                assert_eq!(code, 200, "{path}: {body}");
+                assert!(!(pinned && gone), "1.0 answered after it was unregistered");
+                if pinned {
+                    assert!(json_close(&body, &v1, 1e-5), "1.0 answered {body}");
+                } else {
+                    assert!(
+                        json_close(&body, &v1, 1e-5) || json_close(&body, &v2, 1e-5),
+                        "the default answered {body}"
+                    );
+                }
+            }
+        }));
+    }
+    let v2_path = fixtures().join("v2/classifier.mar");
+    let step = |method: Method, path: String, code: u16| {
+        std::thread::sleep(Duration::from_millis(150));
+        status_text(call(&server, method, &path), code);
+    };
+    step(
+        Method::POST,
+        format!("/models?url={}&handler=classifier", v2_path.display()),
+        200,
+    );
+    step(
+        Method::PUT,
+        "/models/classifier?min_worker=3&synchronous=true".into(),
+        200,
+    );
+    step(
+        Method::PUT,
+        "/models/classifier/2.0/set-default".into(),
+        200,
+    );
+    step(
+        Method::PUT,
+        "/models/classifier/1.0?min_worker=1&synchronous=true".into(),
+        200,
+    );
+    step(Method::DELETE, "/models/classifier/1.0".into(), 200);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().expect("a client saw a lost or wrong answer");
+    }
+    assert!(
+        sent.load(Ordering::Relaxed) > 50,
+        "too little load to mean anything"
+    );
+    // After the switch, the default answers as 2.0.
+    let (code, body, _) = server.predict("classifier", single);
+    assert_eq!(code, 200);
+    assert_json_close(&body, &v2, 1e-5, "final default");
+}
+
+#[test]
+fn a_management_api_on_the_network_needs_the_token() {
+    let server = seed_server(&[]);
+    drop(server);
+    // Management on all interfaces: changes need the key from key_file.json.
+    let fx = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.properties");
+    std::fs::write(
+        &config,
+        "inference_address=http://127.0.0.1:0\nmanagement_address=http://0.0.0.0:0\n\
+         metrics_address=http://127.0.0.1:0\n",
+    )
+    .unwrap();
+    let store = fx.join("store");
+    let args = [
+        "--model-store",
+        path_str(&store),
+        "--models",
+        "classifier=classifier.mar",
+        "--ts-config",
+        path_str(&config),
+        "--handler",
+        "classifier=classifier",
+    ];
+    let server = Server::start(&args).wait_healthy();
+    let key_file = server.dir().join("key_file.json");
+    let keys: Value = serde_json::from_str(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let key = keys["management"]["key"].as_str().unwrap();
+    assert_eq!(key.len(), 8);
+    let url = |p: &str| format!("{}{p}", server.management);
+    let register = url("/models?url=classifier.mar&model_name=c2");
+    for token in [None, Some("wrong")] {
+        assert_error(
+            call_with(&server.client, Method::POST, &register, token),
+            400,
+            "InvalidKeyException",
+            "Token Authorization failed",
+        );
+        assert_error(
+            call_with(
+                &server.client,
+                Method::DELETE,
+                &url("/models/classifier"),
+                token,
+            ),
+            400,
+            "InvalidKeyException",
+            "Token Authorization failed",
+        );
+        assert_error(
+            call_with(
+                &server.client,
+                Method::PUT,
+                &url("/models/classifier?min_worker=2"),
+                token,
+            ),
+            400,
+            "InvalidKeyException",
+            "Token Authorization failed",
+        );
+    }
+    // Reads, probes, predictions and metrics need none.
+    assert_eq!(
+        call_with(&server.client, Method::GET, &url("/models"), None).0,
+        200
+    );
+    let body = json!({"features": reference()["seed_features"]}).to_string();
+    assert_eq!(server.predict("classifier", body).0, 200);
+    let r = server
+        .client
+        .get(format!("{}/metrics", server.metrics))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = status_text(
+        call_with(&server.client, Method::POST, &register, Some(key)),
+        200,
+    );
+    assert!(text.contains("\"c2\""), "{text}");
+    drop(server);
+
+    // Explicitly disabled: no key file, no token.
+    let mut open_args = args.to_vec();
+    open_args.push("--disable-token-auth");
+    let server = Server::start(&open_args).wait_healthy();
+    assert!(!server.dir().join("key_file.json").exists());
+    status_text(
+        call_with(
+            &server.client,
+            Method::POST,
+            &format!(
+                "{}/models?url=classifier.mar&model_name=c3",
+                server.management
+            ),
+            None,
+        ),
+        200,
+    );
+    drop(server);
+
+    // The model API switched off: registering and unregistering are 405 even on loopback.
+    std::fs::write(
+        &config,
+        "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\n\
+         metrics_address=http://127.0.0.1:0\nenable_model_api=false\n",
+    )
+    .unwrap();
+    let server = Server::start(&args).wait_healthy();
+    assert_error(
+        call(
+            &server,
+            Method::POST,
+            "/models?url=classifier.mar&model_name=c4",
+        ),
+        405,
+        "MethodNotAllowedException",
+        "not allowed",
+    );
+    assert_error(
+        call(&server, Method::DELETE, "/models/classifier"),
+        405,
+        "MethodNotAllowedException",
+        "not allowed",
+    );
+    // Scaling stays available, as in TorchServe.
+    status_text(
+        call(
+            &server,
+            Method::PUT,
+            "/models/classifier?min_worker=1&synchronous=true",
+        ),
+        200,
+    );
+}
+
+/// The server's resident memory, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn unregistering_gives_the_memory_back() {
+    let server = seed_server(&[]);
+    let pid = server.child.id();
+    let before = rss_kib(pid);
+    // The wide MLP: about 70 MB of weights.
+    status_text(
+        call(
+            &server,
+            Method::POST,
+            "/models?url=wide.mar&initial_workers=1",
+        ),
+        200,
+    );
+    let body = serde_json::to_string(&reference()["wide_input"]).unwrap();
+    let (code, value, _) = server.predict("wide", body);
+    assert_eq!(code, 200, "{value}");
+    let loaded = rss_kib(pid);
+    assert!(
+        loaded > before + 50_000,
+        "registering grew RSS by only {} KiB",
+        loaded - before
+    );
+    status_text(call(&server, Method::DELETE, "/models/wide"), 200);
+    // The version is retired once no request holds it; then its memory goes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut after = rss_kib(pid);
+    while after > before + (loaded - before) / 5 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        after = rss_kib(pid);
+    }
+    eprintln!("RSS: {before} KiB before, {loaded} loaded, {after} after unregistering");
+    assert!(
+        after <= before + (loaded - before) / 5,
+        "RSS {after} KiB after unregistering, {before} before and {loaded} loaded"
+    );
+}
