@@ -121,8 +121,36 @@ fn quick_run_writes_every_section() {
 
     assert!(r["torchserve"].is_null());
     assert_eq!(r["torchserve_skipped"], "--quick");
+    // The functions' figures: the model function's cold start from a local S3 server, and
+    // the large archive fetched from both local S3 servers.
+    let functions = &r["functions"];
+    assert!(
+        functions.is_object(),
+        "no functions section: {}",
+        r["functions_skipped"]
+    );
+    for c in array(functions, "cold_start") {
+        assert!(
+            num(c, "total_ms") >= num(c, "ready_ms") && num(c, "ready_ms") > 0.0,
+            "{c}"
+        );
+    }
+    let series = array(functions, "fetch");
+    let servers: Vec<&str> = series
+        .iter()
+        .map(|s| s["server"].as_str().unwrap())
+        .collect();
+    assert_eq!(servers, ["s3s-fs", "moto_server"]);
+    for s in series {
+        assert!(num(s, "archive_bytes") > 1e6, "{s}");
+        assert!(
+            num(s, "raw_get_mb_s") > 0.0 && num(s, "fetch_unpack_mb_s") > 0.0,
+            "{s}"
+        );
+    }
+
     let targets = array(&r, "targets");
-    assert_eq!(targets.len(), 7);
+    assert_eq!(targets.len(), 9);
     for t in targets {
         assert!(t["target"].is_string() && t["measured"].is_string(), "{t}");
     }
