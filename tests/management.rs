@@ -705,3 +705,154 @@ fn unregistering_gives_the_memory_back() {
         "RSS {after} KiB after unregistering, {before} before and {loaded} loaded"
     );
 }
+
+#[test]
+fn flags_over_ts_variables_over_the_file() {
+    let fx = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.properties");
+    let store = fx.join("store");
+    let write = |envvars: bool| {
+        std::fs::write(
+            &config,
+            format!(
+                "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\n\
+                 metrics_address=http://127.0.0.1:0\njob_queue_size=50\nload_models=wide.mar\n\
+                 enable_envvars_config={envvars}\n"
+            ),
+        )
+        .unwrap();
+    };
+    let args = [
+        "--model-store",
+        path_str(&store),
+        "--models",
+        "classifier=classifier.mar",
+        "--ts-config",
+        path_str(&config),
+        "--handler",
+        "classifier=classifier",
+    ];
+    let env = [
+        ("TS_JOB_QUEUE_SIZE", "7"),
+        ("TS_LOAD_MODELS", "scripted.mar"),
+    ];
+    let capacity = |server: &Server| {
+        let (_, d) = call(server, Method::GET, "/models/classifier");
+        d[0]["jobQueueStatus"]["remainingCapacity"]
+            .as_u64()
+            .unwrap()
+    };
+    // The variables count only with enable_envvars_config=true in the file.
+    write(false);
+    let server = Server::start_with_env(&args, &env).wait_healthy();
+    assert_eq!(capacity(&server), 50);
+    drop(server);
+    write(true);
+    let server = Server::start_with_env(&args, &env).wait_healthy();
+    // TS_JOB_QUEUE_SIZE over the file's job_queue_size; --models over TS_LOAD_MODELS and the
+    // file's load_models.
+    assert_eq!(capacity(&server), 7);
+    let (_, list) = call(&server, Method::GET, "/models");
+    assert_eq!(
+        list,
+        json!({"models": [{"modelName": "classifier", "modelUrl": "classifier.mar"}]})
+    );
+}
+
+#[test]
+fn the_api_description_matches_the_routes() {
+    let server = seed_server(&[]);
+    let body = json!({"features": reference()["seed_features"]}).to_string();
+    let validator = common::venv_python()
+        .parent()
+        .unwrap()
+        .join("openapi-spec-validator");
+    for (port, base) in [
+        ("inference", &server.inference),
+        ("management", &server.management),
+    ] {
+        let (code, doc) = call_with(&server.client, Method::OPTIONS, &format!("{base}/"), None);
+        assert_eq!(code, 200, "{port}: {doc}");
+        let (code, legacy) = call_with(
+            &server.client,
+            Method::GET,
+            &format!("{base}/api-description"),
+            None,
+        );
+        assert_eq!((code, &legacy), (200, &doc), "{port}");
+        assert_eq!(
+            call_with(&server.client, Method::POST, &format!("{base}/"), None).0,
+            405
+        );
+        // A valid OpenAPI 3 document, by the reference validator.
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), doc.to_string()).unwrap();
+        let out = std::process::Command::new(&validator)
+            .arg(file.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{port}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Every operation it lists is routed, and answers with a status it lists.
+        for (path, methods) in doc["paths"].as_object().unwrap() {
+            for (method, op) in methods.as_object().unwrap() {
+                let changes = method != "get" && method != "options";
+                let model = if changes && port == "management" {
+                    "nope"
+                } else {
+                    "classifier"
+                };
+                let url = format!(
+                    "{base}{}",
+                    path.replace("{model_name}", model)
+                        .replace("{model_version}", "1.0")
+                );
+                let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+                let mut req = server.client.request(m, &url);
+                if path.starts_with("/predictions") {
+                    req = req
+                        .header("content-type", "application/json")
+                        .body(body.clone());
+                }
+                let r = req.send().unwrap();
+                let status = r.status().as_u16();
+                let answer: Value = r.json().unwrap();
+                assert_ne!(
+                    answer["type"], "ResourceNotFoundException",
+                    "{method} {path} is documented but not routed"
+                );
+                assert_ne!(status, 405, "{method} {path} is documented but refused");
+                assert!(
+                    op["responses"].get(status.to_string()).is_some(),
+                    "{method} {url} answered {status}, which its description does not list: {answer}"
+                );
+            }
+            // A method no route takes is 405 (paths that take any method aside).
+            let any_method = ["/predictions", "/ping", "/api-description"]
+                .iter()
+                .any(|p| path.starts_with(p));
+            if !any_method {
+                let url = format!(
+                    "{base}{}",
+                    path.replace("{model_name}", "classifier")
+                        .replace("{model_version}", "1.0")
+                );
+                assert_eq!(
+                    server
+                        .client
+                        .request(Method::PATCH, &url)
+                        .send()
+                        .unwrap()
+                        .status(),
+                    405,
+                    "PATCH {path}"
+                );
+            }
+        }
+    }
+}

@@ -113,7 +113,15 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
             p.exists().then_some(p)
         });
     if let Some(path) = &config {
-        let props = properties::read(path)?;
+        let mut props = properties::read(path)?;
+        // With enable_envvars_config=true in the file, TS_* variables override its keys.
+        let (from_env, unknown) = Settings::env_overrides(&mut props, std::env::vars());
+        if !from_env.is_empty() {
+            tracing::info!(keys = ?from_env, "config.properties keys set from TS_* environment variables");
+        }
+        if !unknown.is_empty() {
+            tracing::warn!(variables = ?unknown, "TS_* environment variables that name no configuration key; they are ignored");
+        }
         s.apply_properties(&props)
             .with_context(|| format!("could not use {}", path.display()))?;
         tracing::info!(config = %path.display(), "configuration read");

@@ -175,6 +175,34 @@ impl Default for Settings {
     }
 }
 
+/// Keys `apply_properties` acts on.
+const HANDLED_KEYS: &[&str] = &[
+    "inference_address",
+    "management_address",
+    "metrics_address",
+    "model_store",
+    "load_models",
+    "default_workers_per_model",
+    "job_queue_size",
+    "max_request_size",
+    "max_response_size",
+    "batch_size",
+    "max_batch_delay",
+    "default_response_timeout",
+    "enable_batch",
+    "number_of_gpu",
+    "default_service_handler",
+    "models",
+    "max_instances_per_request",
+    "torchfn_precision",
+    "torchfn_device",
+    "torchfn_unpack_dir",
+    "enable_model_api",
+    "disable_token_authorization",
+    "token_expiration_min",
+    "allowed_urls",
+];
+
 /// TorchServe keys accepted for compatibility that change nothing in torchfn (JVM, Netty,
 /// Python-backend and logging knobs). Anything neither here nor handled is "unknown".
 const INERT_KEYS: &[&str] = &[
@@ -296,6 +324,57 @@ impl Settings {
             self.batch_size = 1;
         }
         Ok(())
+    }
+
+    /// TorchServe's `TS_*` environment overrides, applied to `props` when it (the config
+    /// file) says `enable_envvars_config=true`: `TS_INFERENCE_ADDRESS` sets
+    /// `inference_address`, and so on for every key, except those TorchServe gives no
+    /// variable (`models`, `enable_envvars_config`, ...); `TS_ALLOWED_URLS` counts only with
+    /// `use_env_allowed_urls=true`. Returns the keys set this way, and the `TS_*` variables
+    /// that name no key.
+    pub fn env_overrides(
+        props: &mut crate::properties::Properties,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> (Vec<String>, Vec<String>) {
+        const NO_VARIABLE: &[&str] = &[
+            "enable_envvars_config",
+            "models",
+            "model_snapshot",
+            "metric_time_interval",
+            "use_native_io",
+            "io_ratio",
+            "system_metrics_cmd",
+            "vmargs",
+        ];
+        let on = |props: &crate::properties::Properties, key: &str| {
+            props
+                .get(key)
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+        };
+        if !on(props, "enable_envvars_config") {
+            return (Vec::new(), Vec::new());
+        }
+        let env_urls = on(props, "use_env_allowed_urls");
+        let (mut set, mut unknown) = (Vec::new(), Vec::new());
+        let mut vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("TS_") && k != "TS_CONFIG_FILE")
+            .collect();
+        vars.sort();
+        for (var, value) in vars {
+            let key = var["TS_".len()..].to_ascii_lowercase();
+            let known = HANDLED_KEYS.contains(&key.as_str()) || INERT_KEYS.contains(&key.as_str());
+            if !known || NO_VARIABLE.contains(&key.as_str()) {
+                unknown.push(var);
+                continue;
+            }
+            if key == "allowed_urls" && !env_urls {
+                continue;
+            }
+            props.insert(key.clone(), value);
+            set.push(key);
+        }
+        (set, unknown)
     }
 
     /// Whether `url` (a `file://`, `s3://` or http(s) URL) matches one of `allowed_urls` as a
@@ -431,5 +510,59 @@ mod tests {
         assert!(parse_address("k", "https://x:1").is_err());
         assert!(parse_address("k", "http://not an addr").is_err());
         assert_eq!(parse_address("k", "http://[::1]:7").unwrap().port(), 7);
+    }
+}
+
+#[cfg(test)]
+mod env_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::properties::Properties;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn ts_variables_override_the_file_only_when_enabled() {
+        let vars = env(&[
+            ("TS_INFERENCE_ADDRESS", "http://127.0.0.1:9999"),
+            ("TS_JOB_QUEUE_SIZE", "7"),
+            ("TS_MODELS", "{}"),
+            ("TS_NO_SUCH_KEY", "1"),
+            ("TS_ALLOWED_URLS", "s3://.*"),
+            ("TS_CONFIG_FILE", "/x"),
+            ("PATH", "/bin"),
+        ]);
+        let mut props = Properties::new();
+        props.insert("job_queue_size".into(), "50".into());
+        assert_eq!(
+            Settings::env_overrides(&mut props, vars.clone()),
+            (vec![], vec![])
+        );
+        assert_eq!(props["job_queue_size"], "50");
+
+        props.insert("enable_envvars_config".into(), "true".into());
+        let (set, unknown) = Settings::env_overrides(&mut props, vars.clone());
+        assert_eq!(set, ["inference_address", "job_queue_size"]);
+        assert_eq!(unknown, ["TS_MODELS", "TS_NO_SUCH_KEY"]);
+        let mut s = Settings::default();
+        s.apply_properties(&props).unwrap();
+        assert_eq!(s.job_queue_size, 7);
+        assert_eq!(s.inference_address.port(), 9999);
+        // TS_ALLOWED_URLS was not applied: the default patterns stand.
+        assert!(s.url_allowed("file:///srv/models/x.mar"));
+
+        // TS_ALLOWED_URLS only with use_env_allowed_urls=true.
+        props.insert("use_env_allowed_urls".into(), "true".into());
+        let (set, _) = Settings::env_overrides(&mut props, vars);
+        assert!(set.contains(&"allowed_urls".to_string()));
+        let mut s = Settings::default();
+        s.apply_properties(&props).unwrap();
+        assert!(s.url_allowed("s3://b/k.mar"));
+        assert!(!s.url_allowed("file:///etc/passwd"));
     }
 }

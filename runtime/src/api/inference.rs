@@ -14,7 +14,14 @@ use super::{json_response, read_body, AppState};
 use crate::error::ApiError;
 
 pub fn routes() -> Router<AppState> {
+    use super::openapi::{respond, INFERENCE};
     Router::new()
+        .route(
+            "/",
+            axum::routing::options(|| async { respond(INFERENCE) })
+                .fallback(|| async { ApiError::method_not_allowed() }),
+        )
+        .route("/api-description", any(|| async { respond(INFERENCE) }))
         .route("/ping", any(ping))
         .route("/predictions/{*path}", any(predict))
 }

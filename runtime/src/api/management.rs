@@ -19,8 +19,17 @@ use crate::manager::{retire, LoadSpec, Manager, RegisterParams};
 use crate::store::{Expect, Location};
 
 pub fn routes() -> Router<AppState> {
+    use super::openapi::{respond, MANAGEMENT};
     let not_allowed = || async { ApiError::method_not_allowed() };
     Router::new()
+        .route(
+            "/",
+            axum::routing::options(|| async { respond(MANAGEMENT) }).fallback(not_allowed),
+        )
+        .route(
+            "/api-description",
+            axum::routing::any(|| async { respond(MANAGEMENT) }),
+        )
         .route("/models", get(list).post(register).fallback(not_allowed))
         .route(
             "/models/{name}",

@@ -5,6 +5,7 @@
 pub mod inference;
 pub mod management;
 pub mod metrics;
+pub mod openapi;
 pub mod security;
 
 use std::sync::atomic::{AtomicBool, Ordering};
