@@ -74,6 +74,12 @@ struct Args {
     #[arg(long = "enable-model-api")]
     enable_model_api: bool,
 
+    /// Follow an object-store registry (`s3://bucket/prefix` or a folder): the versions the
+    /// registrar records there are loaded, made default and unloaded without a restart
+    /// (config.properties: torchfn_registry, torchfn_registry_poll_seconds).
+    #[arg(long, env = "TORCHFN_REGISTRY")]
+    registry: Option<String>,
+
     /// Log as JSON lines (level from RUST_LOG, default info).
     #[arg(long, env = "TORCHFN_LOG_JSON")]
     log_json: bool,
@@ -134,6 +140,9 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
     }
     if let Some(d) = args.device {
         s.device = d;
+    }
+    if let Some(r) = &args.registry {
+        s.registry = Some(r.clone());
     }
     if args.disable_token_auth {
         s.disable_token_authorization = true;
@@ -238,8 +247,29 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("start-up models loaded; /ping reports Healthy");
         })
     };
+    let follower = match &settings.registry {
+        Some(root) => {
+            let root: torchfn_runtime::store::Location = root
+                .parse()
+                .with_context(|| format!("torchfn_registry {root} is not a location"))?;
+            let registry = torchfn_runtime::registry::Registry::new(
+                torchfn_runtime::store::ObjectStore::from_env(),
+                root,
+            );
+            tracing::info!(registry = %registry.root(), every_s = settings.registry_poll.as_secs(), "following the registry");
+            Some(tokio::spawn(torchfn_runtime::follow::follow(
+                registry,
+                manager.clone(),
+                settings.registry_poll,
+            )))
+        }
+        None => None,
+    };
 
     api::shutdown_signal().await;
+    if let Some(f) = follower {
+        f.abort();
+    }
     let _ = stop_tx.send(true);
     for s in servers {
         if let Ok(Err(e)) = s.await {

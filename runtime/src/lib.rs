@@ -24,6 +24,8 @@ pub mod batcher;
 #[cfg(feature = "torch")]
 pub mod error;
 #[cfg(feature = "torch")]
+pub mod follow;
+#[cfg(feature = "torch")]
 pub mod handler;
 #[cfg(feature = "torch")]
 pub mod manager;

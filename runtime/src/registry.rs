@@ -57,6 +57,13 @@ pub struct VersionRecord {
     pub removed_ms: Option<u64>,
 }
 
+/// One model in a registry snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct ModelEntry {
+    pub versions: Vec<VersionRecord>,
+    pub default: Option<DefaultPointer>,
+}
+
 /// A model's default version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DefaultPointer {
@@ -164,6 +171,41 @@ impl Registry {
             }
         }
         out.sort_by(|a, b| compare_versions(&a.version, a.created_ms, &b.version, b.created_ms));
+        Ok(out)
+    }
+
+    /// Every model's version records (in version order) and default pointer, from one
+    /// listing of the registry: what a server following the registry compares itself with.
+    pub async fn snapshot(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, ModelEntry>, RegistryError> {
+        let mut out: std::collections::BTreeMap<String, ModelEntry> = Default::default();
+        for (location, _) in self.store.list(&self.root).await? {
+            let text = location.to_string();
+            if text.ends_with("/default.json") {
+                let object = self.store.get(&location).await?;
+                let pointer: DefaultPointer = from_json(&object.bytes, &location)?;
+                let model = text
+                    .trim_end_matches("/default.json")
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                out.entry(model).or_default().default = Some(pointer);
+            } else if text.contains("/versions/") && text.ends_with(".json") {
+                let object = self.store.get(&location).await?;
+                let record: VersionRecord = from_json(&object.bytes, &location)?;
+                out.entry(record.model.clone())
+                    .or_default()
+                    .versions
+                    .push(record);
+            }
+        }
+        for entry in out.values_mut() {
+            entry.versions.sort_by(|a, b| {
+                compare_versions(&a.version, a.created_ms, &b.version, b.created_ms)
+            });
+        }
         Ok(out)
     }
 

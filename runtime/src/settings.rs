@@ -133,6 +133,11 @@ pub struct Settings {
     pub disable_token_authorization: bool,
     /// `token_expiration_min`: how long a generated key is valid (default 60).
     pub token_expiration_min: u64,
+    /// `torchfn_registry`: an object-store registry (`s3://bucket/prefix` or a folder) whose
+    /// versions the server loads, follows and unloads as the registrar records them.
+    pub registry: Option<String>,
+    /// `torchfn_registry_poll_seconds`: how often the registry is read (default 5).
+    pub registry_poll: Duration,
     /// Regular expressions (each matching a whole URL) an archive registered by URL must
     /// match; absolute paths are matched as `file://` URLs.
     pub allowed_urls: Vec<String>,
@@ -164,6 +169,8 @@ impl Default for Settings {
             handlers: BTreeMap::new(),
             device: DevicePreference::Auto,
             unpack_dir: None,
+            registry: None,
+            registry_poll: Duration::from_secs(5),
             enable_model_api: None,
             disable_token_authorization: false,
             token_expiration_min: 60,
@@ -201,6 +208,8 @@ const HANDLED_KEYS: &[&str] = &[
     "disable_token_authorization",
     "token_expiration_min",
     "allowed_urls",
+    "torchfn_registry",
+    "torchfn_registry_poll_seconds",
 ];
 
 /// TorchServe keys accepted for compatibility that change nothing in torchfn (JVM, Netty,
@@ -296,6 +305,10 @@ impl Settings {
                 }
                 "torchfn_device" => self.device = v.parse().map_err(|e: String| bad(key, e))?,
                 "torchfn_unpack_dir" => self.unpack_dir = Some(PathBuf::from(v)),
+                "torchfn_registry" => self.registry = Some(v.to_string()),
+                "torchfn_registry_poll_seconds" => {
+                    self.registry_poll = Duration::from_secs(parse_num::<u64>(key, v)?.max(1));
+                }
                 "enable_model_api" => self.enable_model_api = Some(parse_bool(key, v)?),
                 "disable_token_authorization" => {
                     self.disable_token_authorization = parse_bool(key, v)?;
