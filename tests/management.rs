@@ -321,7 +321,8 @@ fn allowed_urls_restrict_where_archives_come_from() {
         &config,
         format!(
             "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\n\
-             metrics_address=http://127.0.0.1:0\nallowed_urls=file://{}/.*\n",
+             metrics_address=http://127.0.0.1:0\nallowed_urls=file://{}/.*\n\
+             cors_allowed_origin=https://app.example.com\ncors_allowed_methods=GET, POST\n",
             store.display()
         ),
     )
@@ -333,6 +334,18 @@ fn allowed_urls_restrict_where_archives_come_from() {
         "classifier=classifier",
     ])
     .wait_healthy();
+    // CORS headers, as configured.
+    let r = server
+        .client
+        .get(format!("{}/models", server.management))
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(r.headers()["access-control-allow-methods"], "GET, POST");
+    assert!(r.headers().get("access-control-allow-headers").is_none());
     let allowed = store.join("classifier.mar");
     let elsewhere = fx.join("v2/classifier.mar");
     let (code, body) = call(

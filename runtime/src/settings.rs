@@ -133,6 +133,9 @@ pub struct Settings {
     pub disable_token_authorization: bool,
     /// `token_expiration_min`: how long a generated key is valid (default 60).
     pub token_expiration_min: u64,
+    /// `cors_allowed_origin`, `cors_allowed_methods`, `cors_allowed_headers`: sent as the
+    /// `Access-Control-Allow-*` headers of every response when set (TorchServe's CORS).
+    pub cors: [Option<String>; 3],
     /// `torchfn_registry`: an object-store registry (`s3://bucket/prefix` or a folder) whose
     /// versions the server loads, follows and unloads as the registrar records them.
     pub registry: Option<String>,
@@ -169,6 +172,7 @@ impl Default for Settings {
             handlers: BTreeMap::new(),
             device: DevicePreference::Auto,
             unpack_dir: None,
+            cors: [None, None, None],
             registry: None,
             registry_poll: Duration::from_secs(5),
             enable_model_api: None,
@@ -210,6 +214,9 @@ const HANDLED_KEYS: &[&str] = &[
     "allowed_urls",
     "torchfn_registry",
     "torchfn_registry_poll_seconds",
+    "cors_allowed_origin",
+    "cors_allowed_methods",
+    "cors_allowed_headers",
 ];
 
 /// TorchServe keys accepted for compatibility that change nothing in torchfn (JVM, Netty,
@@ -244,11 +251,9 @@ const INERT_KEYS: &[&str] = &[
     "enable_grpc_ssl",
     "model_snapshot",
     "ts_open_inference_protocol",
-    // Keys accepted so configs load, not honoured yet.
+    // Read by `env_overrides`.
     "use_env_allowed_urls",
-    "cors_allowed_origin",
-    "cors_allowed_methods",
-    "cors_allowed_headers",
+    // Accepted so configs load, not honoured.
     "blacklist_env_vars",
 ];
 
@@ -306,6 +311,9 @@ impl Settings {
                 "torchfn_device" => self.device = v.parse().map_err(|e: String| bad(key, e))?,
                 "torchfn_unpack_dir" => self.unpack_dir = Some(PathBuf::from(v)),
                 "torchfn_registry" => self.registry = Some(v.to_string()),
+                "cors_allowed_origin" => self.cors[0] = Some(v.to_string()),
+                "cors_allowed_methods" => self.cors[1] = Some(v.to_string()),
+                "cors_allowed_headers" => self.cors[2] = Some(v.to_string()),
                 "torchfn_registry_poll_seconds" => {
                     self.registry_poll = Duration::from_secs(parse_num::<u64>(key, v)?.max(1));
                 }

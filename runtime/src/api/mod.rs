@@ -94,6 +94,20 @@ async fn common_layer(State(state): State<AppState>, mut req: Request, next: Nex
         header::EXPIRES,
         HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 UTC"),
     );
+    // TorchServe's CORS: the configured values, only when an origin is configured.
+    let cors = &state.manager.settings().cors;
+    if cors[0].is_some() {
+        let names = [
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+        ];
+        for (name, value) in names.into_iter().zip(cors) {
+            if let Some(v) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+                h.insert(name, v);
+            }
+        }
+    }
     resp
 }
 
