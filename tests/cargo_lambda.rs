@@ -19,7 +19,7 @@ mod moto;
 #[path = "common/server.rs"]
 mod server;
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,14 +39,6 @@ fn cargo_lambda() -> PathBuf {
     bin
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A `cargo lambda watch` for one package, in a process group of its own so that stopping
 /// it also stops the function process it started.
 struct Watch {
@@ -60,7 +52,7 @@ impl Watch {
         use std::os::unix::process::CommandExt;
         let log = moto::target_dir().join(format!("cargo-lambda-watch-{package}.log"));
         let out = std::fs::File::create(&log).unwrap();
-        let port = free_port();
+        let port = moto::free_port();
         let mut cmd = Command::new(cargo_lambda());
         cmd.args(["lambda", "watch", "--package", package, "--ignore-changes"])
             .args(["--invoke-address", "127.0.0.1", "--invoke-port"])

@@ -84,7 +84,8 @@ fn moto_server() -> PathBuf {
     common::venv_python().parent().unwrap().join("moto_server")
 }
 
-fn free_port() -> u16 {
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
