@@ -151,15 +151,27 @@ async fn ping_turns_healthy_when_ready_and_routers_answer_in_process() {
     assert_eq!(status, StatusCode::OK);
     common::assert_json_close(&body, &reference["tensor_single"], 1e-5, "oneshot");
 
-    let (status, body) = call(
-        api::management_router(state.clone()),
+    // With the model API off, unregistering is refused; with it on (the default), the
+    // version goes and its predictions answer 404.
+    let closed = state.clone().with_access(api::security::Access {
+        model_api: false,
+        keys: None,
+    });
+    let delete = || {
         Request::delete("/models/scripted")
             .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+            .unwrap()
+    };
+    let (status, body) = call(api::management_router(closed), delete()).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(body["type"], "MethodNotAllowedException");
+    let (status, body) = call(api::management_router(state.clone()), delete()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let req = Request::post("/predictions/scripted")
+        .body(Body::from(reference["seed_features"].to_string()))
+        .unwrap();
+    let (status, _) = call(api::inference_router(state.clone()), req).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
 /// Item i of a batch equals the single-item result within 1e-6 relative, for every built-in
