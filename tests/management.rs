@@ -615,6 +615,31 @@ fn a_management_api_on_the_network_needs_the_token() {
         200,
     );
     assert!(text.contains("\"c2\""), "{text}");
+    // Rotation, authorised with the API key only: the old management key stops working, the
+    // new one works, and key_file.json holds it.
+    let api_key = keys["API"]["key"].as_str().unwrap();
+    let rotate = url("/token?type=management");
+    assert_error(
+        call_with(&server.client, Method::GET, &rotate, Some(key)),
+        400,
+        "InvalidKeyException",
+        "Token Authorization failed",
+    );
+    let (code, rotated) = call_with(&server.client, Method::GET, &rotate, Some(api_key));
+    assert_eq!(code, 200, "{rotated}");
+    let new_key = rotated["management"]["key"].as_str().unwrap();
+    assert_ne!(new_key, key);
+    let scale = url("/models/classifier?min_worker=1&synchronous=true");
+    assert_eq!(
+        call_with(&server.client, Method::PUT, &scale, Some(key)).0,
+        400
+    );
+    assert_eq!(
+        call_with(&server.client, Method::PUT, &scale, Some(new_key)).0,
+        200
+    );
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
+    assert_eq!(file["management"]["key"], new_key);
     drop(server);
 
     // Explicitly disabled: no key file, no token.

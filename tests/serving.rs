@@ -153,10 +153,9 @@ async fn ping_turns_healthy_when_ready_and_routers_answer_in_process() {
 
     // With the model API off, unregistering is refused; with it on (the default), the
     // version goes and its predictions answer 404.
-    let closed = state.clone().with_access(api::security::Access {
-        model_api: false,
-        keys: None,
-    });
+    let closed = state
+        .clone()
+        .with_access(api::security::Access::default().model_api(false));
     let delete = || {
         Request::delete("/models/scripted")
             .body(Body::empty())

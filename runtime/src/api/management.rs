@@ -30,6 +30,7 @@ pub fn routes() -> Router<AppState> {
             "/api-description",
             axum::routing::any(|| async { respond(MANAGEMENT) }),
         )
+        .route("/token", get(super::security::token).fallback(not_allowed))
         .route("/models", get(list).post(register).fallback(not_allowed))
         .route(
             "/models/{name}",

@@ -176,6 +176,19 @@ pub const MANAGEMENT: &[Op] = &[
     API_DESCRIPTION,
     op(
         "get",
+        "/token",
+        "Rotate a key of token authorization (send the API key as the bearer token).",
+        &[query("type", "string", "management or inference.")],
+        &[
+            (200, "The new key and its expiry."),
+            (
+                400,
+                "A wrong API key, a bad type, or token authorization off.",
+            ),
+        ],
+    ),
+    op(
+        "get",
         "/models",
         "Registered models (default versions), sorted by name.",
         &[

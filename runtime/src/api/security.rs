@@ -24,22 +24,25 @@ use super::AppState;
 use crate::error::{ApiError, ErrorKind};
 use crate::settings::Settings;
 
-/// The keys of one start-up, as TorchServe's `key_file.json` holds them.
+/// The keys of a server, as TorchServe's `key_file.json` holds them.
 #[derive(Debug, Clone)]
-pub struct Keys {
-    pub management: String,
-    pub inference: String,
-    pub api: String,
-    pub expires: SystemTime,
+struct Keys {
+    management: (String, SystemTime),
+    inference: (String, SystemTime),
+    api: String,
 }
 
 /// What the management API lets callers do.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Access {
     /// Register and unregister are served (else 405).
     pub model_api: bool,
     /// When set, calls that change models need the management key.
-    pub keys: Option<Keys>,
+    keys: Option<std::sync::Mutex<Keys>>,
+    /// How long a key is valid.
+    ttl: Duration,
+    /// Where the keys were written, rewritten when one is rotated.
+    key_file: std::sync::Mutex<Option<PathBuf>>,
 }
 
 impl Default for Access {
@@ -48,6 +51,8 @@ impl Default for Access {
         Access {
             model_api: true,
             keys: None,
+            ttl: Duration::from_secs(3600),
+            key_file: std::sync::Mutex::new(None),
         }
     }
 }
@@ -68,64 +73,166 @@ impl Access {
     /// The access `settings` call for (see the module comment).
     pub fn decide(settings: &Settings) -> Access {
         let exposed = !settings.management_address.ip().is_loopback();
-        let keys = (exposed && !settings.disable_token_authorization).then(|| Keys {
-            management: new_key(),
-            inference: new_key(),
-            api: new_key(),
-            expires: SystemTime::now()
-                + Duration::from_secs(settings.token_expiration_min.saturating_mul(60)),
+        let ttl = Duration::from_secs(settings.token_expiration_min.saturating_mul(60));
+        let expires = SystemTime::now() + ttl;
+        let keys = (exposed && !settings.disable_token_authorization).then(|| {
+            std::sync::Mutex::new(Keys {
+                management: (new_key(), expires),
+                inference: (new_key(), expires),
+                api: new_key(),
+            })
         });
         Access {
             model_api: settings.enable_model_api.unwrap_or(true),
             keys,
+            ttl,
+            key_file: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The same access with the model API on or off.
+    pub fn model_api(mut self, on: bool) -> Self {
+        self.model_api = on;
+        self
+    }
+
+    /// Whether changing models needs a key.
+    pub fn requires_token(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    fn keys(&self) -> Option<Keys> {
+        self.keys
+            .as_ref()
+            .map(|k| k.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
     /// Writes `key_file.json` into `dir` (mode 0600) when there are keys; returns its path.
     pub fn write_key_file(&self, dir: &Path) -> std::io::Result<Option<PathBuf>> {
-        let Some(keys) = &self.keys else {
+        if self.keys.is_none() {
             return Ok(None);
+        }
+        let path = dir.join("key_file.json");
+        self.write_keys(&path)?;
+        *self.key_file.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.clone());
+        Ok(Some(path))
+    }
+
+    fn write_keys(&self, path: &Path) -> std::io::Result<()> {
+        let Some(keys) = self.keys() else {
+            return Ok(());
         };
-        let expires = crate::manager::format_time(keys.expires);
         let body = serde_json::json!({
-            "management": {"key": keys.management, "expiration time": expires},
-            "inference": {"key": keys.inference, "expiration time": expires},
+            "management": {"key": keys.management.0,
+                           "expiration time": crate::manager::format_time(keys.management.1)},
+            "inference": {"key": keys.inference.0,
+                          "expiration time": crate::manager::format_time(keys.inference.1)},
             "API": {"key": keys.api},
         });
-        let path = dir.join("key_file.json");
-        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path);
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&path)?;
+        let mut file = options.open(path)?;
         std::io::Write::write_all(&mut file, serde_json::to_vec_pretty(&body)?.as_slice())?;
-        Ok(Some(path))
+        Ok(())
+    }
+
+    /// `GET /token?type=management|inference`, authorised with the `API` key: a new key of
+    /// that type, valid for `token_expiration_min` again, written to `key_file.json` too.
+    pub fn rotate(&self, req: &Request, kind: Option<&str>) -> Result<serde_json::Value, ApiError> {
+        let Some(lock) = &self.keys else {
+            return Err(ApiError::new(
+                ErrorKind::BadRequest,
+                "token authorization is off on this server: there are no keys to rotate",
+            ));
+        };
+        let api = lock.lock().unwrap_or_else(|e| e.into_inner()).api.clone();
+        if bearer(req) != Some(api.as_str()) {
+            return Err(invalid_key("API"));
+        }
+        let key = new_key();
+        let expires = SystemTime::now() + self.ttl;
+        {
+            let mut keys = lock.lock().unwrap_or_else(|e| e.into_inner());
+            match kind {
+                Some("management") => keys.management = (key.clone(), expires),
+                Some("inference") => keys.inference = (key.clone(), expires),
+                other => {
+                    return Err(ApiError::new(
+                        ErrorKind::BadRequest,
+                        format!(
+                            "type must be management or inference, not {}",
+                            other.unwrap_or("(missing)")
+                        ),
+                    ))
+                }
+            }
+        }
+        let path = self
+            .key_file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(path) = path {
+            self.write_keys(&path)
+                .map_err(|e| ApiError::internal(format!("could not rewrite key_file.json: {e}")))?;
+        }
+        let kind = kind.unwrap_or_default();
+        Ok(serde_json::json!({
+            kind: {"key": key, "expiration time": crate::manager::format_time(expires)}
+        }))
     }
 
     /// Whether a request may change models: its `Authorization: Bearer` key, when keys are
     /// required.
     fn authorize(&self, req: &Request) -> Result<(), ApiError> {
-        let Some(keys) = &self.keys else {
+        let Some(keys) = self.keys() else {
             return Ok(());
         };
-        let given = req
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer"))
-            .filter(|rest| rest.starts_with(char::is_whitespace))
-            .map(str::trim);
-        let fresh = SystemTime::now() < keys.expires;
-        if fresh && given.is_some_and(|k| !k.is_empty() && k == keys.management) {
+        let (key, expires) = keys.management;
+        if SystemTime::now() < expires && bearer(req) == Some(key.as_str()) {
             return Ok(());
         }
-        Err(ApiError::new(
-            ErrorKind::InvalidKey,
+        Err(invalid_key("management"))
+    }
+}
+
+/// The key of `Authorization: Bearer <key>`.
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer"))
+        .filter(|rest| rest.starts_with(char::is_whitespace))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
+fn invalid_key(which: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::InvalidKey,
+        format!(
             "Token Authorization failed. Token either incorrect, expired, or not provided \
              correctly (the management API is reachable from the network: send \
-             `Authorization: Bearer <management key>` from key_file.json)",
-        ))
+             `Authorization: Bearer <{which} key>` from key_file.json)"
+        ),
+    )
+}
+
+/// `GET /token?type=management|inference`: rotates a key (authorised with the `API` key).
+pub async fn token(State(state): State<AppState>, req: Request) -> Response {
+    let kind = req
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|p| p.strip_prefix("type="))
+        .map(str::to_string);
+    match state.access.rotate(&req, kind.as_deref()) {
+        Ok(body) => super::json_response(axum::http::StatusCode::OK, &body),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -165,11 +272,14 @@ mod tests {
     #[test]
     fn the_binding_decides() {
         let mut s = Settings::default();
-        assert!(Access::decide(&s).keys.is_none(), "loopback needs no token");
+        assert!(
+            !Access::decide(&s).requires_token(),
+            "loopback needs no token"
+        );
         s.management_address = "0.0.0.0:8081".parse().unwrap_or(s.management_address);
-        assert!(Access::decide(&s).keys.is_some(), "exposed needs a token");
+        assert!(Access::decide(&s).requires_token(), "exposed needs a token");
         s.disable_token_authorization = true;
-        assert!(Access::decide(&s).keys.is_none());
+        assert!(!Access::decide(&s).requires_token());
         s.enable_model_api = Some(false);
         assert!(!Access::decide(&s).model_api);
     }
