@@ -52,6 +52,44 @@ fn the_template_lints_clean_and_a_broken_one_does_not() {
     assert!(output.contains("99999"), "{output}");
 }
 
+/// AWS SAM's own validation (the SAM translator, then with `--lint`), offline: it catches
+/// what cfn-lint does not (for example conditional `CapacityProviderConfig`).
+#[test]
+fn sam_validates_the_template() {
+    let venv = common::venv_python()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .with_file_name("venv-sam-1.170.0");
+    let sam = venv.join("bin/sam");
+    assert!(
+        sam.exists(),
+        "{} is missing: run scripts/setup",
+        sam.display()
+    );
+    for lint in [false, true] {
+        let mut cmd = Command::new(&sam);
+        cmd.args(["validate", "-t"])
+            .arg(common::repo_root().join("template.yaml"))
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("SAM_CLI_TELEMETRY", "0");
+        if lint {
+            cmd.arg("--lint");
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("is a valid SAM Template"),
+            "{text}"
+        );
+    }
+}
+
 #[test]
 fn the_template_wires_what_the_functions_expect() {
     let text = std::fs::read_to_string(common::repo_root().join("template.yaml")).unwrap();
@@ -72,7 +110,7 @@ fn the_template_wires_what_the_functions_expect() {
         "DeploymentPreference:",
         "PackageType: Image",
         // Not public by default.
-        "DefaultAuthorizer: !If [HasJwt, JwtAuthorizer, AWS_IAM]",
+        "DefaultAuthorizer: AWS_IAM",
     ] {
         assert!(text.contains(needle), "template.yaml lacks {needle}");
     }
