@@ -309,3 +309,65 @@ fn the_dockerfiles_copy_what_the_build_produces() {
     }
     assert_eq!(copies, 4);
 }
+
+/// `cargo lambda build --release` of both functions, as `sam build` and a user run it: the
+/// registrar cross-linked with zig (cargo-lambda's default; it links no libtorch), the model
+/// function with `--compiler cargo` (libtorch is built with libstdc++ and linked from its own
+/// folder). Both bootstraps start; the model's libraries all resolve (its layer can be built).
+#[test]
+fn cargo_lambda_builds_both_functions() {
+    let root = common::repo_root();
+    let bin = common::venv_python().parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    for (package, extra) in [
+        ("torchfn-registrar", &[][..]),
+        ("torchfn-model", &["--compiler", "cargo"][..]),
+    ] {
+        let out = Command::new(bin.join("cargo-lambda"))
+            .args(["lambda", "build", "--release", "-p", package])
+            .args(extra)
+            .env("PATH", &path)
+            .current_dir(&root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cargo lambda build -p {package}:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bootstrap = target.join("lambda").join(package).join("bootstrap");
+        assert!(bootstrap.exists(), "{} missing", bootstrap.display());
+        // Started outside Lambda without configuration, each says what is missing and stops
+        // (so it loads and runs).
+        let run = Command::new(&bootstrap)
+            .env_clear()
+            .env("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&run.stderr).to_string();
+        assert!(!run.status.success());
+        assert!(
+            said.contains("TORCHFN_REGISTRY") || said.contains("TORCHFN_MODEL_URI"),
+            "{package}: {said}"
+        );
+    }
+    let listed = Command::new(root.join("layers/build-layer"))
+        .arg("--binary")
+        .arg(target.join("lambda/torchfn-model/bootstrap"))
+        .arg("--list")
+        .output()
+        .unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("libtorch_cpu.so"));
+}
