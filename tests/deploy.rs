@@ -52,10 +52,8 @@ fn the_template_lints_clean_and_a_broken_one_does_not() {
     assert!(output.contains("99999"), "{output}");
 }
 
-/// AWS SAM's own validation (the SAM translator, then with `--lint`), offline: it catches
-/// what cfn-lint does not (for example conditional `CapacityProviderConfig`).
-#[test]
-fn sam_validates_the_template() {
+/// The `sam` of aws-sam-cli's own venv (scripts/setup makes it beside the project's).
+fn sam() -> std::path::PathBuf {
     let venv = common::venv_python()
         .parent()
         .unwrap()
@@ -68,6 +66,14 @@ fn sam_validates_the_template() {
         "{} is missing: run scripts/setup",
         sam.display()
     );
+    sam
+}
+
+/// AWS SAM's own validation (the SAM translator, then with `--lint`), offline: it catches
+/// what cfn-lint does not (for example conditional `CapacityProviderConfig`).
+#[test]
+fn sam_validates_the_template() {
+    let sam = sam();
     for lint in [false, true] {
         let mut cmd = Command::new(&sam);
         cmd.args(["validate", "-t"])
@@ -310,12 +316,15 @@ fn the_dockerfiles_copy_what_the_build_produces() {
     assert_eq!(copies, 4);
 }
 
-/// `cargo lambda build --release` of both functions, as `sam build` and a user run it: the
-/// registrar cross-linked with zig (cargo-lambda's default; it links no libtorch), the model
-/// function with `--compiler cargo` (libtorch is built with libstdc++ and linked from its own
-/// folder). Both bootstraps start; the model's libraries all resolve (its layer can be built).
+/// `cargo lambda build --release` of both functions: the registrar through `sam build
+/// --beta-features RegistrarFunction` (SAM's `rust-cargolambda` build method runs
+/// `cargo lambda build --release --bin torchfn-registrar` in its CodeUri, cross-linked with zig,
+/// cargo-lambda's default; it links no libtorch) and the model function as the README builds it
+/// for its image, with `--compiler cargo` (libtorch is built with libstdc++ and linked from its
+/// own folder). Both bootstraps start; the model's libraries all resolve (its layer can be
+/// built). SAM cannot build the image functions here (no Docker), so it builds by logical id.
 #[test]
-fn cargo_lambda_builds_both_functions() {
+fn sam_and_cargo_lambda_build_both_functions() {
     let root = common::repo_root();
     let bin = common::venv_python().parent().unwrap().to_path_buf();
     let path = format!(
@@ -326,23 +335,54 @@ fn cargo_lambda_builds_both_functions() {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    for (package, extra) in [
-        ("torchfn-registrar", &[][..]),
-        ("torchfn-model", &["--compiler", "cargo"][..]),
+    let built = tempfile::tempdir().unwrap();
+    let sam_build = Command::new(sam())
+        .args(["build", "--beta-features", "--build-dir"])
+        .arg(built.path())
+        .arg("RegistrarFunction")
+        .env("PATH", &path)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("SAM_CLI_TELEMETRY", "0")
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&sam_build.stdout),
+        String::from_utf8_lossy(&sam_build.stderr)
+    );
+    assert!(
+        sam_build.status.success() && said.contains("Build Succeeded"),
+        "sam build RegistrarFunction:\n{said}"
+    );
+    // The built template points the function at what SAM built.
+    let template = std::fs::read_to_string(built.path().join("template.yaml")).unwrap();
+    assert!(
+        template.contains("CodeUri: RegistrarFunction"),
+        "{template}"
+    );
+    let model = Command::new(bin.join("cargo-lambda"))
+        .args(["lambda", "build", "--release", "-p", "torchfn-model"])
+        .args(["--compiler", "cargo"])
+        .env("PATH", &path)
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    assert!(
+        model.status.success(),
+        "cargo lambda build -p torchfn-model:\n{}",
+        String::from_utf8_lossy(&model.stderr)
+    );
+    for (package, bootstrap) in [
+        (
+            "torchfn-registrar",
+            built.path().join("RegistrarFunction/bootstrap"),
+        ),
+        (
+            "torchfn-model",
+            target.join("lambda/torchfn-model/bootstrap"),
+        ),
     ] {
-        let out = Command::new(bin.join("cargo-lambda"))
-            .args(["lambda", "build", "--release", "-p", package])
-            .args(extra)
-            .env("PATH", &path)
-            .current_dir(&root)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "cargo lambda build -p {package}:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bootstrap = target.join("lambda").join(package).join("bootstrap");
         assert!(bootstrap.exists(), "{} missing", bootstrap.display());
         // Started outside Lambda without configuration, each says what is missing and stops
         // (so it loads and runs).
