@@ -122,7 +122,7 @@ fn the_template_wires_what_the_functions_expect() {
     }
     // Every environment variable the template sets is one the model function reads.
     let main =
-        std::fs::read_to_string(common::repo_root().join("functions/model/src/main.rs")).unwrap();
+        std::fs::read_to_string(common::repo_root().join("functions/model/src/lib.rs")).unwrap();
     for line in text.lines() {
         let line = line.trim();
         if let Some((name, _)) = line.split_once(':') {

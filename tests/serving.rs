@@ -46,7 +46,11 @@ fn eager_archive_is_refused_with_the_fix() {
         .expect("an eager archive must not load");
     assert_eq!(err.kind, ErrorKind::InvalidModel);
     assert!(err.message.contains("eager-mode"), "{}", err.message);
-    assert!(err.message.contains("torch.jit.script"), "{}", err.message);
+    assert!(
+        err.message.contains("torchfn-local convert"),
+        "{}",
+        err.message
+    );
     assert!(m.get("eager", None).is_err());
 }
 
@@ -82,7 +86,7 @@ fn python_handler_needs_a_named_builtin() {
     let mut settings = Settings::default();
     settings
         .handlers
-        .insert("classifier".into(), "image_classifier".into());
+        .insert("classifier".into(), "vllm_handler".into());
     let err = manager(settings)
         .load(&spec(fixtures().join("store/classifier.mar"), None))
         .err()
@@ -196,17 +200,19 @@ fn batching_does_not_change_answers() {
         let numel: i64 = shape.iter().product();
         // 33 distinct inputs: one more than a full batch of 32.
         let instances: Vec<Instance> = (0..33)
-            .map(|k| Instance {
-                values: (0..numel)
-                    .map(|j| ((k * 31 + j * 7) % 97) as f32 / 48.5 - 1.0)
-                    .collect(),
-                shape: shape.clone(),
+            .map(|k| {
+                Instance::f32(
+                    (0..numel)
+                        .map(|j| ((k * 31 + j * 7) % 97) as f32 / 48.5 - 1.0)
+                        .collect(),
+                    shape.clone(),
+                )
             })
             .collect();
         let run = |items: &[&Instance]| {
             let input = handler.preprocess(items, session.device()).unwrap();
             let output = handler.inference(&session, &input).unwrap();
-            handler.postprocess(&output, items.len()).unwrap()
+            handler.postprocess(output, items.len()).unwrap()
         };
         let all: Vec<&Instance> = instances.iter().collect();
         let batched = run(&all);

@@ -12,6 +12,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+mod convert;
+
 use anyhow::{bail, Context};
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -35,6 +37,9 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "torchfn's local emulator of TorchServe's REST APIs"
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Folder holding model archives, or `s3://bucket/prefix` (config.properties:
     /// model_store). S3 settings come from the standard AWS environment.
     #[arg(long, env = "TORCHFN_MODEL_STORE")]
@@ -92,6 +97,14 @@ struct Args {
     foreground: bool,
     #[arg(long = "ncs", alias = "no-config-snapshots", hide = true)]
     ncs: bool,
+}
+
+/// Tools besides the server.
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Convert an eager-mode archive (--model-file with a state_dict) into a TorchScript
+    /// archive torchfn serves: `torchfn-local convert model.mar --out model_store`.
+    Convert(convert::ConvertArgs),
 }
 
 fn init_logging(json: bool) {
@@ -185,6 +198,9 @@ async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::Convert(c)) = &args.command {
+        return convert::run(c);
+    }
     init_logging(args.log_json);
     let settings = settings(&args)?;
     let metrics = Arc::new(Metrics::new().context("could not create metrics")?);

@@ -392,13 +392,17 @@ impl Worker {
     /// Per job, per instance results, and per job the size of its first forward pass.
     #[allow(clippy::type_complexity)]
     fn compute(&self, jobs: &[Job]) -> (Vec<Vec<Result<Value, ApiError>>>, Vec<usize>) {
-        // Group (job, instance) pairs by instance shape, keeping arrival order.
-        let mut groups: Vec<(&[i64], Vec<(usize, usize)>)> = Vec::new();
+        // Group (job, instance) pairs that can share a forward pass (same kind of input,
+        // same shape), keeping arrival order.
+        let mut groups: Vec<(&Instance, Vec<(usize, usize)>)> = Vec::new();
         for (j, job) in jobs.iter().enumerate() {
             for (i, inst) in job.instances.iter().enumerate() {
-                match groups.iter_mut().find(|(s, _)| *s == inst.shape.as_slice()) {
+                match groups
+                    .iter_mut()
+                    .find(|(first, _)| first.batches_with(inst))
+                {
                     Some((_, members)) => members.push((j, i)),
-                    None => groups.push((&inst.shape, vec![(j, i)])),
+                    None => groups.push((inst, vec![(j, i)])),
                 }
             }
         }
@@ -435,9 +439,9 @@ impl Worker {
     }
 
     fn forward(&self, items: &[&Instance]) -> Result<Vec<Value>, SessionError> {
-        let input = self.handler.preprocess(items, self.session.device())?;
-        let output = self.handler.inference(&self.session, &input)?;
-        self.handler.postprocess(&output, items.len())
+        let inputs = self.handler.preprocess(items, self.session.device())?;
+        let output = self.handler.inference(&self.session, &inputs)?;
+        self.handler.postprocess(output, items.len())
     }
 
     fn forward_or_split(&self, items: &[&Instance]) -> Vec<Result<Value, ApiError>> {
@@ -464,12 +468,22 @@ impl Worker {
     /// A failed instance's error: 400 when the model's first layer shows the instance has
     /// the wrong size, else TorchServe's 503 "Prediction failed". Details go to the log.
     fn classify(&self, e: &SessionError, item: &Instance) -> ApiError {
-        if let Some(why) = self.session.rejects_shape(&item.shape) {
+        if let SessionError::Input(why) = e {
+            return ApiError::bad_request(why.clone());
+        }
+        if let Some(why) = item
+            .as_f32()
+            .and_then(|_| self.session.rejects_shape(&item.shape))
+        {
             tracing::info!(error = %e.summary(), "instance rejected by the model");
             return ApiError::bad_request(format!("the model cannot take this input: {why}"));
         }
         tracing::error!(error = %e, "prediction failed");
         match e {
+            SessionError::OutputForm(why) => ApiError::new(
+                ErrorKind::PredictionFailed,
+                format!("Invalid model predict output: {why}"),
+            ),
             SessionError::BatchMismatch { .. } => ApiError::new(
                 ErrorKind::PredictionFailed,
                 "number of batch response mismatched",

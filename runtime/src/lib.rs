@@ -33,3 +33,5 @@ pub mod manager;
 pub mod metrics;
 #[cfg(feature = "torch")]
 pub mod session;
+#[cfg(feature = "torch")]
+pub mod torchvision;

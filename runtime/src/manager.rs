@@ -388,10 +388,11 @@ impl Manager {
                 ErrorKind::InvalidModel,
                 format!(
                     "model {name}: the archive holds an eager-mode model (modelFile {model_file} \
-                     with a state_dict), and torchfn runs TorchScript only. Script or trace the \
-                     model in Python (torch.jit.script(model) or torch.jit.trace(model, \
-                     example_input)), save it, and archive the .pt with --serialized-file and \
-                     without --model-file"
+                     with a state_dict), and torchfn runs TorchScript only. Convert it once with \
+                     `torchfn-local convert <archive> --out <model store>` (it imports the model \
+                     class with your Python torch and scripts or traces it), or script or trace \
+                     it yourself and archive the .pt with --serialized-file and without \
+                     --model-file"
                 ),
             ));
         }

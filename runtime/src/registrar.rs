@@ -11,8 +11,6 @@ use crate::manifest::Manifest;
 use crate::registry::{now_ms, Registered, Registry, RegistryError, VersionRecord, VersionStatus};
 use crate::store::{DownloadOptions, Expect, Location, ObjectStore, StoreError};
 
-/// Built-in handler names a manifest may give (TorchServe's and torchfn's).
-const BUILTIN_HANDLERS: &[&str] = &["base_handler", "tensor", "classifier"];
 /// The most bytes a manifest may take.
 const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
@@ -207,7 +205,7 @@ pub async fn handle(
     }
     if let Some(handler) = model.handler.as_deref() {
         let file = handler.split(':').next().unwrap_or(handler);
-        let resolvable = BUILTIN_HANDLERS.contains(&file)
+        let resolvable = crate::manifest::BUILTIN_HANDLERS.contains(&file)
             || names
                 .iter()
                 .any(|n| n == file || *n == format!("{file}.py"));

@@ -22,6 +22,16 @@ pub enum SessionError {
     BatchMismatch { sent: usize, got: usize },
     #[error("the model returned {0}, where this handler needs one tensor")]
     Output(&'static str),
+    /// The model's output has a form the handler cannot answer with.
+    #[error("{0}")]
+    OutputForm(String),
+    /// An instance the worker could not turn into model input (a corrupt image, say): the
+    /// client's error (400).
+    #[error("{0}")]
+    Input(String),
+    /// The model calls an operator this libtorch does not have.
+    #[error("{0}")]
+    Operator(String),
 }
 
 impl SessionError {
@@ -131,7 +141,7 @@ impl Session {
         precision: Precision,
     ) -> Result<Self, SessionError> {
         let started = Instant::now();
-        let mut module = CModule::load_on_device(path, device)?;
+        let mut module = load_module(path, device)?;
         module.set_eval();
         let precision = if device.is_cuda() {
             precision
@@ -175,13 +185,16 @@ impl Session {
         self.hint
     }
 
+    /// One forward pass without autograd over any positional inputs, returning whatever
+    /// the model returns. Call it from a model worker thread only.
+    pub fn run(&self, inputs: &[IValue]) -> Result<IValue, SessionError> {
+        let _guard = tch::no_grad_guard();
+        Ok(self.module.forward_is(inputs)?)
+    }
+
     /// One forward pass without autograd. Call it from a model worker thread only.
     pub fn forward(&self, input: &Tensor) -> Result<Tensor, SessionError> {
-        let _guard = tch::no_grad_guard();
-        match self
-            .module
-            .forward_is(&[IValue::Tensor(input.shallow_clone())])?
-        {
+        match self.run(&[IValue::Tensor(input.shallow_clone())])? {
             IValue::Tensor(t) => Ok(t),
             IValue::Tuple(_) => Err(SessionError::Output("a tuple")),
             IValue::GenericDict(_) => Err(SessionError::Output("a dict")),
@@ -230,6 +243,45 @@ impl Session {
             )),
         }
     }
+}
+
+/// Loads a TorchScript file. A module that calls torchvision's operators (`torchvision::nms`,
+/// `torchvision::roi_align`, ... in scripted detectors) gets torchvision's operator library
+/// loaded first; any other operator libtorch lacks is named in the error.
+fn load_module(path: &Path, device: Device) -> Result<CModule, SessionError> {
+    let err = match CModule::load_on_device(path, device) {
+        Ok(m) => return Ok(m),
+        Err(e) => e,
+    };
+    let text = err.to_string();
+    let Some(op) = missing_operator(&text) else {
+        return Err(err.into());
+    };
+    if op.starts_with("torchvision::") {
+        return match crate::torchvision::load_ops() {
+            Ok(()) => Ok(CModule::load_on_device(path, device)?),
+            Err(why) => Err(SessionError::Operator(format!(
+                "the model calls `{op}`, which is not part of libtorch but of torchvision's \
+                 operator library, and that could not be loaded: {why}"
+            ))),
+        };
+    }
+    Err(SessionError::Operator(format!(
+        "the model calls `{op}`, an operator this libtorch does not provide (a custom \
+         operator library the model was built with); torchfn loads torchvision's operators, \
+         no others"
+    )))
+}
+
+/// The operator named in libtorch's "Unknown builtin op: ns::name" load error.
+fn missing_operator(text: &str) -> Option<String> {
+    let rest = text.split("Unknown builtin op: ").nth(1)?;
+    let op: String = rest
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':' || *c == '.')
+        .collect();
+    let op = op.trim_end_matches('.').to_string();
+    (!op.is_empty()).then_some(op)
 }
 
 /// The first parameter of a module is, for the usual first layers, a weight whose dim 1 is

@@ -1,6 +1,7 @@
 //! Shared by torchfn's integration tests: the fixtures made by real PyTorch and the real
-//! torch-model-archiver (`tests/fixtures/make_fixtures.py`), built once per script version
-//! into `target/fixtures-<hash>` and reused by every test binary.
+//! torch-model-archiver (`tests/fixtures/make_fixtures.py`, and for the built-in handlers
+//! `tests/fixtures/make_handler_fixtures.py`), each built once per script version into
+//! `target/fixtures-<hash>` / `target/handler-fixtures-<hash>` and reused by every test binary.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -22,7 +23,15 @@ pub fn repo_root() -> PathBuf {
 /// The folder holding the fixtures, made on first use.
 pub fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(make_fixtures)
+    DIR.get_or_init(|| make_fixtures("make_fixtures.py", "fixtures"))
+}
+
+/// The folder holding the built-in handlers' fixtures (images, MARs for image_classifier,
+/// image_segmenter, object_detector, text_classifier and base_handler output cases, .npy
+/// inputs), made on first use by `tests/fixtures/make_handler_fixtures.py`.
+pub fn handler_fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| make_fixtures("make_handler_fixtures.py", "handler-fixtures"))
 }
 
 /// The project venv's Python, installed by `scripts/setup` when missing.
@@ -47,30 +56,32 @@ pub fn venv_python() -> PathBuf {
     .clone()
 }
 
-fn make_fixtures() -> PathBuf {
+/// Runs `tests/fixtures/<script> OUT_DIR` once per script content into
+/// `<target>/<prefix>-<hash>`, and returns that folder.
+fn make_fixtures(script_name: &str, prefix: &str) -> PathBuf {
     let root = repo_root();
-    let script = root.join("tests/fixtures/make_fixtures.py");
+    let script = root.join("tests/fixtures").join(script_name);
     let text = std::fs::read(&script).unwrap();
     let mut h = DefaultHasher::new();
     text.hash(&mut h);
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    let dir = target.join(format!("fixtures-{:016x}", h.finish()));
+    let dir = target.join(format!("{prefix}-{:016x}", h.finish()));
     if dir.join("reference.json").exists() {
         return dir;
     }
     std::fs::create_dir_all(&target).unwrap();
     // Build beside the final folder and rename into place, so a concurrent test process
     // never sees a half-made set.
-    let tmp = target.join(format!("fixtures.tmp.{}", std::process::id()));
+    let tmp = target.join(format!("{prefix}.tmp.{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let status = Command::new(venv_python())
         .arg(&script)
         .arg(&tmp)
         .status()
         .expect("could not run the fixture script");
-    assert!(status.success(), "tests/fixtures/make_fixtures.py failed");
+    assert!(status.success(), "tests/fixtures/{script_name} failed");
     if std::fs::rename(&tmp, &dir).is_err() {
         // Another test process finished first; its copy is the same.
         let _ = std::fs::remove_dir_all(&tmp);
@@ -82,6 +93,13 @@ fn make_fixtures() -> PathBuf {
 /// `reference.json`, the outputs Python torch computed for the fixture inputs.
 pub fn reference() -> serde_json::Value {
     let text = std::fs::read_to_string(fixtures().join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The handler fixtures' `reference.json`: what TorchServe 0.12's own handler classes (and
+/// Python torch) computed for them.
+pub fn handler_reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(handler_fixtures().join("reference.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 

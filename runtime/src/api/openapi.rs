@@ -132,6 +132,68 @@ pub const INFERENCE: &[Op] = &[
             PREDICT_RESPONSES,
         )
     },
+    Op {
+        body: true,
+        ..op(
+            "post",
+            "/v1/models/{model_name}:predict",
+            "KServe v1: {\"instances\": [...]} in, {\"predictions\": [...]} out.",
+            &[MODEL],
+            PREDICT_RESPONSES,
+        )
+    },
+    op(
+        "get",
+        "/v1/models/{model_name}",
+        "KServe v1 readiness: {\"name\", \"ready\"}.",
+        &[MODEL],
+        &[(200, "The model's readiness."), (404, "No such model.")],
+    ),
+    op(
+        "get",
+        "/v2",
+        "Open Inference Protocol: the server's metadata.",
+        &[],
+        &[(200, "Name, version, extensions.")],
+    ),
+    op(
+        "get",
+        "/v2/health/live",
+        "Open Inference Protocol: liveness.",
+        &[],
+        &[(200, "Live.")],
+    ),
+    op(
+        "get",
+        "/v2/health/ready",
+        "Open Inference Protocol: readiness (the models named at start-up are loaded).",
+        &[],
+        &[(200, "Ready."), (503, "Not ready yet.")],
+    ),
+    op(
+        "get",
+        "/v2/models/{model_name}",
+        "Open Inference Protocol: the model's metadata.",
+        &[MODEL],
+        &[(200, "Name, versions, platform."), (404, "No such model.")],
+    ),
+    op(
+        "get",
+        "/v2/models/{model_name}/ready",
+        "Open Inference Protocol: whether the model has workers.",
+        &[MODEL],
+        &[(200, "Ready."), (404, "No such model."), (503, "No workers.")],
+    ),
+    Op {
+        body: true,
+        ..op(
+            "post",
+            "/v2/models/{model_name}/infer",
+            "Open Inference Protocol: typed tensors {\"inputs\": [{\"name\", \"shape\", \"datatype\", \"data\"}]} in, {\"outputs\": [...]} out.",
+            &[MODEL],
+            PREDICT_RESPONSES,
+        )
+    },
 ];
 
 const MIN_WORKER: Param = query("min_worker", "integer", "Workers to run (default 1).");

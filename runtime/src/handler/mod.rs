@@ -1,41 +1,82 @@
-//! Handlers turn request bodies into model inputs and model outputs into responses, over a
-//! batch: `decode` (per request, on the async side; cheap), then on a model worker thread
-//! `preprocess` (stack a batch of same-shape instances) → `inference` → `postprocess`
-//! (one JSON value per instance).
+//! Handlers turn requests into model inputs and model outputs into responses, over a
+//! batch: `decode` (per request, on the async side; cheap: image and text bytes stay
+//! encoded), then on a model worker thread `preprocess` (decode images, tokenise text, stack
+//! a batch of same-shape instances) → `inference` → `postprocess` (one JSON value per
+//! instance).
 //!
-//! Built-ins: `tensor` (TorchServe's `base_handler`) and `classifier` (the custom
-//! `ClassifierHandler` of TorchServe's getting-started guide).
+//! Built-ins: `tensor` (TorchServe's `base_handler`), `classifier` (the custom
+//! `ClassifierHandler` of TorchServe's getting-started guide), and TorchServe's
+//! `image_classifier`, `image_segmenter`, `object_detector` and `text_classifier`.
+//!
+//! A user's own handler implements [`Handler`] in its own crate and is served by a model
+//! function built around it (see `functions/regressor` for a worked example).
 
 mod classifier;
 mod decode;
+mod image;
+mod output;
 mod tensor;
+pub mod tensors;
+mod text;
 
 use std::sync::Arc;
 
 use serde_json::Value;
-use tch::{Device, Tensor};
+use tch::{Device, IValue};
 
 use crate::error::ApiError;
 use crate::mar::ModelArchive;
 use crate::session::{Session, SessionError};
 
 pub use classifier::ClassifierHandler;
-pub use decode::{Decoded, Instance};
+pub use decode::{
+    decode_list, f32_json, kind_of, parse_json, stack, stack_inputs, tensor_from_json,
+    tensor_to_json, to_device, Decoded, Input, Instance,
+};
+pub use image::{ImageClassifier, ImageSegmenter, ObjectDetector};
+pub use output::{batch_rows, single_tensor};
 pub use tensor::TensorHandler;
+pub use tensors::TypedTensor;
+pub use text::TextClassifier;
 
 /// Names of the built-in handlers, as a manifest or `--handler` may give them.
-pub const BUILTINS: &[&str] = &["tensor", "base_handler", "classifier"];
+pub use crate::manifest::BUILTIN_HANDLERS as BUILTINS;
 
-/// TorchServe handler names torchfn does not serve yet.
-const NOT_YET: &[&str] = &[
-    "image_classifier",
-    "image_segmenter",
-    "object_detector",
-    "text_classifier",
-    "dali_image_classifier",
-    "vllm_handler",
-    "trt_llm_handler",
-];
+/// TorchServe handler names torchfn does not serve.
+const NOT_SERVED: &[&str] = &["dali_image_classifier", "vllm_handler", "trt_llm_handler"];
+
+/// A request as a handler sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub body: &'a [u8],
+    /// The `Content-Type` header, if any (with its parameters: multipart needs the boundary).
+    pub content_type: Option<&'a str>,
+    /// The `X-Tensor-Shape` header (`2,3`), the shape of a raw `application/octet-stream`
+    /// float32 body.
+    pub tensor_shape: Option<&'a str>,
+}
+
+impl<'a> Request<'a> {
+    /// A JSON body (what tests and the KServe v1 route hand over).
+    pub fn json(body: &'a [u8]) -> Self {
+        Self {
+            body,
+            content_type: Some("application/json"),
+            tensor_shape: None,
+        }
+    }
+
+    /// The media type, lowercased, without parameters.
+    pub fn media_type(&self) -> Option<String> {
+        self.content_type.map(|c| {
+            c.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+    }
+}
 
 /// A model's request/response logic. Implementations are shared by the HTTP side and the
 /// model's worker threads.
@@ -43,21 +84,30 @@ pub trait Handler: Send + Sync + 'static {
     /// The handler's name, as reported by describe.
     fn name(&self) -> &'static str;
 
-    /// Decodes one request body into its instances. Errors are the client's (400).
-    fn decode(&self, body: &[u8]) -> Result<Decoded, ApiError>;
+    /// Decodes one request into its instances. Errors are the client's (400).
+    fn decode(&self, request: &Request<'_>) -> Result<Decoded, ApiError>;
 
-    /// Stacks instances that share one shape into a batch tensor on `device`.
-    fn preprocess(&self, items: &[&Instance], device: Device) -> Result<Tensor, SessionError> {
-        decode::stack(items, device)
+    /// Instances from typed, batch-first tensors (the Open Inference Protocol's inputs):
+    /// row `i` of every input makes instance `i`; several inputs become several positional
+    /// arguments of the model's forward.
+    fn decode_tensors(&self, inputs: Vec<TypedTensor>) -> Result<Decoded, ApiError> {
+        tensors::rows(inputs)
+    }
+
+    /// The model's positional inputs for a batch of instances that batch together, on
+    /// `device`. Errors for one instance are the client's when they are
+    /// [`SessionError::Input`].
+    fn preprocess(&self, items: &[&Instance], device: Device) -> Result<Vec<IValue>, SessionError> {
+        decode::stack_inputs(items, device)
     }
 
     /// Runs the model on a batch.
-    fn inference(&self, session: &Session, batch: &Tensor) -> Result<Tensor, SessionError> {
-        session.forward(batch)
+    fn inference(&self, session: &Session, inputs: &[IValue]) -> Result<IValue, SessionError> {
+        session.run(inputs)
     }
 
     /// One JSON value per batch row. `rows` is how many instances went in.
-    fn postprocess(&self, output: &Tensor, rows: usize) -> Result<Vec<Value>, SessionError>;
+    fn postprocess(&self, output: IValue, rows: usize) -> Result<Vec<Value>, SessionError>;
 }
 
 /// Picks the handler for an archive. `configured` is the built-in named by the server's
@@ -78,21 +128,24 @@ pub fn for_archive(
         return Ok(handler);
     }
     let base = chosen.split(':').next().unwrap_or(chosen);
-    let message = if NOT_YET.contains(&base) {
+    let names = "tensor (base_handler), classifier, image_classifier, image_segmenter, \
+                 object_detector, text_classifier";
+    let message = if NOT_SERVED.contains(&base) {
         format!(
-            "model {model_name}: TorchServe's `{base}` handler is not served by this version of \
-             torchfn; built-in handlers are: tensor (base_handler), classifier"
+            "model {model_name}: TorchServe's `{base}` handler is not served by torchfn; \
+             built-in handlers are: {names}"
         )
     } else if configured.is_some() {
         format!(
             "model {model_name}: `{chosen}` is not a built-in handler; built-in handlers are: \
-             tensor (base_handler), classifier"
+             {names}"
         )
     } else {
         format!(
             "model {model_name}: its manifest names the Python handler `{manifest_handler}`, \
              which torchfn does not run. Serve it with a built-in handler that does the same \
-             work: start torchfn-local with `--handler {model_name}=classifier` (or `tensor`), \
+             work: start torchfn-local with `--handler {model_name}=classifier` (or another \
+             built-in: {names}), \
              or set `default_service_handler=classifier` in config.properties; a model \
              function takes `TORCHFN_HANDLER=classifier`"
         )
@@ -103,11 +156,46 @@ pub fn for_archive(
     ))
 }
 
-/// A built-in handler by name, or `None` if `name` is not one.
+/// Makes a handler for a loaded archive (custom handlers register one under their name).
+pub type HandlerFactory =
+    Arc<dyn Fn(&ModelArchive) -> Result<Arc<dyn Handler>, ApiError> + Send + Sync>;
+
+fn custom_handlers() -> &'static std::sync::RwLock<std::collections::HashMap<String, HandlerFactory>>
+{
+    static CUSTOM: std::sync::OnceLock<
+        std::sync::RwLock<std::collections::HashMap<String, HandlerFactory>>,
+    > = std::sync::OnceLock::new();
+    CUSTOM.get_or_init(Default::default)
+}
+
+/// Registers a custom handler under `name`, for the rest of the process: a manifest's
+/// `handler`, `--handler model=name` or `TORCHFN_HANDLER=name` then selects it like a
+/// built-in. A custom name shadows a built-in of the same name.
+pub fn register(
+    name: &str,
+    factory: impl Fn(&ModelArchive) -> Result<Arc<dyn Handler>, ApiError> + Send + Sync + 'static,
+) {
+    let mut map = custom_handlers().write().unwrap_or_else(|e| e.into_inner());
+    map.insert(name.to_string(), Arc::new(factory));
+}
+
+/// A handler by name: a registered custom handler, else a built-in; `None` if neither.
 pub fn builtin(name: &str, archive: &ModelArchive) -> Result<Option<Arc<dyn Handler>>, ApiError> {
+    let custom = custom_handlers()
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(name)
+        .cloned();
+    if let Some(factory) = custom {
+        return factory(archive).map(Some);
+    }
     Ok(match name {
         "tensor" | "base_handler" => Some(Arc::new(TensorHandler)),
         "classifier" => Some(Arc::new(ClassifierHandler::from_archive(archive)?)),
+        "image_classifier" => Some(Arc::new(ImageClassifier::from_archive(archive)?)),
+        "image_segmenter" => Some(Arc::new(ImageSegmenter)),
+        "object_detector" => Some(Arc::new(ObjectDetector::from_archive(archive)?)),
+        "text_classifier" => Some(Arc::new(TextClassifier::from_archive(archive)?)),
         _ => None,
     })
 }

@@ -3,13 +3,16 @@
 //!
 //! Request forms: a top-level number or (nested) array of numbers is one instance;
 //! `{"data": x}` (or `{"features": x}`) is one instance; `{"instances": [...]}` and a
-//! top-level array of objects are lists of instances.
+//! top-level array of objects are lists of instances. A `.npy` body or a raw float32
+//! `application/octet-stream` body is one instance too.
+//!
+//! Outputs: a tensor, or tuples, lists and dicts of tensors (see `output`).
 
 use serde_json::Value;
-use tch::Tensor;
+use tch::IValue;
 
-use super::decode::{decode_list, parse_json, tensor_from_json, tensor_to_json, Decoded, Instance};
-use super::Handler;
+use super::decode::{decode_list, parse_json, tensor_from_json, Decoded, Instance};
+use super::{batch_rows, tensors, Handler, Request};
 use crate::error::ApiError;
 use crate::session::SessionError;
 
@@ -40,8 +43,11 @@ impl Handler for TensorHandler {
         "tensor"
     }
 
-    fn decode(&self, body: &[u8]) -> Result<Decoded, ApiError> {
-        let json = parse_json(body)?;
+    fn decode(&self, request: &Request<'_>) -> Result<Decoded, ApiError> {
+        if let Some(decoded) = tensors::binary_body(request)? {
+            return Ok(decoded);
+        }
+        let json = parse_json(request.body)?;
         let list = match &json {
             Value::Object(map) if map.contains_key("instances") => match &map["instances"] {
                 Value::Array(items) => Some((items.as_slice(), "instances")),
@@ -66,14 +72,7 @@ impl Handler for TensorHandler {
         }
     }
 
-    fn postprocess(&self, output: &Tensor, rows: usize) -> Result<Vec<Value>, SessionError> {
-        match tensor_to_json(output)? {
-            Value::Array(items) if items.len() == rows => Ok(items),
-            Value::Array(items) => Err(SessionError::BatchMismatch {
-                sent: rows,
-                got: items.len(),
-            }),
-            _ => Err(SessionError::BatchMismatch { sent: rows, got: 0 }),
-        }
+    fn postprocess(&self, output: IValue, rows: usize) -> Result<Vec<Value>, SessionError> {
+        batch_rows(&output, rows)
     }
 }
