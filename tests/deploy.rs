@@ -54,19 +54,7 @@ fn the_template_lints_clean_and_a_broken_one_does_not() {
 
 /// The `sam` of aws-sam-cli's own venv (scripts/setup makes it beside the project's).
 fn sam() -> std::path::PathBuf {
-    let venv = common::venv_python()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .with_file_name("venv-sam-1.170.0");
-    let sam = venv.join("bin/sam");
-    assert!(
-        sam.exists(),
-        "{} is missing: run scripts/setup",
-        sam.display()
-    );
-    sam
+    common::tool("venv-sam-1.170.0", "sam")
 }
 
 /// AWS SAM's own validation (the SAM translator, then with `--lint`), offline: it catches

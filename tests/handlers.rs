@@ -197,6 +197,25 @@ fn image_classifier_answers_as_torchserve() {
         image("tiny.png"),
     );
     assert_eq!(status, 200);
+    // An image whose header claims 100000 × 100000 pixels is refused before any decoding.
+    let mut huge = image("tiny.png");
+    huge[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    huge[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let crc = crc32(&huge[12..29]);
+    huge[29..33].copy_from_slice(&crc.to_be_bytes());
+    let (status, body) = post(&server, "/predictions/image_classifier", "image/png", huge);
+    assert_client_error(status, &body, "the limit is");
+    // An already-preprocessed tensor of the wrong size: the model's first layer refuses it.
+    let body = json!({"data": vec![vec![vec![0.5f32; 8]; 8]; 1]})
+        .to_string()
+        .into_bytes();
+    let (status, body) = post(
+        &server,
+        "/predictions/image_classifier",
+        "application/json",
+        body,
+    );
+    assert_client_error(status, &body, "the model cannot take this input");
 }
 
 #[test]
@@ -569,4 +588,20 @@ fn flatten(v: &Value, out: &mut Vec<Value>) {
         Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
         other => out.push(other.clone()),
     }
+}
+
+/// CRC-32 (IEEE), as PNG chunks carry it.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for b in bytes {
+        crc ^= u32::from(*b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }

@@ -233,11 +233,15 @@ async fn main() -> anyhow::Result<()> {
     let serve = |listener: TcpListener, router: axum::Router| {
         let mut rx = stop_rx.clone();
         tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
+            api::serve::serve(
+                listener,
+                router,
+                api::serve::Limits::from_env(),
+                async move {
                     let _ = rx.wait_for(|stop| *stop).await;
-                })
-                .await
+                },
+            )
+            .await
         })
     };
     let servers = [

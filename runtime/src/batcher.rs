@@ -8,9 +8,15 @@
 //! each group runs in forward passes of at most `batch_size`. If a pass fails, its
 //! instances are retried one by one, so only the bad instance gets the error. Callers that
 //! went away are skipped before they cost a forward pass.
+//!
+//! A forward pass cannot be cancelled. When one runs past the model's `response_timeout`,
+//! its callers have been answered at the deadline already; the next request that arrives
+//! detaches that worker (it stops once its pass returns) and starts a replacement, so the
+//! queue keeps moving. At most [`MAX_STUCK`] detached workers may still be running per model
+//! version; past that, none is replaced until one returns.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,7 +38,13 @@ pub struct BatchConfig {
     pub queue_size: usize,
     /// libtorch intra-op threads of each worker.
     pub threads_per_worker: usize,
+    /// A pass running longer is stuck: its worker is replaced (the model's
+    /// `response_timeout`).
+    pub stuck_after: Duration,
 }
+
+/// Detached (stuck) workers that may still be running per model version.
+pub const MAX_STUCK: usize = 2;
 
 /// What a caller gets back for one request.
 #[derive(Debug)]
@@ -61,6 +73,11 @@ pub struct Batcher {
     /// Workers asked to stop by a scale-down, still finishing their pass.
     stopping: Mutex<Vec<JoinHandle<()>>>,
     spawned: AtomicUsize,
+    /// Workers detached because their pass ran past `stuck_after`, until they return.
+    stuck: Mutex<Vec<JoinHandle<()>>>,
+    /// When the workers were last checked for stuck passes (µs since `epoch`).
+    last_check: AtomicU64,
+    epoch: Instant,
     label: String,
     handler: Arc<dyn Handler>,
     session: Arc<Session>,
@@ -74,6 +91,8 @@ struct WorkerHandle {
     thread: JoinHandle<()>,
     /// Dropping it stops the worker after its current pass.
     _stop: Sender<()>,
+    /// When its current pass started (µs since the batcher's epoch, plus 1); 0 when idle.
+    pass_started: Arc<AtomicU64>,
 }
 
 /// The metrics one model version's batcher keeps up to date.
@@ -85,6 +104,8 @@ pub struct BatchMetrics {
     pub queue_length: prometheus::IntGauge,
     /// Requests whose caller went away before a worker took them.
     pub abandoned: prometheus::IntCounter,
+    /// Workers replaced because a forward pass ran past the response timeout.
+    pub stuck_workers: prometheus::IntCounter,
 }
 
 impl Batcher {
@@ -105,6 +126,9 @@ impl Batcher {
             running: AtomicUsize::new(0),
             stopping: Mutex::new(Vec::new()),
             spawned: AtomicUsize::new(0),
+            stuck: Mutex::new(Vec::new()),
+            last_check: AtomicU64::new(0),
+            epoch: Instant::now(),
             label: label.to_string(),
             handler,
             session,
@@ -124,26 +148,7 @@ impl Batcher {
             .lock()
             .map_err(|_| std::io::Error::other("worker list lock poisoned"))?;
         while workers.len() < n {
-            let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
-            let i = self.spawned.fetch_add(1, Ordering::Relaxed);
-            let worker = Worker {
-                rx: self.rx.clone(),
-                stop: stop_rx,
-                handler: self.handler.clone(),
-                session: self.session.clone(),
-                batch_size: self.config.batch_size.max(1),
-                max_batch_delay: self.config.max_batch_delay,
-                threads: self.config.threads_per_worker.max(1),
-                busy: self.busy.clone(),
-                metrics: self.metrics.clone(),
-            };
-            let thread = std::thread::Builder::new()
-                .name(format!("{}-w{i}", self.label))
-                .spawn(move || worker.run())?;
-            workers.push(WorkerHandle {
-                thread,
-                _stop: stop_tx,
-            });
+            self.spawn_worker(&mut workers)?;
         }
         let keep = n.min(workers.len());
         let extra: Vec<WorkerHandle> = workers.drain(keep..).collect();
@@ -168,6 +173,93 @@ impl Batcher {
         Ok(workers.len())
     }
 
+    /// Starts one worker and adds it to `workers`.
+    fn spawn_worker(&self, workers: &mut Vec<WorkerHandle>) -> std::io::Result<()> {
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let i = self.spawned.fetch_add(1, Ordering::Relaxed);
+        let pass_started = Arc::new(AtomicU64::new(0));
+        let worker = Worker {
+            rx: self.rx.clone(),
+            stop: stop_rx,
+            pass_started: pass_started.clone(),
+            epoch: self.epoch,
+            handler: self.handler.clone(),
+            session: self.session.clone(),
+            batch_size: self.config.batch_size.max(1),
+            max_batch_delay: self.config.max_batch_delay,
+            threads: self.config.threads_per_worker.max(1),
+            busy: self.busy.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("{}-w{i}", self.label))
+            .spawn(move || worker.run())?;
+        workers.push(WorkerHandle {
+            thread,
+            _stop: stop_tx,
+            pass_started,
+        });
+        Ok(())
+    }
+
+    /// Detaches workers whose pass has run past `stuck_after` and starts replacements (at
+    /// most [`MAX_STUCK`] detached workers still running). Checked at most every 100 ms, by
+    /// the requests that arrive.
+    fn replace_stuck(&self) {
+        let now = self.epoch.elapsed().as_micros() as u64;
+        let last = self.last_check.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < 100_000
+            || self
+                .last_check
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let limit = self.config.stuck_after.as_micros() as u64;
+        let Ok(mut workers) = self.workers.lock() else {
+            return;
+        };
+        let is_stuck = |w: &WorkerHandle| {
+            let started = w.pass_started.load(Ordering::Relaxed);
+            started != 0 && now.saturating_sub(started - 1) > limit
+        };
+        if !workers.iter().any(is_stuck) {
+            return;
+        }
+        let mut stuck = self.stuck.lock().unwrap_or_else(|e| e.into_inner());
+        stuck.retain(|t| !t.is_finished());
+        let mut i = 0;
+        while i < workers.len() {
+            if !is_stuck(&workers[i]) {
+                i += 1;
+                continue;
+            }
+            if stuck.len() >= MAX_STUCK {
+                tracing::error!(
+                    model = %self.label,
+                    stuck = stuck.len(),
+                    "a forward pass is past the response timeout, and {MAX_STUCK} stuck workers \
+                     are still running: not replacing it"
+                );
+                break;
+            }
+            // Dropping its stop sender stops it once its pass returns.
+            let w = workers.swap_remove(i);
+            stuck.push(w.thread);
+            self.metrics.stuck_workers.inc();
+            tracing::warn!(
+                model = %self.label,
+                after_s = self.config.stuck_after.as_secs_f64(),
+                "a forward pass is past the response timeout; starting a replacement worker"
+            );
+            if let Err(e) = self.spawn_worker(&mut workers) {
+                tracing::error!(model = %self.label, error = %e, "could not start a replacement worker");
+            }
+        }
+        self.running.store(workers.len(), Ordering::Relaxed);
+    }
+
     /// Workers running now.
     pub fn workers(&self) -> usize {
         self.running.load(Ordering::Relaxed)
@@ -189,6 +281,7 @@ impl Batcher {
             enqueued: Instant::now(),
             reply,
         };
+        self.replace_stuck();
         let guard = self
             .tx
             .lock()
@@ -272,6 +365,9 @@ struct Worker {
     rx: Receiver<Job>,
     /// Disconnected when a scale-down stops this worker.
     stop: Receiver<()>,
+    /// When the current pass started (µs since `epoch`, plus 1); 0 when idle.
+    pass_started: Arc<AtomicU64>,
+    epoch: Instant,
     handler: Arc<dyn Handler>,
     session: Arc<Session>,
     batch_size: usize,
@@ -341,7 +437,12 @@ impl Worker {
             let items: usize = jobs.iter().map(|j| j.instances.len()).sum();
             self.busy.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
+            self.pass_started.store(
+                self.epoch.elapsed().as_micros() as u64 + 1,
+                Ordering::Relaxed,
+            );
             self.run_batch(jobs);
+            self.pass_started.store(0, Ordering::Relaxed);
             last = (items, started.elapsed());
             self.busy.fetch_sub(1, Ordering::Relaxed);
         }

@@ -449,6 +449,7 @@ impl Manager {
             batch_size: self.metrics.batch_size.with_label_values(&labels),
             queue_length: self.metrics.queue_length.with_label_values(&labels),
             abandoned: self.metrics.abandoned_requests.with_label_values(&labels),
+            stuck_workers: self.metrics.stuck_workers.with_label_values(&labels),
         };
         let batcher = Batcher::start(
             &name,
@@ -586,6 +587,7 @@ impl Manager {
                 workers: min_workers,
                 queue_size,
                 threads_per_worker: threads_per_worker(min_workers.max(1)),
+                stuck_after: response_timeout,
             },
             min_workers,
             max_workers,

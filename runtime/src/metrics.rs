@@ -36,6 +36,7 @@ pub struct Metrics {
     pub model_workers: IntGaugeVec,
     pub queue_length: IntGaugeVec,
     pub abandoned_requests: IntCounterVec,
+    pub stuck_workers: IntCounterVec,
     pub gpu_memory_used_bytes: GaugeVec,
     gpu_enabled: AtomicBool,
 }
@@ -123,6 +124,13 @@ impl Metrics {
                 ),
                 model_only,
             )?,
+            stuck_workers: IntCounterVec::new(
+                Opts::new(
+                    "torchfn_stuck_workers_total",
+                    "Workers replaced because a forward pass ran past the response timeout",
+                ),
+                model_only,
+            )?,
             gpu_memory_used_bytes: GaugeVec::new(
                 Opts::new("ts_gpu_memory_used_bytes", help("gauge", "Bytes")),
                 &["device_id"],
@@ -145,6 +153,7 @@ impl Metrics {
         m.registry.register(Box::new(m.queue_length.clone()))?;
         m.registry
             .register(Box::new(m.abandoned_requests.clone()))?;
+        m.registry.register(Box::new(m.stuck_workers.clone()))?;
         for c in &m.requests {
             m.registry.register(Box::new(c.clone()))?;
         }

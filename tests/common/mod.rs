@@ -34,6 +34,25 @@ pub fn handler_fixtures() -> &'static Path {
     DIR.get_or_init(|| make_fixtures("make_handler_fixtures.py", "handler-fixtures"))
 }
 
+/// A command from one of the tool venvs `scripts/setup` makes beside the project's
+/// (`venv-sam-1.170.0`, `venv-schemathesis-4.32.5`): `<cache>/<venv>/bin/<command>`.
+pub fn tool(venv: &str, command: &str) -> PathBuf {
+    let path = venv_python()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .with_file_name(venv)
+        .join("bin")
+        .join(command);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/setup",
+        path.display()
+    );
+    path
+}
+
 /// The project venv's Python, installed by `scripts/setup` when missing.
 pub fn venv_python() -> PathBuf {
     static PY: OnceLock<PathBuf> = OnceLock::new();

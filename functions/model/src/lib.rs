@@ -377,9 +377,13 @@ async fn run() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("could not bind {host}:{port}"))?;
     println!("Inference API bind to: http://{}", listener.local_addr()?);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(api::shutdown_signal())
-        .await?;
+    api::serve::serve(
+        listener,
+        router,
+        api::serve::Limits::from_env(),
+        api::shutdown_signal(),
+    )
+    .await?;
     tokio::task::spawn_blocking(move || manager.shutdown()).await?;
     Ok(())
 }

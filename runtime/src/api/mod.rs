@@ -7,6 +7,7 @@ pub mod management;
 pub mod metrics;
 pub mod openapi;
 pub mod security;
+pub mod serve;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -166,7 +167,20 @@ pub async fn read_body(
             return Err(too_large());
         }
     }
-    match http_body_util::Limited::new(body, limit).collect().await {
+    let timeout = serve::Limits::from_env().body_timeout;
+    let collected =
+        tokio::time::timeout(timeout, http_body_util::Limited::new(body, limit).collect())
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorKind::RequestTimeout,
+                    format!(
+                        "the request body did not arrive within {} s",
+                        timeout.as_secs_f64()
+                    ),
+                )
+            })?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
