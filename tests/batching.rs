@@ -233,3 +233,40 @@ fn the_response_timeout_bounds_a_request() {
         "{text}"
     );
 }
+
+#[test]
+fn sigterm_answers_requests_in_flight_and_queued_then_exits() {
+    let (mut server, _dir, _serial) = slow_server("");
+    let pid = server.child.id().to_string();
+    let addr = server.inference.trim_start_matches("http://").to_string();
+    std::thread::scope(|s| {
+        let before = passes(&server);
+        let busy = s.spawn(|| server.predict("slow", json!({"data": [BUSY, 1]}).to_string()));
+        wait_until("the busy pass to start", || passes(&server) > before);
+        let queued = s.spawn(|| server.predict("slow", json!({"data": [0, 3]}).to_string()));
+        wait_until("a queued request", || pending(&server) == 1);
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // The listener closes at once: a new client is refused...
+        wait_until("the listener to close", || {
+            std::net::TcpStream::connect(&addr).is_err()
+        });
+        // ...while the request being computed and the one queued behind it are answered.
+        let (status, body, _) = busy.join().unwrap();
+        assert_eq!((status, body), (200, json!([2.0])));
+        let (status, body, _) = queued.join().unwrap();
+        assert_eq!((status, body), (200, json!([6.0])));
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit:?}");
+}
