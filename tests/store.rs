@@ -935,3 +935,151 @@ async fn s3_archives_unpack_while_they_download() {
     assert!(err.is_not_found(), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
+
+/// A loopback proxy to moto that answers the first `fail_first` requests itself with
+/// `status` and an S3 error body (`code`), and passes everything else through.
+struct StatusProxy {
+    port: u16,
+    faults: Arc<AtomicUsize>,
+}
+
+impl StatusProxy {
+    fn start(upstream: u16, fail_first: usize, status: &'static str, code: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let faults = Arc::new(AtomicUsize::new(0));
+        let faults2 = faults.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let faults = faults2.clone();
+                std::thread::spawn(move || {
+                    // Read the first request's head.
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match client.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let fail = faults
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                            (c < fail_first).then_some(c + 1)
+                        })
+                        .is_ok();
+                    if fail {
+                        let body = format!(
+                            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>\
+                             <Message>injected by the test</Message></Error>"
+                        );
+                        let _ = write!(
+                            client,
+                            "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = client.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    // Pass this connection through, the head already read included.
+                    let mut server = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+                    if server.write_all(&head).is_err() {
+                        return;
+                    }
+                    let (mut client_r, mut server_w) =
+                        (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut client_r, &mut server_w);
+                        let _ = server_w.shutdown(Shutdown::Write);
+                    });
+                    let _ = std::io::copy(&mut server, &mut client);
+                    let _ = client.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        StatusProxy { port, faults }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_throttling_and_server_errors_are_retried_then_reported() {
+    let env = env();
+    let port: u16 = env.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    let setup = store_with_bucket("torchfn-faults").await;
+    let bytes = data(3 << 20, 5);
+    put_raw(&setup, "torchfn-faults", "model.mar", bytes.clone(), true).await;
+    let expect = || Expect {
+        size: Some(bytes.len() as u64),
+        sha256: Some(sha256_hex(&bytes)),
+    };
+    let options = DownloadOptions {
+        part_size: 1 << 20,
+        concurrency: 1,
+    };
+
+    // Two throttled answers (503 SlowDown): retried, and the download completes intact.
+    let proxy = StatusProxy::start(port, 2, "503 Slow Down", "SlowDown");
+    let store = ObjectStore::with_s3_endpoint(format!("http://127.0.0.1:{}", proxy.port));
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("model.mar");
+    store
+        .download(&s3("torchfn-faults", "model.mar"), &dest, expect(), options)
+        .await
+        .unwrap();
+    assert_eq!(proxy.faults.load(Ordering::SeqCst), 2);
+    assert!(
+        std::fs::read(&dest).unwrap() == bytes,
+        "the download differs"
+    );
+
+    // A server that only fails (500 InternalError): reported after the retries, within
+    // bounded time, and nothing is left behind.
+    let proxy = StatusProxy::start(
+        port,
+        usize::MAX,
+        "500 Internal Server Error",
+        "InternalError",
+    );
+    let store = ObjectStore::with_s3_endpoint(format!("http://127.0.0.1:{}", proxy.port));
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let err = store
+        .download(
+            &s3("torchfn-faults", "model.mar"),
+            &dir.path().join("model.mar"),
+            expect(),
+            options,
+        )
+        .await
+        .unwrap_err();
+    let text = format!("{err}");
+    assert!(
+        proxy.faults.load(Ordering::SeqCst) >= 2,
+        "not retried: {text}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    assert!(
+        files_in(dir.path()).is_empty(),
+        "{:?}",
+        files_in(dir.path())
+    );
+
+    // No server at all: an error, not a hang.
+    let closed = moto::free_port();
+    let store = ObjectStore::with_s3_endpoint(format!("http://127.0.0.1:{closed}"));
+    let started = std::time::Instant::now();
+    let err = store
+        .download(
+            &s3("torchfn-faults", "model.mar"),
+            &dir.path().join("model.mar"),
+            expect(),
+            options,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "{err}"
+    );
+    assert!(files_in(dir.path()).is_empty());
+}
