@@ -267,12 +267,16 @@ async fn v2_health(State(state): State<AppState>, Path(which): Path<String>) -> 
         "ready" => state.is_ready(),
         _ => return ApiError::resource_not_found().into_response(),
     };
-    let status = if ok {
+    json_response(ready_status(ok), &json!({ which: ok }))
+}
+
+/// 200 when ready, else 503 (the protocol's readiness answers).
+fn ready_status(ready: bool) -> StatusCode {
+    if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
-    };
-    json_response(status, &json!({ which: ok }))
+    }
 }
 
 /// The Open Inference Protocol (KServe v2): `POST .../infer`, `GET .../ready`, and `GET` of the
@@ -298,13 +302,8 @@ async fn kserve_v2(
             ("ready", &Method::GET) => {
                 let model = state.manager.get(name, version)?;
                 let ready = model.batcher.workers() > 0;
-                let status = if ready {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
                 Ok(json_response(
-                    status,
+                    ready_status(ready),
                     &json!({"name": model.name, "ready": ready}),
                 ))
             }

@@ -114,11 +114,12 @@ pub fn decode_list(
 /// `application/x-www-form-urlencoded`): the field named `data`, else `body` (when a name
 /// repeats, the later part wins, as in TorchServe). `None` when the request is not a form.
 pub fn form_input(request: &super::Request<'_>) -> Result<Option<Vec<u8>>, ApiError> {
-    let media = request.media_type();
-    let fields = match media.as_deref() {
-        Some("multipart/form-data") => multipart_fields(request)?,
-        Some("application/x-www-form-urlencoded") => urlencoded_fields(request.body)?,
-        _ => return Ok(None),
+    let fields = if request.media_is(&["multipart/form-data"]) {
+        multipart_fields(request)?
+    } else if request.media_is(&["application/x-www-form-urlencoded"]) {
+        urlencoded_fields(request.body)?
+    } else {
+        return Ok(None);
     };
     let pick = |name: &str| {
         fields

@@ -299,13 +299,13 @@ pub fn decode_images(request: &Request<'_>) -> Result<Decoded, ApiError> {
     if let Some(bytes) = form_input(request)? {
         return match std::str::from_utf8(&bytes) {
             // A text field holds base64; a file part holds the image itself.
-            Ok(text) if request.media_type().as_deref() != Some("multipart/form-data") => {
+            Ok(text) if !request.media_is(&["multipart/form-data"]) => {
                 one(image_instance(base64_decode(text, "data")?, "data")?)
             }
             _ => one(image_instance(bytes, "data")?),
         };
     }
-    let json = matches!(request.media_type().as_deref(), Some("application/json"))
+    let json = request.media_is(&["application/json"])
         || (request.content_type.is_none()
             && request
                 .body

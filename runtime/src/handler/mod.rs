@@ -66,15 +66,17 @@ impl<'a> Request<'a> {
         }
     }
 
-    /// The media type, lowercased, without parameters.
-    pub fn media_type(&self) -> Option<String> {
-        self.content_type.map(|c| {
-            c.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
+    /// The media type without parameters, as sent (compare with [`Request::media_is`]).
+    pub fn media_type(&self) -> Option<&'a str> {
+        self.content_type
+            .map(|c| c.split(';').next().unwrap_or("").trim())
+    }
+
+    /// Whether the media type is one of `types` (lowercase), ignoring case and parameters.
+    /// No allocation: it runs for every request.
+    pub fn media_is(&self, types: &[&str]) -> bool {
+        self.media_type()
+            .is_some_and(|m| types.iter().any(|t| m.eq_ignore_ascii_case(t)))
     }
 }
 

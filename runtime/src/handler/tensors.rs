@@ -128,15 +128,11 @@ fn numeric_input(kind: Kind, bytes: &[u8]) -> Input {
 /// string) or `application/octet-stream` float32. The body is one instance, as a JSON array
 /// body is.
 pub fn binary_body(request: &Request<'_>) -> Result<Option<Decoded>, ApiError> {
-    let media = request.media_type();
     let npy = request.body.starts_with(NPY_MAGIC)
-        || matches!(
-            media.as_deref(),
-            Some("application/x-npy" | "application/npy")
-        );
+        || request.media_is(&["application/x-npy", "application/npy"]);
     let tensor = if npy {
         parse_npy(request.body)?
-    } else if media.as_deref() == Some("application/octet-stream") {
+    } else if request.media_is(&["application/octet-stream"]) {
         raw_f32(request.body, request.tensor_shape)?
     } else {
         return Ok(None);

@@ -124,14 +124,13 @@ impl Handler for TextClassifier {
         if let Some(bytes) = form_input(request)? {
             return one(text_instance(bytes, "data")?);
         }
-        let media = request.media_type();
         let looks_json = request
             .body
             .iter()
             .find(|b| !b.is_ascii_whitespace())
             .is_some_and(|b| matches!(b, b'{' | b'[' | b'"'));
-        let json = match media.as_deref() {
-            Some("application/json") => Some(parse_json(request.body)?),
+        let json = match request.media_type() {
+            _ if request.media_is(&["application/json"]) => Some(parse_json(request.body)?),
             None if looks_json => serde_json::from_slice::<Value>(request.body).ok(),
             _ => None,
         };
