@@ -92,9 +92,13 @@ impl Watch {
     }
 }
 
-impl Drop for Watch {
-    fn drop(&mut self) {
-        // SIGTERM to the group (cargo-lambda passes it on), then SIGKILL what is left.
+impl Watch {
+    /// Stops the watch: SIGTERM to the group (cargo-lambda passes it on, as Lambda's
+    /// SHUTDOWN does), then SIGKILL what is left after 10 s. Returns the log.
+    fn stop(&mut self) -> String {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return self.log();
+        }
         let group = format!("-{}", self.child.id());
         let _ = Command::new("kill")
             .args(["-TERM", "--", &group])
@@ -112,6 +116,13 @@ impl Drop for Watch {
             .stderr(Stdio::null())
             .status();
         let _ = self.child.wait();
+        self.log()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -226,7 +237,7 @@ fn an_uploaded_archive_registers_and_serves_under_cargo_lambda_watch() {
     drop(registrar);
 
     // The model function follows the registry's default: the version just registered.
-    let function = Watch::start(
+    let mut function = Watch::start(
         "torchfn-model",
         &[
             ("TORCHFN_REGISTRY", registry),
@@ -290,4 +301,14 @@ fn an_uploaded_archive_registers_and_serves_under_cargo_lambda_watch() {
         Some(&single),
     );
     assert_json_close(&got, &reference["classifier_single"], 1e-5, "python");
+
+    // cargo-lambda's Runtime API takes the function's shutdown extension, and stopping the
+    // watch runs the function's SHUTDOWN (the unpacked model removed).
+    let log = function.stop();
+    assert!(!log.contains("shutdown extension"), "{log}");
+    let done = log
+        .lines()
+        .find(|l| l.contains("SHUTDOWN complete"))
+        .unwrap_or_else(|| panic!("no SHUTDOWN in the function's log:\n{log}"));
+    assert!(done.contains("removed_unpacked_models=true"), "{done}");
 }

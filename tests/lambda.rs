@@ -260,3 +260,187 @@ async fn a_failed_start_is_reported_to_the_runtime_api() {
     let message = report["errorMessage"].as_str().unwrap();
     assert!(message.contains("no-such-model.mar"), "{message}");
 }
+
+/// Waits (up to `secs`) for a condition, polling every 20 ms.
+async fn wait_for(what: &str, secs: u64, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Lambda's SHUTDOWN phase: the function registers an internal extension during INIT (before
+/// it asks for an invocation), so Lambda will send SIGTERM; on SIGTERM the invocation in
+/// flight is answered, the unpacked model is removed from /tmp and the process exits 0
+/// within its budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_phase_answers_the_invocation_in_flight_and_cleans_up() {
+    let slow = common::fixtures().join("slow/slow.mar");
+    let tmp = tempfile::tempdir().unwrap();
+    let (api, tx, addr) = runtime_api::start().await;
+    // Ample for the pass on a loaded machine (the default is 400 ms, inside Lambda's 500).
+    let budget_ms = 10_000u64;
+    let child = Command::new(env!("CARGO_BIN_EXE_torchfn-model"))
+        .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
+        .env("AWS_LAMBDA_FUNCTION_NAME", "slow")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "2048")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_MAX_CONCURRENCY", "2")
+        .env("TORCHFN_MODEL_URI", slow.to_str().unwrap())
+        .env("TORCHFN_MODEL_NAME", "slow")
+        .env("TORCHFN_SHUTDOWN_BUDGET_MS", budget_ms.to_string())
+        .env("TMPDIR", tmp.path())
+        .env("RUST_LOG", "info,torchfn_model::shutdown=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Kill(child);
+    let stderr = child.0.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let logging = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        })
+    };
+
+    wait_for("INIT to end", 120, || {
+        !api.extensions_waiting.lock().unwrap().is_empty()
+    })
+    .await;
+    let extensions = api.extensions.lock().unwrap().clone();
+    assert_eq!(
+        extensions,
+        vec![("torchfn-shutdown".to_string(), json!([]), 0)],
+        "one extension, subscribed to nothing, registered before the first invocation"
+    );
+    let unpacked = || {
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("torchfn-models-")
+            })
+            .count()
+    };
+    assert_eq!(unpacked(), 1, "the model is unpacked under TMPDIR");
+
+    let warm = runtime_api::invoke(
+        &api,
+        &tx,
+        "warm",
+        http_api_event("warm", &json!({"data": [0, 1]})),
+        60,
+    )
+    .await;
+    assert_eq!(warm["statusCode"], 200, "{warm}");
+
+    // An invocation whose forward pass is still running when SIGTERM arrives.
+    let (reply_tx, reply_rx) = oneshot::channel();
+    api.waiting
+        .lock()
+        .unwrap()
+        .insert("in-flight".into(), reply_tx);
+    tx.send((
+        "in-flight".into(),
+        http_api_event("in-flight", &json!({"data": [20_000, 7]})),
+    ))
+    .unwrap();
+    wait_for("the function to take the invocation", 30, || {
+        log.lock()
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("invocation received") && l.contains("in-flight"))
+    })
+    .await;
+    let mut reply_rx = reply_rx;
+    assert!(
+        matches!(
+            reply_rx.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ),
+        "answered before SIGTERM: the pass is too short to test with"
+    );
+    let pid = child.0.id().to_string();
+    let signalled = std::time::Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+
+    let answer = tokio::time::timeout(Duration::from_secs(10), reply_rx)
+        .await
+        .expect("the invocation in flight was not answered")
+        .unwrap();
+    assert_eq!(answer["statusCode"], 200, "{answer}");
+    let body: Value = serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body, json!([14.0]));
+
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_millis(budget_ms + 1000),
+            "still running {:?} after SIGTERM",
+            signalled.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let took = signalled.elapsed();
+    assert!(status.success(), "{status}");
+    logging.join().unwrap();
+    let log = log.lock().unwrap().clone();
+    assert!(log.contains("SHUTDOWN complete"), "{log}");
+    assert!(log.contains("unanswered=0"), "{log}");
+    assert_eq!(unpacked(), 0, "the unpacked model is left in TMPDIR");
+    eprintln!("SIGTERM to exit, one invocation in flight: {took:?}");
+}
+
+/// A Runtime API without the Extensions API (some local emulators): the registration fails
+/// with a warning and the function serves as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_extensions_api_the_function_still_serves() {
+    let slow = common::fixtures().join("slow/slow.mar");
+    let (api, tx, addr) = runtime_api::start_without_extensions().await;
+    let child = Command::new(env!("CARGO_BIN_EXE_torchfn-model"))
+        .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
+        .env("AWS_LAMBDA_FUNCTION_NAME", "slow")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "2048")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("TORCHFN_MODEL_URI", slow.to_str().unwrap())
+        .env("TORCHFN_MODEL_NAME", "slow")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = Kill(child);
+    let answer = runtime_api::invoke(
+        &api,
+        &tx,
+        "plain",
+        http_api_event("plain", &json!({"data": [0, 4]})),
+        120,
+    )
+    .await;
+    assert_eq!(answer["statusCode"], 200, "{answer}");
+    let body: Value = serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body, json!([8.0]));
+    assert!(api.extensions.lock().unwrap().is_empty());
+}

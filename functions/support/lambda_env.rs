@@ -21,18 +21,16 @@ pub fn init_logging() {
     let json = env("AWS_LAMBDA_LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json"));
     match (json, env("AWS_LAMBDA_RUNTIME_API").is_some()) {
         (true, _) => builder.json().init(),
-        (false, true) => builder.without_time().init(),
+        // CloudWatch shows colour codes as text.
+        (false, true) => builder.without_time().with_ansi(false).init(),
         (false, false) => builder.init(),
     }
 }
 
-/// Under Lambda, tells the Runtime API why the start failed (`/runtime/init/error`), so the
-/// pending invocation fails at once with that message instead of waiting for a runtime that
-/// will never ask for it. Elsewhere, or when the report cannot be sent, only the log has it.
-pub async fn report_init_error(error: &anyhow::Error) {
-    let Some(api) = env("AWS_LAMBDA_RUNTIME_API") else {
-        return;
-    };
+/// A client of Lambda's Runtime API (`AWS_LAMBDA_RUNTIME_API`); `None` outside Lambda or when
+/// the address is not valid (logged).
+pub fn runtime_api_client() -> Option<lambda_runtime_api_client::PooledClient> {
+    let api = env("AWS_LAMBDA_RUNTIME_API")?;
     // Lambda gives `host:port`; local emulators may give a URL with a base path.
     let base = if api.contains("://") {
         api
@@ -40,12 +38,23 @@ pub async fn report_init_error(error: &anyhow::Error) {
         format!("http://{api}")
     };
     let Ok(base) = base.parse::<http::Uri>() else {
-        tracing::warn!(api = %base, "AWS_LAMBDA_RUNTIME_API is not a valid address; start-up failure not reported");
+        tracing::warn!(api = %base, "AWS_LAMBDA_RUNTIME_API is not a valid address");
+        return None;
+    };
+    Some(
+        lambda_runtime_api_client::PooledClient::builder()
+            .with_endpoint(base)
+            .build(),
+    )
+}
+
+/// Under Lambda, tells the Runtime API why the start failed (`/runtime/init/error`), so the
+/// pending invocation fails at once with that message instead of waiting for a runtime that
+/// will never ask for it. Elsewhere, or when the report cannot be sent, only the log has it.
+pub async fn report_init_error(error: &anyhow::Error) {
+    let Some(client) = runtime_api_client() else {
         return;
     };
-    let client = lambda_runtime_api_client::PooledClient::builder()
-        .with_endpoint(base)
-        .build();
     let body = serde_json::json!({
         "errorType": "Runtime.InitError",
         "errorMessage": format!("{error:#}"),

@@ -225,6 +225,12 @@ impl Manager {
         &self.metrics
     }
 
+    /// The folder every archive of this manager unpacks under (removed when the manager is
+    /// dropped; a process that exits without dropping it removes it itself).
+    pub fn unpack_root(&self) -> &Path {
+        self.unpack_root.path()
+    }
+
     /// The archives named by `load_models` / `--models`, resolved against the model store
     /// (a folder or an `s3://bucket/prefix`).
     pub fn startup_specs(&self) -> Result<Vec<LoadSpec>, ApiError> {

@@ -12,12 +12,14 @@
 //! Serving: under Lambda (`AWS_LAMBDA_RUNTIME_API` set) through `lambda_http`, with
 //! concurrent invocations (`AWS_LAMBDA_MAX_CONCURRENCY`) sharing the micro-batcher; elsewhere
 //! (Cloud Run, Knative, a container) as plain HTTP on `$PORT` (8080) on all interfaces
-//! (`TORCHFN_HOST` overrides), inference routes, `/ping` and `/metrics` only.
+//! (`TORCHFN_HOST` overrides), inference routes, `/ping` and `/metrics` only. Lambda's
+//! SHUTDOWN phase is honoured (module `shutdown`); over plain HTTP, SIGTERM drains the
+//! requests in flight and exits.
 //!
 //! Other settings: `TORCHFN_MODEL_NAME` (the name served), `TORCHFN_HANDLER` (a built-in
 //! handler, or one the function registered, for archives that name a Python handler),
 //! `TORCHFN_BATCH_SIZE`, `TORCHFN_MAX_BATCH_DELAY_MS`, `TORCHFN_JOB_QUEUE_SIZE`,
-//! `TORCHFN_DEVICE`; logs honour `AWS_LAMBDA_LOG_LEVEL` / `RUST_LOG` and
+//! `TORCHFN_DEVICE`, `TORCHFN_SHUTDOWN_BUDGET_MS`; logs honour `AWS_LAMBDA_LOG_LEVEL` / `RUST_LOG` and
 //! `AWS_LAMBDA_LOG_FORMAT=JSON`.
 //!
 //! This crate is a library and a binary. The `torchfn-model` binary is
@@ -40,6 +42,7 @@ use torchfn_runtime::store::{Expect, Location, ObjectStore};
 
 #[path = "../../support/lambda_env.rs"]
 mod lambda_env;
+mod shutdown;
 use lambda_env::env;
 
 fn env_num<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>> {
@@ -303,10 +306,12 @@ struct Ready {
     manager: Arc<Manager>,
     model_name: String,
     router: axum::Router,
+    shutdown_budget: Duration,
 }
 
 async fn init() -> anyhow::Result<Ready> {
     let settings = settings()?;
+    let shutdown_budget = shutdown::budget()?;
     let store = ObjectStore::from_env();
     let spec = resolve(&store).await?;
     let metrics = Arc::new(Metrics::new().context("could not create metrics")?);
@@ -337,6 +342,7 @@ async fn init() -> anyhow::Result<Ready> {
         manager,
         model_name: model.name.clone(),
         router: api::function_router(state),
+        shutdown_budget,
     })
 }
 
@@ -346,6 +352,7 @@ async fn run() -> anyhow::Result<()> {
         manager,
         model_name,
         router,
+        shutdown_budget,
     } = match init().await {
         Ok(ready) => ready,
         Err(e) => {
@@ -356,6 +363,23 @@ async fn run() -> anyhow::Result<()> {
     };
 
     if env("AWS_LAMBDA_RUNTIME_API").is_some() {
+        // Lambda sets these; the runtime client cannot start without them.
+        let missing: Vec<&str> = [
+            "AWS_LAMBDA_FUNCTION_NAME",
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+            "AWS_LAMBDA_FUNCTION_VERSION",
+        ]
+        .into_iter()
+        .filter(|name| env(name).is_none())
+        .collect();
+        if !missing.is_empty() {
+            let e = anyhow::anyhow!(
+                "AWS_LAMBDA_RUNTIME_API is set but {} not (Lambda sets them all)",
+                missing.join(", ")
+            );
+            lambda_env::report_init_error(&e).await;
+            return Err(e);
+        }
         // Each invocation goes through the same router; concurrent invocations of one
         // environment (AWS_LAMBDA_MAX_CONCURRENCY > 1) share the model's micro-batcher.
         let served = Served {
@@ -367,7 +391,14 @@ async fn run() -> anyhow::Result<()> {
             let served = served.clone();
             async move { invoke(router, served, req).await }
         });
-        return lambda_http::run_concurrent(handler)
+        // Lambda's SHUTDOWN phase: registered before the first invocation is asked for.
+        let inflight = Arc::new(shutdown::InFlight::default());
+        if shutdown::register_extension().await {
+            shutdown::on_signal(manager.clone(), inflight.clone(), shutdown_budget);
+        }
+        return lambda_http::lambda_runtime::Runtime::new(lambda_http::Adapter::from(handler))
+            .layer(shutdown::CountInvocations::layer(inflight))
+            .run_concurrent()
             .await
             .map_err(|e| anyhow::anyhow!("Lambda runtime stopped: {e}"));
     }
