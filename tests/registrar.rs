@@ -176,4 +176,154 @@ async fn archives_become_versions() {
         registry.version("classifier", "2.0").await.unwrap().status,
         VersionStatus::Removed
     );
+    // 2.0 was the default: the pointer is back on 1.0, the highest version left.
+    let default = |registry: Registry| async move {
+        registry
+            .default_pointer("classifier")
+            .await
+            .unwrap()
+            .unwrap()
+            .0
+            .version
+    };
+    assert_eq!(default(registry.clone()).await, "1.0");
+
+    // An upload whose archive is deleted before its event is handled: nothing to record,
+    // and no error (which would only make S3 retry it).
+    let got = deliver(
+        &registry,
+        &store,
+        &s3_event(&bucket, "archives/gone-already.mar", true),
+    )
+    .await;
+    assert!(
+        matches!(&got[0], Ok(Outcome::Ignored { reason }) if reason.contains("deleted")),
+        "{got:?}"
+    );
+
+    // Deleted while being recorded (after the registrar's first look, before its deletion
+    // event could find a record): a proxy answers the archive's later HEADs with 404. The
+    // version ends removed and the default stays on 1.0.
+    let v3 = with_version(&std::fs::read(fx.join("v2/classifier.mar")).unwrap(), "3.0");
+    store
+        .put(
+            &format!("s3://{bucket}/archives/classifier-3.0.mar")
+                .parse()
+                .unwrap(),
+            v3,
+        )
+        .await
+        .unwrap();
+    let proxy = GoneAfterFirstHead::start(&moto::env().endpoint, "classifier-3.0.mar");
+    let watched = ObjectStore::with_s3_endpoint(proxy.endpoint.clone());
+    let got = deliver(
+        &registry,
+        &watched,
+        &s3_event(&bucket, "archives/classifier-3.0.mar", true),
+    )
+    .await;
+    assert_eq!(
+        got,
+        [Ok(Outcome::Removed {
+            model: "classifier".into(),
+            version: "3.0".into()
+        })]
+    );
+    assert!(proxy.heads.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    assert_eq!(
+        registry.version("classifier", "3.0").await.unwrap().status,
+        VersionStatus::Removed
+    );
+    assert_eq!(default(registry.clone()).await, "1.0");
+}
+
+/// A zip MAR with its manifest's `modelVersion` set to `version`.
+fn with_version(mar: &[u8], version: &str) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(mar)).unwrap();
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).unwrap();
+        let name = entry.name().to_string();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        if name == "MAR-INF/MANIFEST.json" {
+            let mut manifest: Value = serde_json::from_slice(&bytes).unwrap();
+            manifest["model"]["modelVersion"] = json!(version);
+            bytes = serde_json::to_vec(&manifest).unwrap();
+        }
+        out.start_file(name, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        out.write_all(&bytes).unwrap();
+    }
+    out.finish().unwrap().into_inner()
+}
+
+/// A proxy in front of the S3 server that answers every HEAD of a key ending in `key_suffix`
+/// after the first with 404, as if the object had been deleted just then; everything else is
+/// passed through, one request per upstream connection.
+struct GoneAfterFirstHead {
+    endpoint: String,
+    heads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl GoneAfterFirstHead {
+    fn start(upstream: &str, key_suffix: &'static str) -> Self {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let heads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = heads.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let (upstream, heads) = (upstream.clone(), counted.clone());
+                std::thread::spawn(move || loop {
+                    // One request head (the registrar's reads here carry no body).
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match client.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).to_string();
+                    let request_line = text.lines().next().unwrap_or_default().to_string();
+                    let path = request_line.split(' ').nth(1).unwrap_or_default();
+                    let path = path.split('?').next().unwrap_or_default();
+                    if request_line.starts_with("HEAD ") && path.ends_with(key_suffix) {
+                        if heads.fetch_add(1, Ordering::SeqCst) >= 1 {
+                            let _ = client
+                                .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                            continue;
+                        }
+                    }
+                    // Through to the server on a connection of its own, closed after the answer.
+                    let mut forwarded: String = text
+                        .trim_end_matches("\r\n")
+                        .split("\r\n")
+                        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                        .map(|l| format!("{l}\r\n"))
+                        .collect();
+                    forwarded.push_str("Connection: close\r\n\r\n");
+                    let Ok(mut server) = std::net::TcpStream::connect(&upstream) else {
+                        return;
+                    };
+                    let mut answer = Vec::new();
+                    if server.write_all(forwarded.as_bytes()).is_err()
+                        || server.read_to_end(&mut answer).is_err()
+                        || client.write_all(&answer).is_err()
+                    {
+                        return;
+                    }
+                    // The server said `Connection: close`; so does this answer.
+                    return;
+                });
+            }
+        });
+        GoneAfterFirstHead { endpoint, heads }
+    }
 }

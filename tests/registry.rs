@@ -126,6 +126,71 @@ async fn racing_writers_lose_nothing(reg: &Registry) {
     assert_eq!(reg.versions("race").await.unwrap().len(), 17);
 }
 
+/// Uploads and deletions of one model's archives racing, each event delivered twice (S3
+/// delivers at least once), through the registrar's own registry steps: every version is
+/// recorded once, every deleted one is marked removed, and the default pointer ends on the
+/// highest version still registered, whatever the interleaving. Deleting the default moves the
+/// pointer back; deleting every version leaves it on a removed one.
+async fn racing_uploads_and_deletions_lose_nothing(reg: &Registry) {
+    use torchfn_runtime::registrar::{record_removal, record_upload, Outcome};
+    let reg = Arc::new(reg.clone());
+    let n = 16u32;
+    for round in 0..4u32 {
+        let model = format!("churn{round}");
+        // Every third version is deleted, and the highest (the default, until deleted); in
+        // the last round, every version.
+        let deleted = move |i: u32| round == 3 || i % 3 == round % 3 || i == n;
+        let tasks = (1..=n).flat_map(|i| (0..2).map(move |copy| (i, copy)));
+        let handles = tasks
+            .map(|(i, copy)| {
+                let (reg, model) = (reg.clone(), model.clone());
+                tokio::spawn(async move {
+                    let version = format!("{i}.0");
+                    let r = record(&model, &version, &format!("sha-{i}"));
+                    match record_upload(&reg, &r).await.unwrap() {
+                        Outcome::Registered { .. } | Outcome::AlreadyRegistered { .. } => {}
+                        other => panic!("{version}: {other:?}"),
+                    }
+                    if deleted(i) {
+                        // Half the deletions come at once, half after other tasks ran.
+                        if copy == 1 {
+                            tokio::task::yield_now().await;
+                        }
+                        match record_removal(&reg, &r.source).await.unwrap() {
+                            Outcome::Removed { version: v, .. } => assert_eq!(v, version),
+                            other => panic!("{version}: {other:?}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        futures_join(handles).await;
+
+        let records = reg.versions(&model).await.unwrap();
+        assert_eq!(records.len(), n as usize, "{model}: {records:?}");
+        for r in &records {
+            let i: u32 = r.version.trim_end_matches(".0").parse().unwrap();
+            let want = if deleted(i) {
+                VersionStatus::Removed
+            } else {
+                VersionStatus::Registered
+            };
+            assert_eq!(r.status, want, "{model} {}", r.version);
+            assert_eq!(r.sha256, format!("sha-{i}"));
+        }
+        let (pointer, _) = reg.default_pointer(&model).await.unwrap().unwrap();
+        let highest_left = (1..=n).rev().find(|&i| !deleted(i));
+        match highest_left {
+            Some(i) => assert_eq!(pointer.version, format!("{i}.0"), "{model}"),
+            None => {
+                let r = reg.version(&model, &pointer.version).await.unwrap();
+                assert_eq!(r.status, VersionStatus::Removed, "{model}");
+            }
+        }
+        assert!(!pointer.pinned);
+    }
+}
+
 async fn futures_join<T: Send + 'static>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
     let mut out = Vec::with_capacity(handles.len());
     for h in handles {
@@ -142,6 +207,7 @@ async fn registry_on_a_folder_and_on_s3() {
         registration_is_exactly_once_and_idempotent(&reg).await;
         default_pointer_follows_the_highest_version_unless_pinned(&reg).await;
         racing_writers_lose_nothing(&reg).await;
+        racing_uploads_and_deletions_lose_nothing(&reg).await;
         eprintln!("registry checks passed on {at}");
     }
     assert_eq!(

@@ -172,7 +172,17 @@ pub async fn handle(
         location: location.to_string(),
         reason,
     };
-    let meta = store.head(&location).await?;
+    let meta = match store.head(&location).await {
+        Ok(meta) => meta,
+        // Deleted before this event was handled: its deletion event records nothing either,
+        // and retrying cannot help.
+        Err(e) if e.is_not_found() => {
+            return Ok(Outcome::Ignored {
+                reason: format!("{location} was deleted before it could be recorded"),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
     if meta.size > config.max_archive_bytes {
         return Err(refuse(format!(
             "{} bytes is over the {}-byte limit",
@@ -228,8 +238,34 @@ pub async fn handle(
         status: VersionStatus::Registered,
         removed_ms: None,
     };
+    let outcome = record_upload(registry, &record).await?;
+    // Deleted while it was being recorded: its deletion event may have found no record to
+    // mark, so the removal is recorded here (whichever of the two comes second sees the
+    // other's work).
+    if matches!(
+        outcome,
+        Outcome::Registered { .. } | Outcome::AlreadyRegistered { .. }
+    ) {
+        match store.head(&location).await {
+            Err(e) if e.is_not_found() => {
+                tracing::info!(archive = %location, "deleted while being recorded; marked removed");
+                return record_removal(registry, &location.to_string()).await;
+            }
+            Ok(_) | Err(_) => {}
+        }
+    }
+    Ok(outcome)
+}
+
+/// The registry's part of an upload: the version recorded (exactly once), then the default
+/// pointer advanced. A re-delivered event advances the pointer too, so an event retried after
+/// a failure between the two steps still moves it.
+pub async fn record_upload(
+    registry: &Registry,
+    record: &VersionRecord,
+) -> Result<Outcome, RegistrarError> {
     let (name, version) = (record.model.clone(), record.version.clone());
-    match registry.register(&record).await? {
+    match registry.register(record).await? {
         Registered::Created => {
             let default = registry.advance_default(&name, &version).await?;
             Ok(Outcome::Registered {
@@ -238,10 +274,13 @@ pub async fn handle(
                 default,
             })
         }
-        Registered::AlreadyRegistered => Ok(Outcome::AlreadyRegistered {
-            model: name,
-            version,
-        }),
+        Registered::AlreadyRegistered => {
+            registry.advance_default(&name, &version).await?;
+            Ok(Outcome::AlreadyRegistered {
+                model: name,
+                version,
+            })
+        }
         Registered::Conflict { existing } => Ok(Outcome::Conflict {
             model: name,
             version,
@@ -251,11 +290,20 @@ pub async fn handle(
 }
 
 async fn removed(registry: &Registry, location: &Location) -> Result<Outcome, RegistrarError> {
-    let source = location.to_string();
+    record_removal(registry, &location.to_string()).await
+}
+
+/// The registry's part of a deletion: every version recorded from `source` marked removed,
+/// and the default pointer moved off it (to the highest version still registered).
+pub async fn record_removal(registry: &Registry, source: &str) -> Result<Outcome, RegistrarError> {
+    let source = source.to_string();
     let records = registry.find_by_source(&source).await?;
     for record in &records {
         registry
             .mark_removed(&record.model, &record.version)
+            .await?;
+        registry
+            .retreat_default(&record.model, &record.version)
             .await?;
     }
     Ok(match records.into_iter().next() {

@@ -314,8 +314,13 @@ impl Registry {
     }
 
     /// Moves the default pointer to `version` if it is higher than the current default
-    /// (or there is none) and the model is not pinned. Compare-and-swap: a concurrent writer
-    /// makes this re-read and decide again, so no update is lost. Returns whether it moved.
+    /// (or there is none, or the current one was removed) and the model is not pinned.
+    /// Compare-and-swap: a concurrent writer makes this re-read and decide again, so no update
+    /// is lost. Returns whether it moved.
+    ///
+    /// With [`Registry::retreat_default`] after each removal, racing registrations and
+    /// removals always leave the pointer on the highest version still registered: whichever
+    /// of "pointer written" and "version removed" comes second sees the other and moves on.
     pub async fn advance_default(&self, model: &str, version: &str) -> Result<bool, RegistryError> {
         let candidate = self.version(model, version).await?;
         if candidate.status == VersionStatus::Removed {
@@ -328,19 +333,23 @@ impl Registry {
                 if pointer.pinned || pointer.version == version {
                     return Ok(false);
                 }
-                let current_created = match self.version(model, &pointer.version).await {
-                    Ok(r) => r.created_ms,
-                    Err(RegistryError::UnknownVersion { .. }) => 0,
+                let current = match self.version(model, &pointer.version).await {
+                    Ok(r) => Some(r),
+                    Err(RegistryError::UnknownVersion { .. }) => None,
                     Err(e) => return Err(e),
                 };
-                let order = compare_versions(
-                    version,
-                    candidate.created_ms,
-                    &pointer.version,
-                    current_created,
-                );
-                if order != Ordering::Greater {
-                    return Ok(false);
+                // A default that was removed (or whose record is gone) gives way to any
+                // registered version.
+                if let Some(current) = current.filter(|r| r.status == VersionStatus::Registered) {
+                    let order = compare_versions(
+                        version,
+                        candidate.created_ms,
+                        &current.version,
+                        current.created_ms,
+                    );
+                    if order != Ordering::Greater {
+                        return Ok(false);
+                    }
                 }
             }
             let new = DefaultPointer {
@@ -351,7 +360,56 @@ impl Registry {
             let etag = current.as_ref().map(|(_, etag)| etag.as_str());
             if self.swap_pointer(&location, &new, etag).await? {
                 tracing::info!(model, version, "default version advanced");
+                // Removed while the pointer was being written: move on from it.
+                if self.version(model, version).await?.status == VersionStatus::Removed {
+                    self.retreat_default(model, version).await?;
+                }
                 return Ok(true);
+            }
+        }
+        Err(RegistryError::Contended {
+            model: model.to_string(),
+            attempts: CAS_ATTEMPTS,
+        })
+    }
+
+    /// After `version` was marked removed: if it is the (unpinned) default, moves the pointer
+    /// to the highest version still registered. Compare-and-swap, like
+    /// [`Registry::advance_default`]; a no-op when the pointer is elsewhere or pinned. When no
+    /// version is left registered the pointer stays where it is (a function told to serve the
+    /// model then refuses to start, naming the removed version). Returns whether it moved.
+    pub async fn retreat_default(&self, model: &str, version: &str) -> Result<bool, RegistryError> {
+        let location = self.pointer_location(model)?;
+        let mut from = version.to_string();
+        let mut moved = false;
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((pointer, etag)) = self.default_pointer(model).await? else {
+                return Ok(moved);
+            };
+            if pointer.pinned || pointer.version != from {
+                return Ok(moved);
+            }
+            let Some(best) = self
+                .versions(model)
+                .await?
+                .into_iter()
+                .rfind(|r| r.status == VersionStatus::Registered)
+            else {
+                return Ok(moved);
+            };
+            let new = DefaultPointer {
+                version: best.version.clone(),
+                pinned: false,
+                updated_ms: now_ms(),
+            };
+            if self.swap_pointer(&location, &new, Some(&etag)).await? {
+                tracing::info!(model, from = %from, to = %best.version, "default version moved off a removed version");
+                moved = true;
+                if self.version(model, &best.version).await?.status == VersionStatus::Registered {
+                    return Ok(true);
+                }
+                // That one was removed meanwhile too: move on from it.
+                from = best.version;
             }
         }
         Err(RegistryError::Contended {
