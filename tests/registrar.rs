@@ -294,12 +294,13 @@ impl GoneAfterFirstHead {
                     let request_line = text.lines().next().unwrap_or_default().to_string();
                     let path = request_line.split(' ').nth(1).unwrap_or_default();
                     let path = path.split('?').next().unwrap_or_default();
-                    if request_line.starts_with("HEAD ") && path.ends_with(key_suffix) {
-                        if heads.fetch_add(1, Ordering::SeqCst) >= 1 {
-                            let _ = client
-                                .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
-                            continue;
-                        }
+                    if request_line.starts_with("HEAD ")
+                        && path.ends_with(key_suffix)
+                        && heads.fetch_add(1, Ordering::SeqCst) >= 1
+                    {
+                        let _ = client
+                            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                        continue;
                     }
                     // Through to the server on a connection of its own, closed after the answer.
                     let mut forwarded: String = text
