@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/archive.rs"]
+mod archive;
 mod common;
 #[path = "common/server.rs"]
 mod server;
@@ -528,6 +530,157 @@ fn changes_under_prediction_load_lose_nothing() {
     let (code, body, _) = server.predict("classifier", single);
     assert_eq!(code, 200);
     assert_json_close(&body, &v2, 1e-5, "final default");
+}
+
+/// Several management clients changing one model at once while it serves: four each
+/// register their own version, make it the default, hand the default back to 1.0 and
+/// unregister it, five times over; two more race to register and to unregister the same
+/// version. Every call gets its documented answer (exactly one of two racing registrations
+/// wins, the other is 409; exactly one of two racing deletions wins, the other 404),
+/// predictions on the default route and pinned to 1.0 are all answered correctly throughout,
+/// and the model ends with exactly the versions the clients left registered.
+#[test]
+fn several_management_clients_racing_on_one_model() {
+    let reference = reference();
+    let server = Arc::new(seed_server(&[]));
+    let single = json!({"features": reference["seed_features"]}).to_string();
+    let (v1, v2) = (
+        reference["classifier_single"].clone(),
+        reference["classifier_v2_single"].clone(),
+    );
+    // Versions 3.0 to 7.0: the 2.0 archive (its weights) under other version numbers.
+    let dir = tempfile::tempdir().unwrap();
+    let v2_bytes = std::fs::read(fixtures().join("v2/classifier.mar")).unwrap();
+    let archive_of = |version: &str| {
+        let path = dir.path().join(format!("classifier-{version}.mar"));
+        std::fs::write(&path, archive::with_version(&v2_bytes, version)).unwrap();
+        path
+    };
+    let register =
+        |path: &std::path::Path| format!("/models?url={}&handler=classifier", path.display());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let predictors: Vec<_> = (0..4)
+        .map(|i| {
+            let (server, stop, answered, single) = (
+                server.clone(),
+                stop.clone(),
+                answered.clone(),
+                single.clone(),
+            );
+            let (v1, v2) = (v1.clone(), v2.clone());
+            std::thread::spawn(move || {
+                let path = if i < 2 {
+                    "classifier/1.0"
+                } else {
+                    "classifier"
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    let (code, body, _) = server.predict(path, single.clone());
+                    assert_eq!(code, 200, "{path}: {body}");
+                    let right = if i < 2 {
+                        json_close(&body, &v1, 1e-5)
+                    } else {
+                        json_close(&body, &v1, 1e-5) || json_close(&body, &v2, 1e-5)
+                    };
+                    assert!(right, "{path} answered {body}");
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+
+    let rounds = 5;
+    let churners: Vec<_> = (0..4)
+        .map(|k| {
+            let server = server.clone();
+            let version = format!("{}.0", 3 + k);
+            let url = register(&archive_of(&version));
+            std::thread::spawn(move || {
+                let expect = |method: Method, path: &str, code: u16| {
+                    let got = call(&server, method, path);
+                    assert_eq!(got.0, code, "{path}: {}", got.1);
+                };
+                for _ in 0..rounds {
+                    expect(Method::POST, &url, 200);
+                    expect(
+                        Method::PUT,
+                        &format!("/models/classifier/{version}/set-default"),
+                        200,
+                    );
+                    expect(Method::PUT, "/models/classifier/1.0/set-default", 200);
+                    expect(
+                        Method::DELETE,
+                        &format!("/models/classifier/{version}"),
+                        200,
+                    );
+                }
+                // Clients 0 and 2 leave their version registered.
+                if k % 2 == 0 {
+                    expect(Method::POST, &url, 200);
+                }
+            })
+        })
+        .collect();
+    let racing_url = register(&archive_of("7.0"));
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let racers: Vec<_> = (0..2)
+        .map(|_| {
+            let (server, barrier, url) = (server.clone(), barrier.clone(), racing_url.clone());
+            std::thread::spawn(move || {
+                let mut codes = Vec::new();
+                for _ in 0..rounds {
+                    barrier.wait();
+                    codes.push(call(&server, Method::POST, &url).0);
+                    barrier.wait();
+                    codes.push(call(&server, Method::DELETE, "/models/classifier/7.0").0);
+                }
+                codes
+            })
+        })
+        .collect();
+
+    for c in churners {
+        c.join()
+            .expect("a management client got an unexpected answer");
+    }
+    let codes: Vec<Vec<u16>> = racers.into_iter().map(|r| r.join().unwrap()).collect();
+    for step in 0..codes[0].len() {
+        let mut pair = [codes[0][step], codes[1][step]];
+        pair.sort_unstable();
+        let want = if step % 2 == 0 {
+            [200, 409]
+        } else {
+            [200, 404]
+        };
+        assert_eq!(pair, want, "racing step {step}: {codes:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for p in predictors {
+        p.join().expect("a prediction was lost or wrong");
+    }
+    assert!(answered.load(Ordering::Relaxed) > 20, "too little load");
+
+    let (_, all) = call(&server, Method::GET, "/models/classifier/all");
+    let versions: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["modelVersion"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["1.0", "3.0", "5.0"], "{all}");
+    let (_, default) = call(&server, Method::GET, "/models/classifier");
+    assert_eq!(default[0]["modelVersion"], "1.0", "{default}");
+    for version in ["3.0", "5.0"] {
+        let (code, body, _) = server.predict(&format!("classifier/{version}"), single.clone());
+        assert_eq!(code, 200);
+        assert_json_close(&body, &v2, 1e-5, version);
+    }
+    for version in ["4.0", "6.0", "7.0"] {
+        let (code, _, _) = server.predict(&format!("classifier/{version}"), single.clone());
+        assert_eq!(code, 404, "{version}");
+    }
 }
 
 #[test]

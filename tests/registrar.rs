@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/archive.rs"]
+mod archive;
 mod common;
 #[path = "common/moto.rs"]
 mod moto;
@@ -204,7 +206,7 @@ async fn archives_become_versions() {
     // Deleted while being recorded (after the registrar's first look, before its deletion
     // event could find a record): a proxy answers the archive's later HEADs with 404. The
     // version ends removed and the default stays on 1.0.
-    let v3 = with_version(&std::fs::read(fx.join("v2/classifier.mar")).unwrap(), "3.0");
+    let v3 = archive::with_version(&std::fs::read(fx.join("v2/classifier.mar")).unwrap(), "3.0");
     store
         .put(
             &format!("s3://{bucket}/archives/classifier-3.0.mar")
@@ -235,28 +237,6 @@ async fn archives_become_versions() {
         VersionStatus::Removed
     );
     assert_eq!(default(registry.clone()).await, "1.0");
-}
-
-/// A zip MAR with its manifest's `modelVersion` set to `version`.
-fn with_version(mar: &[u8], version: &str) -> Vec<u8> {
-    use std::io::{Read, Write};
-    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(mar)).unwrap();
-    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    for i in 0..archive.len() {
-        let mut entry = archive.by_index(i).unwrap();
-        let name = entry.name().to_string();
-        let mut bytes = Vec::new();
-        entry.read_to_end(&mut bytes).unwrap();
-        if name == "MAR-INF/MANIFEST.json" {
-            let mut manifest: Value = serde_json::from_slice(&bytes).unwrap();
-            manifest["model"]["modelVersion"] = json!(version);
-            bytes = serde_json::to_vec(&manifest).unwrap();
-        }
-        out.start_file(name, zip::write::SimpleFileOptions::default())
-            .unwrap();
-        out.write_all(&bytes).unwrap();
-    }
-    out.finish().unwrap().into_inner()
 }
 
 /// A proxy in front of the S3 server that answers every HEAD of a key ending in `key_suffix`
