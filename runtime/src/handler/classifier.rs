@@ -23,6 +23,11 @@ pub struct ClassifierHandler {
 }
 
 impl ClassifierHandler {
+    /// A classifier without class names.
+    pub fn without_labels() -> Self {
+        Self { labels: None }
+    }
+
     /// Reads `index_to_name.json` from the archive when present.
     pub fn from_archive(archive: &ModelArchive) -> Result<Self, ApiError> {
         Ok(Self {

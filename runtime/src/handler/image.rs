@@ -45,10 +45,18 @@ pub struct ImageClassifier {
 }
 
 impl ImageClassifier {
+    /// A classifier without class names (answers use class indices).
+    pub fn without_labels() -> Self {
+        Self {
+            labels: None,
+            topk: 5,
+        }
+    }
+
     pub fn from_archive(archive: &ModelArchive) -> Result<Self, ApiError> {
         Ok(Self {
             labels: archive_labels(archive)?,
-            topk: 5,
+            ..Self::without_labels()
         })
     }
 }

@@ -33,7 +33,7 @@ pub use decode::{
     decode_list, f32_json, kind_of, parse_json, stack, stack_inputs, tensor_from_json,
     tensor_to_json, to_device, Decoded, Input, Instance,
 };
-pub use image::{ImageClassifier, ImageSegmenter, ObjectDetector};
+pub use image::{decode_rgb, ImageClassifier, ImageSegmenter, ObjectDetector};
 pub use output::{batch_rows, single_tensor};
 pub use tensor::TensorHandler;
 pub use tensors::TypedTensor;
