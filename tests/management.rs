@@ -392,14 +392,7 @@ fn several_versions_of_one_model() {
     // The first registered version stays the default until set-default.
     let (_, list) = call(&server, Method::GET, "/models");
     assert_eq!(list["models"].as_array().unwrap().len(), 1);
-    let (_, all) = call(&server, Method::GET, "/models/classifier/all");
-    let versions: Vec<&str> = all
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["modelVersion"].as_str().unwrap())
-        .collect();
-    assert_eq!(versions, ["1.0", "2.0"]);
+    assert_eq!(classifier_versions(&server), ["1.0", "2.0"]);
     let answer = |path: &str| {
         let (code, body, _) = server.predict(path, single.clone());
         assert_eq!(code, 200, "{path}: {body}");
@@ -445,15 +438,31 @@ fn several_versions_of_one_model() {
     );
 }
 
-#[test]
-fn changes_under_prediction_load_lose_nothing() {
+/// The versions `GET /models/classifier/all` lists, in its order.
+fn classifier_versions(server: &Server) -> Vec<String> {
+    let (_, all) = call(server, Method::GET, "/models/classifier/all");
+    all.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["modelVersion"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The seed server shared by client threads, the guide's request, and the answers of versions
+/// 1.0 and 2.0 (Python's).
+fn shared_seed_server() -> (Arc<Server>, String, Value, Value) {
     let reference = reference();
-    let server = Arc::new(seed_server(&[]));
-    let single = json!({"features": reference["seed_features"]}).to_string();
-    let (v1, v2) = (
+    (
+        Arc::new(seed_server(&[])),
+        json!({"features": reference["seed_features"]}).to_string(),
         reference["classifier_single"].clone(),
         reference["classifier_v2_single"].clone(),
-    );
+    )
+}
+
+#[test]
+fn changes_under_prediction_load_lose_nothing() {
+    let (server, single, v1, v2) = shared_seed_server();
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));
     let mut clients = Vec::new();
@@ -541,13 +550,7 @@ fn changes_under_prediction_load_lose_nothing() {
 /// and the model ends with exactly the versions the clients left registered.
 #[test]
 fn several_management_clients_racing_on_one_model() {
-    let reference = reference();
-    let server = Arc::new(seed_server(&[]));
-    let single = json!({"features": reference["seed_features"]}).to_string();
-    let (v1, v2) = (
-        reference["classifier_single"].clone(),
-        reference["classifier_v2_single"].clone(),
-    );
+    let (server, single, v1, v2) = shared_seed_server();
     // Versions 3.0 to 7.0: the 2.0 archive (its weights) under other version numbers.
     let dir = tempfile::tempdir().unwrap();
     let v2_bytes = std::fs::read(fixtures().join("v2/classifier.mar")).unwrap();
@@ -662,14 +665,7 @@ fn several_management_clients_racing_on_one_model() {
     }
     assert!(answered.load(Ordering::Relaxed) > 20, "too little load");
 
-    let (_, all) = call(&server, Method::GET, "/models/classifier/all");
-    let versions: Vec<&str> = all
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["modelVersion"].as_str().unwrap())
-        .collect();
-    assert_eq!(versions, ["1.0", "3.0", "5.0"], "{all}");
+    assert_eq!(classifier_versions(&server), ["1.0", "3.0", "5.0"]);
     let (_, default) = call(&server, Method::GET, "/models/classifier");
     assert_eq!(default[0]["modelVersion"], "1.0", "{default}");
     for version in ["3.0", "5.0"] {

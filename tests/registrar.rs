@@ -262,14 +262,9 @@ impl GoneAfterFirstHead {
                 let (upstream, heads) = (upstream.clone(), counted.clone());
                 std::thread::spawn(move || loop {
                     // One request head (the registrar's reads here carry no body).
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        match client.read(&mut byte) {
-                            Ok(1) => head.push(byte[0]),
-                            _ => return,
-                        }
-                    }
+                    let Some(head) = common::read_request_head(&mut client) else {
+                        return;
+                    };
                     let text = String::from_utf8_lossy(&head).to_string();
                     let request_line = text.lines().next().unwrap_or_default().to_string();
                     let path = request_line.split(' ').nth(1).unwrap_or_default();

@@ -954,15 +954,9 @@ impl StatusProxy {
                 let Ok(mut client) = client else { return };
                 let faults = faults2.clone();
                 std::thread::spawn(move || {
-                    // Read the first request's head.
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        match client.read(&mut byte) {
-                            Ok(1) => head.push(byte[0]),
-                            _ => return,
-                        }
-                    }
+                    let Some(head) = common::read_request_head(&mut client) else {
+                        return;
+                    };
                     let fail = faults
                         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
                             (c < fail_first).then_some(c + 1)

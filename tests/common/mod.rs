@@ -20,6 +20,20 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// One HTTP request head (up to the blank line) read from a proxy's client, byte by byte so
+/// nothing after it is consumed; `None` when the client closed first.
+pub fn read_request_head(client: &mut impl std::io::Read) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match client.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(head)
+}
+
 /// The folder holding the fixtures, made on first use.
 pub fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
