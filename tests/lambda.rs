@@ -414,7 +414,7 @@ async fn shutdown_phase_answers_the_invocation_in_flight_and_cleans_up() {
 }
 
 /// A Runtime API without the Extensions API (some local emulators): the registration fails
-/// with a warning and the function serves as before.
+/// with a warning, the function serves as before, and SIGTERM still ends it cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_extensions_api_the_function_still_serves() {
     let slow = common::fixtures().join("slow/slow.mar");
@@ -430,7 +430,7 @@ async fn without_the_extensions_api_the_function_still_serves() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _child = Kill(child);
+    let mut child = Kill(child);
     let answer = runtime_api::invoke(
         &api,
         &tx,
@@ -443,4 +443,22 @@ async fn without_the_extensions_api_the_function_still_serves() {
     let body: Value = serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
     assert_eq!(body, json!([8.0]));
     assert!(api.extensions.lock().unwrap().is_empty());
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(status.success(), "{status}");
 }

@@ -391,11 +391,12 @@ async fn run() -> anyhow::Result<()> {
             let served = served.clone();
             async move { invoke(router, served, req).await }
         });
-        // Lambda's SHUTDOWN phase: registered before the first invocation is asked for.
+        // Lambda's SHUTDOWN phase: the extension registered before the first invocation is
+        // asked for. The signal is handled even where no extension could be registered (an
+        // emulator stopping the function still gets a clean exit).
         let inflight = Arc::new(shutdown::InFlight::default());
-        if shutdown::register_extension().await {
-            shutdown::on_signal(manager.clone(), inflight.clone(), shutdown_budget);
-        }
+        shutdown::register_extension().await;
+        shutdown::on_signal(manager.clone(), inflight.clone(), shutdown_budget);
         return lambda_http::lambda_runtime::Runtime::new(lambda_http::Adapter::from(handler))
             .layer(shutdown::CountInvocations::layer(inflight))
             .run_concurrent()

@@ -7,7 +7,8 @@
 //! events) and, on SIGTERM or SIGINT, within `TORCHFN_SHUTDOWN_BUDGET_MS` (400 ms by default,
 //! inside Lambda's 500): lets the invocations in flight finish (an invocation counts until
 //! its answer has been posted to the Runtime API), stops the model's workers, removes the
-//! unpacked archive from `/tmp`, and exits 0.
+//! unpacked archive from `/tmp`, and exits 0. The signal is handled the same way when no
+//! extension could be registered (a local emulator stopping the function).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -95,11 +96,11 @@ where
 }
 
 /// Registers the no-op internal extension; must run before the runtime first asks for an
-/// invocation. Returns whether Lambda will now send SIGTERM before shutting down. A Runtime
-/// API without the Extensions API (some local emulators) only costs the warning.
-pub async fn register_extension() -> bool {
+/// invocation. A Runtime API without the Extensions API (some local emulators) only costs the
+/// warning.
+pub async fn register_extension() {
     let Some(client) = lambda_env::runtime_api_client() else {
-        return false;
+        return;
     };
     let request = lambda_runtime_api_client::build_request()
         .method("POST")
@@ -121,16 +122,16 @@ pub async fn register_extension() -> bool {
             .map(str::to_owned),
         Ok(response) => {
             tracing::warn!(status = %response.status(), "the Runtime API refused the shutdown extension; SHUTDOWN will not be signalled");
-            return false;
+            return;
         }
         Err(e) => {
             tracing::warn!(error = %e, "could not register the shutdown extension; SHUTDOWN will not be signalled");
-            return false;
+            return;
         }
     };
     let Some(id) = id else {
         tracing::warn!("the Runtime API registered the shutdown extension without an identifier; SHUTDOWN will not be signalled");
-        return false;
+        return;
     };
     // INIT ends once the runtime and every extension have asked for their next event. This
     // one is subscribed to none, so its request stays open for the environment's life.
@@ -147,7 +148,6 @@ pub async fn register_extension() -> bool {
         tracing::debug!(answer = ?answered.map_err(|e| e.to_string()), "shutdown extension's next event");
     });
     tracing::debug!(extension = EXTENSION_NAME, "shutdown extension registered");
-    true
 }
 
 /// The shutdown budget: `TORCHFN_SHUTDOWN_BUDGET_MS`, 400 ms by default.
