@@ -228,7 +228,17 @@ pub fn parse_npy(body: &[u8]) -> Result<TypedTensor, ApiError> {
                 .map_err(|_| bad("its shape is not a tuple of sizes"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let (order, code) = descr.split_at(1.min(descr.len()));
+    // The first character is the byte order ('<', '>', '|', '='); a header is any UTF-8.
+    let code = descr
+        .char_indices()
+        .nth(1)
+        .map_or("", |(at, _)| &descr[at..]);
+    let order = &descr[..descr.len() - code.len()];
+    if !matches!(order, "<" | ">" | "|" | "=") {
+        return Err(bad(&format!(
+            "dtype '{descr}' does not start with a byte order ('<', '>', '|' or '=')"
+        )));
+    }
     let kind = match code {
         "b1" => Kind::Bool,
         "u1" => Kind::Uint8,
@@ -643,6 +653,14 @@ mod tests {
             }
         );
         assert!(parse_npy(b"\x93NUMPY\x01\x00\xff\xff").is_err());
+        // Found by fuzzing: a dtype starting with a multi-byte character.
+        let header = "{'descr': '\u{131}f4', 'fortran_order': False, 'shape': (1,), }\n";
+        let mut odd = b"\x93NUMPY\x01\x00".to_vec();
+        odd.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        odd.extend_from_slice(header.as_bytes());
+        odd.extend_from_slice(&[0; 4]);
+        let err = parse_npy(&odd).unwrap_err();
+        assert!(format!("{err:?}").contains("byte order"), "{err:?}");
         assert!(parse_npy(&file[..file.len() - 1]).is_err());
     }
 
