@@ -114,18 +114,56 @@ impl Drop for Kill {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_invocations_share_the_batcher() {
+/// `torchfn-model` under the Runtime API at `addr`, with the variables Lambda sets, serving
+/// the slow test model; tests add their own settings.
+fn slow_function(addr: std::net::SocketAddr) -> Command {
     let slow = common::fixtures().join("slow/slow.mar");
-    let (api, tx, addr) = runtime_api::start().await;
-    let child = Command::new(env!("CARGO_BIN_EXE_torchfn-model"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_torchfn-model"));
+    command
         .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
         .env("AWS_LAMBDA_FUNCTION_NAME", "slow")
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "2048")
         .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
-        .env("AWS_LAMBDA_MAX_CONCURRENCY", "8")
         .env("TORCHFN_MODEL_URI", slow.to_str().unwrap())
-        .env("TORCHFN_MODEL_NAME", "slow")
+        .env("TORCHFN_MODEL_NAME", "slow");
+    command
+}
+
+/// Sends SIGTERM to `child`; returns when it was sent.
+fn sigterm(child: &Child) -> std::time::Instant {
+    let sent = std::time::Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    sent
+}
+
+/// Waits for `child` to exit, failing the test when it still runs `limit` after `since`.
+async fn exit_within(
+    child: &mut Child,
+    since: std::time::Instant,
+    limit: Duration,
+) -> std::process::ExitStatus {
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            since.elapsed() < limit,
+            "still running {:?} after SIGTERM",
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_invocations_share_the_batcher() {
+    let (api, tx, addr) = runtime_api::start().await;
+    let child = slow_function(addr)
+        .env("AWS_LAMBDA_MAX_CONCURRENCY", "8")
         .env("TORCHFN_BATCH_SIZE", "8")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -279,19 +317,12 @@ async fn wait_for(what: &str, secs: u64, mut ready: impl FnMut() -> bool) {
 /// within its budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_phase_answers_the_invocation_in_flight_and_cleans_up() {
-    let slow = common::fixtures().join("slow/slow.mar");
     let tmp = tempfile::tempdir().unwrap();
     let (api, tx, addr) = runtime_api::start().await;
     // Ample for the pass on a loaded machine (the default is 400 ms, inside Lambda's 500).
     let budget_ms = 10_000u64;
-    let child = Command::new(env!("CARGO_BIN_EXE_torchfn-model"))
-        .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
-        .env("AWS_LAMBDA_FUNCTION_NAME", "slow")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "2048")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+    let child = slow_function(addr)
         .env("AWS_LAMBDA_MAX_CONCURRENCY", "2")
-        .env("TORCHFN_MODEL_URI", slow.to_str().unwrap())
-        .env("TORCHFN_MODEL_NAME", "slow")
         .env("TORCHFN_SHUTDOWN_BUDGET_MS", budget_ms.to_string())
         .env("TMPDIR", tmp.path())
         .env("RUST_LOG", "info,torchfn_model::shutdown=debug")
@@ -376,13 +407,7 @@ async fn shutdown_phase_answers_the_invocation_in_flight_and_cleans_up() {
         ),
         "answered before SIGTERM: the pass is too short to test with"
     );
-    let pid = child.0.id().to_string();
-    let signalled = std::time::Instant::now();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let signalled = sigterm(&child.0);
 
     let answer = tokio::time::timeout(Duration::from_secs(10), reply_rx)
         .await
@@ -392,17 +417,12 @@ async fn shutdown_phase_answers_the_invocation_in_flight_and_cleans_up() {
     let body: Value = serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
     assert_eq!(body, json!([14.0]));
 
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            signalled.elapsed() < Duration::from_millis(budget_ms + 1000),
-            "still running {:?} after SIGTERM",
-            signalled.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let status = exit_within(
+        &mut child.0,
+        signalled,
+        Duration::from_millis(budget_ms + 1000),
+    )
+    .await;
     let took = signalled.elapsed();
     assert!(status.success(), "{status}");
     logging.join().unwrap();
@@ -417,15 +437,8 @@ async fn shutdown_phase_answers_the_invocation_in_flight_and_cleans_up() {
 /// with a warning, the function serves as before, and SIGTERM still ends it cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_extensions_api_the_function_still_serves() {
-    let slow = common::fixtures().join("slow/slow.mar");
     let (api, tx, addr) = runtime_api::start_without_extensions().await;
-    let child = Command::new(env!("CARGO_BIN_EXE_torchfn-model"))
-        .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
-        .env("AWS_LAMBDA_FUNCTION_NAME", "slow")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "2048")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
-        .env("TORCHFN_MODEL_URI", slow.to_str().unwrap())
-        .env("TORCHFN_MODEL_NAME", "slow")
+    let child = slow_function(addr)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -443,22 +456,7 @@ async fn without_the_extensions_api_the_function_still_serves() {
     let body: Value = serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
     assert_eq!(body, json!([8.0]));
     assert!(api.extensions.lock().unwrap().is_empty());
-    let pid = child.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still running after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let signalled = sigterm(&child.0);
+    let status = exit_within(&mut child.0, signalled, Duration::from_secs(10)).await;
     assert!(status.success(), "{status}");
 }

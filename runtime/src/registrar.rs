@@ -166,7 +166,7 @@ pub async fn handle(
         key: event.key.clone(),
     };
     if !event.created {
-        return removed(registry, &location).await;
+        return record_removal(registry, &location.to_string()).await;
     }
     let refuse = |reason: String| RegistrarError::Refused {
         location: location.to_string(),
@@ -251,7 +251,7 @@ pub async fn handle(
                 tracing::info!(archive = %location, "deleted while being recorded; marked removed");
                 return record_removal(registry, &location.to_string()).await;
             }
-            Ok(_) | Err(_) => {}
+            _ => {}
         }
     }
     Ok(outcome)
@@ -289,15 +289,10 @@ pub async fn record_upload(
     }
 }
 
-async fn removed(registry: &Registry, location: &Location) -> Result<Outcome, RegistrarError> {
-    record_removal(registry, &location.to_string()).await
-}
-
 /// The registry's part of a deletion: every version recorded from `source` marked removed,
 /// and the default pointer moved off it (to the highest version still registered).
 pub async fn record_removal(registry: &Registry, source: &str) -> Result<Outcome, RegistrarError> {
-    let source = source.to_string();
-    let records = registry.find_by_source(&source).await?;
+    let records = registry.find_by_source(source).await?;
     for record in &records {
         registry
             .mark_removed(&record.model, &record.version)
