@@ -319,8 +319,10 @@ async fn wait_for(what: &str, secs: u64, mut ready: impl FnMut() -> bool) {
 async fn shutdown_phase_answers_the_invocation_in_flight_and_cleans_up() {
     let tmp = tempfile::tempdir().unwrap();
     let (api, tx, addr) = runtime_api::start().await;
-    // Ample for the pass on a loaded machine (the default is 400 ms, inside Lambda's 500).
-    let budget_ms = 10_000u64;
+    // Ample for the pass on a loaded machine (the default is 400 ms, inside Lambda's 500): the
+    // ~0.8 s pass took over 7.5 s on a busy 2-core CI machine. A passing run does not wait
+    // for it; the test checks that the answer comes and that the function then exits.
+    let budget_ms = 60_000u64;
     let child = slow_function(addr)
         .env("AWS_LAMBDA_MAX_CONCURRENCY", "2")
         .env("TORCHFN_SHUTDOWN_BUDGET_MS", budget_ms.to_string())
@@ -409,10 +411,14 @@ async fn shutdown_phase_answers_the_invocation_in_flight_and_cleans_up() {
     );
     let signalled = sigterm(&child.0);
 
-    let answer = tokio::time::timeout(Duration::from_secs(10), reply_rx)
-        .await
-        .expect("the invocation in flight was not answered")
-        .unwrap();
+    let answer = match tokio::time::timeout(Duration::from_millis(budget_ms), reply_rx).await {
+        Ok(answer) => answer.unwrap(),
+        Err(_) => panic!(
+            "the invocation in flight was not answered within {:?} of SIGTERM; the function's log:\n{}",
+            signalled.elapsed(),
+            log.lock().unwrap()
+        ),
+    };
     assert_eq!(answer["statusCode"], 200, "{answer}");
     let body: Value = serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
     assert_eq!(body, json!([14.0]));
