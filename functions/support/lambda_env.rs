@@ -48,6 +48,15 @@ pub fn runtime_api_client() -> Option<lambda_runtime_api_client::PooledClient> {
     )
 }
 
+/// Sends a request to the Runtime API; one that could not be built fails like one that could
+/// not be sent.
+pub async fn send(
+    client: &lambda_runtime_api_client::PooledClient,
+    request: http::Result<http::Request<lambda_runtime_api_client::body::Body>>,
+) -> Result<http::Response<impl Sized>, lambda_runtime_api_client::BoxError> {
+    client.call(request?).await
+}
+
 /// Under Lambda, tells the Runtime API why the start failed (`/runtime/init/error`), so the
 /// pending invocation fails at once with that message instead of waiting for a runtime that
 /// will never ask for it. Elsewhere, or when the report cannot be sent, only the log has it.
@@ -67,11 +76,7 @@ pub async fn report_init_error(error: &anyhow::Error) {
         .body(lambda_runtime_api_client::body::Body::from(
             body.to_string(),
         ));
-    let sent = match request {
-        Ok(request) => client.call(request).await.map(|_| ()),
-        Err(e) => Err(e.into()),
-    };
-    if let Err(e) = sent {
+    if let Err(e) = send(&client, request).await {
         tracing::warn!(error = %e, "could not report the start-up failure to the Runtime API");
     }
 }

@@ -110,11 +110,7 @@ pub async fn register_extension() {
         .body(lambda_runtime_api_client::body::Body::from(
             r#"{"events":[]}"#,
         ));
-    let registered = match request {
-        Ok(request) => client.call(request).await,
-        Err(e) => Err(e.into()),
-    };
-    let id = match registered {
+    let id = match lambda_env::send(&client, request).await {
         Ok(response) if response.status().is_success() => response
             .headers()
             .get("lambda-extension-identifier")
@@ -141,10 +137,7 @@ pub async fn register_extension() {
             .uri("/2020-01-01/extension/event/next")
             .header("Lambda-Extension-Identifier", id)
             .body(lambda_runtime_api_client::body::Body::empty());
-        let answered = match request {
-            Ok(request) => client.call(request).await.map(|r| r.status()),
-            Err(e) => Err(e.into()),
-        };
+        let answered = lambda_env::send(&client, request).await.map(|r| r.status());
         tracing::debug!(answer = ?answered.map_err(|e| e.to_string()), "shutdown extension's next event");
     });
     tracing::debug!(extension = EXTENSION_NAME, "shutdown extension registered");
