@@ -125,7 +125,11 @@ fn slow_function(addr: std::net::SocketAddr) -> Command {
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "2048")
         .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
         .env("TORCHFN_MODEL_URI", slow.to_str().unwrap())
-        .env("TORCHFN_MODEL_NAME", "slow");
+        .env("TORCHFN_MODEL_NAME", "slow")
+        // One libtorch thread per process: the slow model's thousands of small ops run
+        // slower on two, and with two such functions running at once (the tests of this file
+        // run in parallel) two-thread passes on two cores took over a minute in CI.
+        .env("OMP_NUM_THREADS", "1");
     command
 }
 
@@ -319,9 +323,9 @@ async fn wait_for(what: &str, secs: u64, mut ready: impl FnMut() -> bool) {
 async fn shutdown_phase_answers_the_invocation_in_flight_and_cleans_up() {
     let tmp = tempfile::tempdir().unwrap();
     let (api, tx, addr) = runtime_api::start().await;
-    // Ample for the pass on a loaded machine (the default is 400 ms, inside Lambda's 500): the
-    // ~0.8 s pass took over 7.5 s on a busy 2-core CI machine. A passing run does not wait
-    // for it; the test checks that the answer comes and that the function then exits.
+    // Ample for the pass on a loaded machine (the default is 400 ms, inside Lambda's 500). A
+    // passing run does not wait for it; the test checks that the answer comes and that the
+    // function then exits.
     let budget_ms = 60_000u64;
     let child = slow_function(addr)
         .env("AWS_LAMBDA_MAX_CONCURRENCY", "2")
@@ -391,7 +395,7 @@ async fn shutdown_phase_answers_the_invocation_in_flight_and_cleans_up() {
         .insert("in-flight".into(), reply_tx);
     tx.send((
         "in-flight".into(),
-        http_api_event("in-flight", &json!({"data": [20_000, 7]})),
+        http_api_event("in-flight", &json!({"data": [60_000, 7]})),
     ))
     .unwrap();
     wait_for("the function to take the invocation", 30, || {
@@ -435,6 +439,10 @@ async fn shutdown_phase_answers_the_invocation_in_flight_and_cleans_up() {
     let log = log.lock().unwrap().clone();
     assert!(log.contains("SHUTDOWN complete"), "{log}");
     assert!(log.contains("unanswered=0"), "{log}");
+    assert!(
+        log.contains("threads_per_worker=1"),
+        "OMP_NUM_THREADS=1 not honoured: {log}"
+    );
     assert_eq!(unpacked(), 0, "the unpacked model is left in TMPDIR");
     eprintln!("SIGTERM to exit, one invocation in flight: {took:?}");
 }
@@ -444,9 +452,11 @@ async fn shutdown_phase_answers_the_invocation_in_flight_and_cleans_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_extensions_api_the_function_still_serves() {
     let (api, tx, addr) = runtime_api::start_without_extensions().await;
+    // Three libtorch threads, a count the automatic choice never makes on a 2-core machine.
     let child = slow_function(addr)
+        .env("OMP_NUM_THREADS", "3")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut child = Kill(child);
@@ -465,4 +475,10 @@ async fn without_the_extensions_api_the_function_still_serves() {
     let signalled = sigterm(&child.0);
     let status = exit_within(&mut child.0, signalled, Duration::from_secs(10)).await;
     assert!(status.success(), "{status}");
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(
+        log.contains("threads_per_worker=3"),
+        "OMP_NUM_THREADS=3 not honoured: {log}"
+    );
 }

@@ -298,10 +298,29 @@ fn input_hint(module: &CModule) -> Option<InputHint> {
 }
 
 /// libtorch intra-op threads for each of `workers` model threads sharing the machine's
-/// cores, at least one.
+/// cores, at least one; `OMP_NUM_THREADS`, when set, instead (see [`configured_threads`]).
 pub fn threads_per_worker(workers: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / workers.max(1)).max(1)
+    configured_threads().unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / workers.max(1)).max(1)
+    })
+}
+
+/// The intra-op threads the user asked for each model thread, as PyTorch takes them: a
+/// positive whole `OMP_NUM_THREADS`. Anything else is ignored (with a warning once), and the
+/// threads are chosen as described in [`warm_up_and_pick_threads`].
+pub fn configured_threads() -> Option<usize> {
+    static CONFIGURED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *CONFIGURED.get_or_init(|| {
+        let value = std::env::var("OMP_NUM_THREADS").ok()?;
+        match value.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                tracing::warn!(OMP_NUM_THREADS = %value, "not a positive whole number; ignored");
+                None
+            }
+        }
+    })
 }
 
 /// A forward pass at batch 1 faster than this is "tiny": more intra-op threads cannot speed
@@ -310,13 +329,15 @@ pub fn threads_per_worker(workers: usize) -> usize {
 pub const TINY_FORWARD: Duration = Duration::from_micros(200);
 
 /// Warms `session` up and picks the intra-op threads each of `workers` model threads gets:
-/// one for a tiny model on the CPU, else a fair share of the cores. Runs libtorch: call it
-/// from a blocking thread. Returns the threads and the warm pass's time.
+/// `OMP_NUM_THREADS` when set; otherwise one for a tiny model on the CPU, else a fair share
+/// of the cores. Runs libtorch: call it from a blocking thread. Returns the threads and the
+/// warm pass's time.
 pub fn warm_up_and_pick_threads(session: &Session, workers: usize) -> (usize, Option<Duration>) {
     let fair_share = threads_per_worker(workers);
     set_threads(fair_share);
     let warm = session.warm_up();
     let threads = match warm {
+        _ if configured_threads().is_some() => fair_share,
         Some(t) if t < TINY_FORWARD && !session.device().is_cuda() => 1,
         _ => fair_share,
     };

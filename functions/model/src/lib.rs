@@ -19,7 +19,8 @@
 //! Other settings: `TORCHFN_MODEL_NAME` (the name served), `TORCHFN_HANDLER` (a built-in
 //! handler, or one the function registered, for archives that name a Python handler),
 //! `TORCHFN_BATCH_SIZE`, `TORCHFN_MAX_BATCH_DELAY_MS`, `TORCHFN_JOB_QUEUE_SIZE`,
-//! `TORCHFN_DEVICE`, `TORCHFN_SHUTDOWN_BUDGET_MS`; logs honour `AWS_LAMBDA_LOG_LEVEL` / `RUST_LOG` and
+//! `TORCHFN_DEVICE`, `TORCHFN_SHUTDOWN_BUDGET_MS`, `OMP_NUM_THREADS` (libtorch threads per
+//! model thread); logs honour `AWS_LAMBDA_LOG_LEVEL` / `RUST_LOG` and
 //! `AWS_LAMBDA_LOG_FORMAT=JSON`.
 //!
 //! This crate is a library and a binary. The `torchfn-model` binary is
