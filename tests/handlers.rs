@@ -24,14 +24,18 @@ fn serve(models: &[&str]) -> Server {
         .collect::<Vec<_>>()
         .join(",");
     // Loopback, ports chosen by the OS; batching on.
-    let config = handler_fixtures().join("handlers.properties");
-    if !config.exists() {
+    // Written once per process (the tests of this file run on parallel threads), through a
+    // temporary file so another process reading it never sees half of it.
+    static CONFIG: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let config = CONFIG.get_or_init(|| {
+        let config = handler_fixtures().join("handlers.properties");
         let text = "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\n\
                     metrics_address=http://127.0.0.1:0\nbatch_size=8\nmax_batch_delay=5\n";
         let tmp = config.with_extension(format!("tmp{}", std::process::id()));
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, &config).unwrap();
-    }
+        config
+    });
     Server::start(&[
         "--model-store",
         store.to_str().unwrap(),
