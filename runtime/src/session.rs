@@ -336,9 +336,9 @@ pub fn warm_up_and_pick_threads(session: &Session, workers: usize) -> (usize, Op
     let fair_share = threads_per_worker(workers);
     set_threads(fair_share);
     let warm = session.warm_up();
-    let threads = match warm {
-        _ if configured_threads().is_some() => fair_share,
-        Some(t) if t < TINY_FORWARD && !session.device().is_cuda() => 1,
+    let threads = match (configured_threads(), warm) {
+        (Some(configured), _) => configured,
+        (None, Some(t)) if t < TINY_FORWARD && !session.device().is_cuda() => 1,
         _ => fair_share,
     };
     (threads, warm)
