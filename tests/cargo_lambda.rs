@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use common::{assert_json_close, fixtures, reference, repo_root};
 use serde_json::{json, Value};
 use server::Server;
-use torchfn_runtime::store::{Location, ObjectStore};
+use torchfn_store::store::{Location, ObjectStore};
 
 fn cargo_lambda() -> PathBuf {
     let bin = common::venv_python().parent().unwrap().join("cargo-lambda");

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::{assert_json_close, fixtures, reference, venv_python};
 use serde_json::{json, Value};
 use server::Server;
-use torchfn_runtime::mar::{self, Limits};
+use torchfn_archive::mar::{self, Limits};
 
 /// The longest one conversion may take (importing torch is most of it).
 const CONVERT_TIMEOUT: Duration = Duration::from_secs(60);

@@ -436,7 +436,7 @@ fn concurrent_requests_match_single_results_and_sigterm_stops_cleanly() {
 fn serves_archives_from_an_s3_model_store() {
     moto::env();
     let reference = reference();
-    let store = torchfn_runtime::store::ObjectStore::from_env();
+    let store = torchfn_store::store::ObjectStore::from_env();
     let bucket = format!("models-{}", std::process::id());
     let archive = std::fs::read(fixtures().join("store/classifier.mar")).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tch::{Device, IValue, Tensor};
-use torchfn_runtime::batcher::{BatchConfig, BatchMetrics, Batcher, Outcome, MAX_STUCK};
-use torchfn_runtime::error::{ApiError, ErrorKind};
-use torchfn_runtime::handler::{batch_rows, Decoded, Handler, Instance, Request};
-use torchfn_runtime::session::{Session, SessionError};
+use torchfn_engine::batcher::{BatchConfig, BatchMetrics, Batcher, Outcome, MAX_STUCK};
+use torchfn_engine::error::{ErrorKind, ServeError};
+use torchfn_engine::handler::{batch_rows, Decoded, Handler, Instance, Request};
+use torchfn_engine::session::{Session, SessionError};
 
 /// A handler whose "model" is the instance itself: `[sleep_ms, value]` sleeps that long, then
 /// answers `value` (NaN for value -1); value 13 makes the handler panic.
@@ -25,7 +25,7 @@ impl Handler for Faulty {
         "faulty"
     }
 
-    fn decode(&self, request: &Request<'_>) -> Result<Decoded, ApiError> {
+    fn decode(&self, request: &Request<'_>) -> Result<Decoded, ServeError> {
         let v: Vec<f32> = serde_json::from_slice(request.body).unwrap();
         Ok(Decoded {
             instances: vec![Instance::f32(v, vec![2])],
@@ -90,7 +90,7 @@ fn submit(b: &Batcher, sleep_ms: f32, value: f32) -> tokio::sync::oneshot::Recei
     b.submit("faulty", vec![inst]).unwrap()
 }
 
-fn wait(rx: tokio::sync::oneshot::Receiver<Outcome>) -> Result<Vec<Value>, ApiError> {
+fn wait(rx: tokio::sync::oneshot::Receiver<Outcome>) -> Result<Vec<Value>, ServeError> {
     rx.blocking_recv().unwrap().outputs
 }
 

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use common::{fixtures, json_close, reference};
 use serde_json::json;
 use server::Server;
-use torchfn_runtime::registrar::{handle, ArchiveEvent, Outcome, RegistrarConfig};
-use torchfn_runtime::registry::Registry;
-use torchfn_runtime::store::{Location, ObjectStore};
+use torchfn_store::registrar::{handle, ArchiveEvent, Outcome, RegistrarConfig};
+use torchfn_store::registry::Registry;
+use torchfn_store::store::{Location, ObjectStore};
 
 /// Uploads a fixture archive as `archives/<key>` and hands the registrar its upload event.
 async fn upload(store: &ObjectStore, registry: &Registry, bucket: &str, fixture: &str, key: &str) {

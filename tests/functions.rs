@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use common::{assert_json_close, fixtures, json_close, reference};
 use serde_json::json;
-use torchfn_runtime::registry::{Registry, VersionRecord, VersionStatus};
-use torchfn_runtime::store::{Location, ObjectStore};
+use torchfn_store::registry::{Registry, VersionRecord, VersionStatus};
+use torchfn_store::store::{Location, ObjectStore};
 
 /// Uploads the seed archive and registers it as `classifier` `version` with `sha256`.
 async fn publish(store: &ObjectStore, bucket: &str, version: &str, sha256: Option<&str>) {
@@ -59,7 +59,7 @@ async fn publish_archive(
         size: archive.len() as u64,
         manifest: json!({}),
         handler: Some("classifier".into()),
-        created_ms: torchfn_runtime::registry::now_ms(),
+        created_ms: torchfn_store::registry::now_ms(),
         status: VersionStatus::Registered,
         removed_ms: None,
     };

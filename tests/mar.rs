@@ -3,7 +3,7 @@
 //! damaged archives are refused without writing anything outside (or leaving anything in)
 //! the unpack folder.
 //!
-//! Run: `cargo test -p torchfn-runtime --no-default-features --test mar` (no libtorch needed;
+//! Run: `cargo test -p torchfn-archive --test mar` (no libtorch needed;
 //! the fixtures are made once by `tests/fixtures/make_fixtures.py`).
 
 #![allow(clippy::unwrap_used)]
@@ -15,9 +15,9 @@ use std::fs;
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 
-use torchfn_runtime::manifest::{Manifest, Runtime};
-use torchfn_runtime::mar::{self, ArchiveFormat, Limits, MarError, ModelArchive};
-use torchfn_runtime::model_config::{DeviceType, ModelConfig, ParallelType};
+use torchfn_archive::manifest::{Manifest, Runtime};
+use torchfn_archive::mar::{self, ArchiveFormat, Limits, MarError, ModelArchive};
+use torchfn_archive::model_config::{DeviceType, ModelConfig, ParallelType};
 use zip::write::SimpleFileOptions;
 use zip::CompressionMethod;
 

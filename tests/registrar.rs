@@ -12,9 +12,9 @@ mod common;
 mod moto;
 
 use serde_json::{json, Value};
-use torchfn_runtime::registrar::{handle, parse_events, Outcome, RegistrarConfig};
-use torchfn_runtime::registry::{Registry, VersionStatus};
-use torchfn_runtime::store::{Location, ObjectStore};
+use torchfn_store::registrar::{handle, parse_events, Outcome, RegistrarConfig};
+use torchfn_store::registry::{Registry, VersionStatus};
+use torchfn_store::store::{Location, ObjectStore};
 
 /// The S3 notification payload in tests/data, for `bucket` and `key` (URL-encoded as S3
 /// sends it), created or removed.

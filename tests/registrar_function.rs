@@ -14,8 +14,8 @@ mod runtime_api;
 use std::process::{Child, Command, Stdio};
 
 use serde_json::{json, Value};
-use torchfn_runtime::registry::Registry;
-use torchfn_runtime::store::{Location, ObjectStore};
+use torchfn_store::registry::Registry;
+use torchfn_store::store::{Location, ObjectStore};
 
 struct Kill(Child);
 impl Drop for Kill {

@@ -10,10 +10,10 @@ mod moto;
 
 use std::sync::Arc;
 
-use torchfn_runtime::registry::{
+use torchfn_store::registry::{
     compare_versions, Registered, Registry, VersionRecord, VersionStatus,
 };
-use torchfn_runtime::store::{Location, ObjectStore};
+use torchfn_store::store::{Location, ObjectStore};
 
 fn record(model: &str, version: &str, sha256: &str) -> VersionRecord {
     VersionRecord {
@@ -25,7 +25,7 @@ fn record(model: &str, version: &str, sha256: &str) -> VersionRecord {
         size: 1234,
         manifest: serde_json::json!({"model": {"modelName": model, "modelVersion": version}}),
         handler: Some("tensor".into()),
-        created_ms: torchfn_runtime::registry::now_ms(),
+        created_ms: torchfn_store::registry::now_ms(),
         status: VersionStatus::Registered,
         removed_ms: None,
     }
@@ -132,7 +132,7 @@ async fn racing_writers_lose_nothing(reg: &Registry) {
 /// highest version still registered, whatever the interleaving. Deleting the default moves the
 /// pointer back; deleting every version leaves it on a removed one.
 async fn racing_uploads_and_deletions_lose_nothing(reg: &Registry) {
-    use torchfn_runtime::registrar::{record_removal, record_upload, Outcome};
+    use torchfn_store::registrar::{record_removal, record_upload, Outcome};
     let reg = Arc::new(reg.clone());
     let n = 16u32;
     for round in 0..4u32 {

@@ -14,12 +14,12 @@ use axum::http::{Request, StatusCode};
 use common::{fixtures, reference};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use torchfn_runtime::api::{self, AppState};
-use torchfn_runtime::error::ErrorKind;
-use torchfn_runtime::manager::{LoadSpec, Manager};
-use torchfn_runtime::metrics::Metrics;
-use torchfn_runtime::settings::Settings;
-use torchfn_runtime::store::Location;
+use torchfn_archive::settings::Settings;
+use torchfn_engine::error::ErrorKind;
+use torchfn_engine::manager::{LoadSpec, Manager};
+use torchfn_engine::metrics::Metrics;
+use torchfn_http::{self as api, AppState};
+use torchfn_store::store::Location;
 use tower::ServiceExt;
 
 fn manager(settings: Settings) -> Arc<Manager> {
@@ -181,8 +181,8 @@ async fn ping_turns_healthy_when_ready_and_routers_answer_in_process() {
 /// handler, on models of different shapes.
 #[test]
 fn batching_does_not_change_answers() {
-    use torchfn_runtime::handler::{ClassifierHandler, Handler, Instance, TensorHandler};
-    use torchfn_runtime::session::Session;
+    use torchfn_engine::handler::{ClassifierHandler, Handler, Instance, TensorHandler};
+    use torchfn_engine::session::Session;
 
     let fx = fixtures();
     let labels = std::fs::read(fx.join("src/index_to_name.json")).unwrap();

@@ -2,7 +2,7 @@
 //! project venv (`scripts/setup` installs it), started once for this test binary on a free
 //! loopback port, and against local files.
 //!
-//! Run: `cargo test -p torchfn-runtime --no-default-features --features s3 --test store`
+//! Run: `cargo test -p torchfn-store --test store`
 //! (no libtorch needed). moto's log goes to `<target>/moto-server.log`.
 
 #![allow(clippy::unwrap_used)]
@@ -21,7 +21,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::ChecksumAlgorithm;
 use moto::env;
 use sha2::{Digest, Sha256};
-use torchfn_runtime::store::{DownloadOptions, Expect, Location, ObjectStore, StoreError};
+use torchfn_store::store::{DownloadOptions, Expect, Location, ObjectStore, StoreError};
 
 /// A store from the test environment, with `bucket` created (valid S3 names only).
 async fn store_with_bucket(bucket: &str) -> ObjectStore {
@@ -854,7 +854,7 @@ fn archive_with(weights: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn s3_archives_unpack_while_they_download() {
-    use torchfn_runtime::mar::{self, Limits};
+    use torchfn_archive::mar::{self, Limits};
     let store = store_with_bucket("torchfn-streaming").await;
     let weights = data(3 << 20, 11);
     let archive = archive_with(&weights);
@@ -876,7 +876,7 @@ async fn s3_archives_unpack_while_they_download() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("models");
     let unpack = |root: std::path::PathBuf| {
-        move |reopen: torchfn_runtime::store::Reopen| {
+        move |reopen: torchfn_store::store::Reopen| {
             mar::open_archive(Path::new("big.mar"), &*reopen, &root, &Limits::default())
         }
     };

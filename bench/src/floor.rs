@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
-use torchfn_runtime::session::{set_threads, warm_up_and_pick_threads, Session};
+use torchfn_engine::session::{set_threads, warm_up_and_pick_threads, Session};
 
 use crate::load::percentile;
 

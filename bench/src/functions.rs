@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use hyper::{Method, StatusCode};
 use serde::Serialize;
-use torchfn_runtime::mar::{self, Limits};
-use torchfn_runtime::registrar::{self, ArchiveEvent, Outcome, RegistrarConfig};
-use torchfn_runtime::registry::Registry;
-use torchfn_runtime::store::{DownloadOptions, Expect, Location, ObjectStore};
+use torchfn_archive::mar::{self, Limits};
+use torchfn_store::registrar::{self, ArchiveEvent, Outcome, RegistrarConfig};
+use torchfn_store::registry::Registry;
+use torchfn_store::store::{DownloadOptions, Expect, Location, ObjectStore};
 
 use crate::load;
 use crate::process::Spawned;

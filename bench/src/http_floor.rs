@@ -15,11 +15,11 @@ use axum::routing::any;
 use axum::Router;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
-use torchfn_runtime::api::{json_response, read_body, with_common, AppState};
-use torchfn_runtime::error::ApiError;
-use torchfn_runtime::manager::Manager;
-use torchfn_runtime::metrics::Metrics;
-use torchfn_runtime::settings::Settings;
+use torchfn_archive::settings::Settings;
+use torchfn_engine::manager::Manager;
+use torchfn_engine::metrics::Metrics;
+use torchfn_http::error::HttpError;
+use torchfn_http::{json_response, read_body, with_common, AppState};
 
 /// A no-op server on 127.0.0.1, port chosen by the OS, on a tokio runtime of its own (as
 /// many worker threads as cores, like `torchfn-local`'s), so that it does not share the
@@ -103,6 +103,6 @@ async fn noop(State(state): State<AppState>, headers: HeaderMap, body: Body) -> 
     };
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(_) => json_response(StatusCode::OK, &json!({"status": "ok"})),
-        Err(e) => ApiError::bad_request(format!("malformed JSON: {e}")).into_response(),
+        Err(e) => HttpError::bad_request(format!("malformed JSON: {e}")).into_response(),
     }
 }

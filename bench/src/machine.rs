@@ -37,7 +37,7 @@ pub fn describe() -> Machine {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    torchfn_runtime::session::set_threads(torchfn_runtime::session::threads_per_worker(1));
+    torchfn_engine::session::set_threads(torchfn_engine::session::threads_per_worker(1));
     Machine {
         device: if tch::Cuda::is_available() {
             "cpu (a CUDA device is present, but this benchmark runs on the CPU)".into()

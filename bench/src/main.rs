@@ -470,7 +470,7 @@ fn run_functions(
 ) -> anyhow::Result<functions::FunctionsResults> {
     eprintln!("bench: functions: starting the local S3 server");
     let s3 = functions::S3Server::start(venv)?;
-    let store = torchfn_runtime::store::ObjectStore::with_s3_endpoint(s3.endpoint.clone());
+    let store = torchfn_store::store::ObjectStore::with_s3_endpoint(s3.endpoint.clone());
     rt.block_on(functions::prepare(&store, seed_archive))?;
     let mut cold = Vec::new();
     for i in 0..cold_starts {
@@ -483,7 +483,7 @@ fn run_functions(
     let mut fetch = Vec::new();
     {
         let fs = functions::FsS3Server::start(&dir)?;
-        let fs_store = torchfn_runtime::store::ObjectStore::with_s3_endpoint(fs.endpoint.clone());
+        let fs_store = torchfn_store::store::ObjectStore::with_s3_endpoint(fs.endpoint.clone());
         rt.block_on(functions::create_bucket(&fs_store))?;
         eprintln!("bench: functions: fetch + unpack vs one GET on s3s-fs, {runs} runs");
         let (bytes, r) = rt.block_on(functions::fetch_vs_raw_get(&fs_store, &large, &dir, runs))?;

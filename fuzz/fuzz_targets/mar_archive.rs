@@ -8,7 +8,7 @@ use std::io::Cursor;
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use torchfn_runtime::mar::{open_archive, Limits, ReadSeek};
+use torchfn_archive::mar::{open_archive, Limits, ReadSeek};
 
 fuzz_target!(|data: &[u8]| {
     let outer = tempfile::tempdir().expect("temp folder");

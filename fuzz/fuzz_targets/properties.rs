@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use torchfn_runtime::properties;
-use torchfn_runtime::settings::Settings;
+use torchfn_archive::properties;
+use torchfn_archive::settings::Settings;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use torchfn_runtime::handler::{
+use torchfn_engine::handler::{
     decode_rgb, tensors, ClassifierHandler, Handler, ImageClassifier, Input, Request, TensorHandler,
 };
 

@@ -17,11 +17,11 @@ mod convert;
 use anyhow::{bail, Context};
 use clap::Parser;
 use tokio::net::TcpListener;
-use torchfn_runtime::api::{self, AppState};
-use torchfn_runtime::manager::Manager;
-use torchfn_runtime::metrics::Metrics;
-use torchfn_runtime::properties;
-use torchfn_runtime::settings::{DevicePreference, Settings};
+use torchfn_archive::properties;
+use torchfn_archive::settings::{DevicePreference, Settings};
+use torchfn_engine::manager::Manager;
+use torchfn_engine::metrics::Metrics;
+use torchfn_http::{self as api, AppState};
 
 // Request handling allocates many small, short-lived buffers across threads; mimalloc does
 // that with less contention than glibc's malloc (the benchmark's profile showed malloc/free
@@ -269,15 +269,15 @@ async fn main() -> anyhow::Result<()> {
     };
     let follower = match &settings.registry {
         Some(root) => {
-            let root: torchfn_runtime::store::Location = root
+            let root: torchfn_store::store::Location = root
                 .parse()
                 .with_context(|| format!("torchfn_registry {root} is not a location"))?;
-            let registry = torchfn_runtime::registry::Registry::new(
-                torchfn_runtime::store::ObjectStore::from_env(),
+            let registry = torchfn_store::registry::Registry::new(
+                torchfn_store::store::ObjectStore::from_env(),
                 root,
             );
             tracing::info!(registry = %registry.root(), every_s = settings.registry_poll.as_secs(), "following the registry");
-            Some(tokio::spawn(torchfn_runtime::follow::follow(
+            Some(tokio::spawn(torchfn_engine::follow::follow(
                 registry,
                 manager.clone(),
                 settings.registry_poll,

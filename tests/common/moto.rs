@@ -166,7 +166,7 @@ fn start_counting_listener(count: Arc<AtomicUsize>) -> u16 {
 }
 
 /// Creates `bucket` on the server (valid S3 names only).
-pub async fn new_bucket(store: &torchfn_runtime::store::ObjectStore, bucket: &str) {
+pub async fn new_bucket(store: &torchfn_store::store::ObjectStore, bucket: &str) {
     store
         .s3_client()
         .await

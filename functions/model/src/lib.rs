@@ -34,12 +34,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use torchfn_runtime::api::{self, AppState};
-use torchfn_runtime::manager::{LoadSpec, Manager};
-use torchfn_runtime::metrics::Metrics;
-use torchfn_runtime::registry::{Registry, VersionStatus};
-use torchfn_runtime::settings::Settings;
-use torchfn_runtime::store::{Expect, Location, ObjectStore};
+use torchfn_archive::settings::Settings;
+use torchfn_engine::manager::{LoadSpec, Manager};
+use torchfn_engine::metrics::Metrics;
+use torchfn_http::{self as api, AppState};
+use torchfn_store::registry::{Registry, VersionStatus};
+use torchfn_store::store::{Expect, Location, ObjectStore};
 
 #[path = "../../support/lambda_env.rs"]
 mod lambda_env;
@@ -202,7 +202,7 @@ async fn swap(
     let retired = manager
         .unload(name, old)
         .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    torchfn_runtime::manager::retire(retired);
+    torchfn_engine::manager::retire(retired);
     tracing::info!(model = name, from = old, to = %loaded.version, "default version swapped");
     Ok(())
 }
@@ -274,7 +274,7 @@ async fn invoke(
 }
 
 /// Runs a model function: `setup` first, on the calling thread before any other thread
-/// starts (register custom handlers there with `torchfn_runtime::handler::register`; it may
+/// starts (register custom handlers there with `torchfn_engine::handler::register`; it may
 /// also set environment defaults, which the settings below then read), then everything
 /// `torchfn-model` does: settings from the environment, the model loaded, and serving under
 /// Lambda or over plain HTTP until shut down.
@@ -282,7 +282,7 @@ async fn invoke(
 /// ```no_run
 /// fn main() -> anyhow::Result<()> {
 ///     torchfn_model::main_with(|| {
-///         // torchfn_runtime::handler::register("my_handler", |archive| { ... });
+///         // torchfn_engine::handler::register("my_handler", |archive| { ... });
 ///     })
 /// }
 /// ```

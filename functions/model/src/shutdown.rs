@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use lambda_http::lambda_runtime::LambdaInvocation;
 use lambda_http::Service;
-use torchfn_runtime::manager::Manager;
+use torchfn_engine::manager::Manager;
 
 use crate::lambda_env;
 
@@ -153,7 +153,7 @@ pub fn budget() -> anyhow::Result<Duration> {
 /// On SIGTERM or SIGINT: the shutdown described in the module's documentation, then exit 0.
 pub fn on_signal(manager: Arc<Manager>, inflight: Arc<InFlight>, budget: Duration) {
     tokio::spawn(async move {
-        torchfn_runtime::api::shutdown_signal().await;
+        torchfn_http::shutdown_signal().await;
         let started = Instant::now();
         // Three quarters of the budget for answers, the rest for stopping and clean-up.
         let answers_by = budget * 3 / 4;

@@ -14,9 +14,9 @@
 use anyhow::Context;
 use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::{json, Value};
-use torchfn_runtime::registrar::{handle, parse_events, Outcome, RegistrarConfig, RegistrarError};
-use torchfn_runtime::registry::Registry;
-use torchfn_runtime::store::ObjectStore;
+use torchfn_store::registrar::{handle, parse_events, Outcome, RegistrarConfig, RegistrarError};
+use torchfn_store::registry::Registry;
+use torchfn_store::store::ObjectStore;
 
 #[path = "../../support/lambda_env.rs"]
 mod lambda_env;

@@ -20,14 +20,14 @@
 //! # Writing your own handler, step by step
 //!
 //! 1. **Make a crate in `functions/`** by copying this one (`functions/regressor`): its
-//!    `Cargo.toml` (depend on `torchfn-model`, `torchfn-runtime` and `tch`, and on
+//!    `Cargo.toml` (depend on `torchfn-model`, `torchfn-archive`, `torchfn-engine` and `tch`, and on
 //!    `torch-sys` so that `build.rs` learns where libtorch is), its `build.rs` (bakes
 //!    libtorch's folder into the binary as an rpath), and add the crate to the workspace's
 //!    `members`.
-//! 2. **Implement [`Handler`]** (`torchfn_runtime::handler::Handler`) for a type of yours.
+//! 2. **Implement [`Handler`]** (`torchfn_engine::handler::Handler`) for a type of yours.
 //!    The methods run in this order for every request:
 //!    - [`Handler::decode`] (on the async side, once per request): parse and validate the
-//!      body into [`Instance`]s. Return `ApiError::bad_request(..)` for anything the client
+//!      body into [`Instance`]s. Return `ServeError::bad_request(..)` for anything the client
 //!      got wrong: it is answered 400 in TorchServe's error shape. Keep it cheap; heavy work
 //!      (image decoding, tokenising) belongs in `preprocess`. Set `is_list` when the client
 //!      sent a list, so it gets a list back.
@@ -62,13 +62,13 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use tch::{Device, IValue, Kind, Tensor};
-use torchfn_runtime::error::{ApiError, ErrorKind};
-use torchfn_runtime::handler::{
+use torchfn_archive::mar::ModelArchive;
+use torchfn_engine::error::{ErrorKind, ServeError};
+use torchfn_engine::handler::{
     decode_list, kind_of, parse_json, single_tensor, to_device, Decoded, Handler, Instance,
     Request, TypedTensor,
 };
-use torchfn_runtime::mar::ModelArchive;
-use torchfn_runtime::session::SessionError;
+use torchfn_engine::session::SessionError;
 
 /// The name archives and `TORCHFN_HANDLER` use for this handler.
 pub const NAME: &str = "house_price";
@@ -158,7 +158,7 @@ pub struct HousePrice {
 
 impl HousePrice {
     /// Reads `features.json` from the archive: the model cannot be served without it.
-    pub fn from_archive(archive: &ModelArchive) -> Result<Self, ApiError> {
+    pub fn from_archive(archive: &ModelArchive) -> Result<Self, ServeError> {
         let text = read_archive_file(archive, FEATURES_FILE, MAX_FEATURES_BYTES)?;
         Self::from_features_json(&text)
             .map_err(|msg| invalid_model(format!("{FEATURES_FILE}: {msg}")))
@@ -232,9 +232,9 @@ impl HousePrice {
     /// One house: an object with exactly the three fields, each valid. Every problem of the
     /// instance is reported in one message, each naming its field (`area_m2`, or
     /// `instances[1].area_m2` inside a list).
-    fn instance(value: &Value, at: &str) -> Result<Instance, ApiError> {
+    fn instance(value: &Value, at: &str) -> Result<Instance, ServeError> {
         let Value::Object(map) = value else {
-            return Err(ApiError::bad_request(format!(
+            return Err(ServeError::bad_request(format!(
                 "{at} must be an object like {EXAMPLE}, got {}",
                 kind_of(value)
             )));
@@ -265,7 +265,7 @@ impl HousePrice {
             }
         }
         if !problems.is_empty() {
-            return Err(ApiError::bad_request(problems.join("; ")));
+            return Err(ServeError::bad_request(problems.join("; ")));
         }
         Ok(Instance::f32(values, vec![FIELDS.len() as i64]))
     }
@@ -276,18 +276,18 @@ impl Handler for HousePrice {
         NAME
     }
 
-    fn decode(&self, request: &Request<'_>) -> Result<Decoded, ApiError> {
+    fn decode(&self, request: &Request<'_>) -> Result<Decoded, ServeError> {
         let json = parse_json(request.body)?;
         if let Value::Object(map) = &json {
             if let Some(list) = map.get("instances") {
                 if let Some(extra) = map.keys().find(|k| k.as_str() != "instances") {
-                    return Err(ApiError::bad_request(format!(
+                    return Err(ServeError::bad_request(format!(
                         "{extra} is not a field of a list request: send {{\"instances\": \
                          [{EXAMPLE}, ...]}}"
                     )));
                 }
                 let Value::Array(items) = list else {
-                    return Err(ApiError::bad_request(format!(
+                    return Err(ServeError::bad_request(format!(
                         "instances must be an array of houses, got {}",
                         kind_of(list)
                     )));
@@ -303,8 +303,8 @@ impl Handler for HousePrice {
 
     /// Tensors would skip the schema and its validation: the Open Inference Protocol route
     /// is refused with a pointer to the JSON form.
-    fn decode_tensors(&self, _inputs: Vec<TypedTensor>) -> Result<Decoded, ApiError> {
-        Err(ApiError::bad_request(format!(
+    fn decode_tensors(&self, _inputs: Vec<TypedTensor>) -> Result<Decoded, ServeError> {
+        Err(ServeError::bad_request(format!(
             "the {NAME} handler takes JSON houses ({EXAMPLE}, or {{\"instances\": [...]}}) on \
              /predictions or the KServe v1 route, not Open Inference Protocol tensors"
         )))
@@ -368,7 +368,7 @@ impl Handler for HousePrice {
 
 /// Registers the handler as [`NAME`] for this process (what `main` does before serving).
 pub fn register() {
-    torchfn_runtime::handler::register(NAME, |archive| {
+    torchfn_engine::handler::register(NAME, |archive| {
         Ok(Arc::new(HousePrice::from_archive(archive)?) as Arc<dyn Handler>)
     });
 }
@@ -377,12 +377,16 @@ fn field_names() -> String {
     FIELDS.map(|f| f.name).join(", ")
 }
 
-fn invalid_model(message: String) -> ApiError {
-    ApiError::new(ErrorKind::InvalidModel, message)
+fn invalid_model(message: String) -> ServeError {
+    ServeError::new(ErrorKind::InvalidModel, message)
 }
 
 /// A small file packaged in the archive (`--extra-files`), refusing one over `limit` bytes.
-fn read_archive_file(archive: &ModelArchive, name: &str, limit: u64) -> Result<Vec<u8>, ApiError> {
+fn read_archive_file(
+    archive: &ModelArchive,
+    name: &str,
+    limit: u64,
+) -> Result<Vec<u8>, ServeError> {
     if !archive.has_file(name) {
         return Err(invalid_model(format!(
             "the {NAME} handler needs {name} in the archive: package it with \
@@ -420,7 +424,7 @@ mod tests {
         HousePrice::from_features_json(FEATURES.as_bytes()).unwrap()
     }
 
-    fn decode(body: &str) -> Result<Decoded, ApiError> {
+    fn decode(body: &str) -> Result<Decoded, ServeError> {
         handler().decode(&Request::json(body.as_bytes()))
     }
 
@@ -571,8 +575,9 @@ mod tests {
         ] {
             assert!(e.message.contains(needle), "{needle}: {}", e.message);
         }
-        // The error body is TorchServe's.
-        let body: Value = serde_json::from_slice(&e.body()).unwrap();
+        // The client sees TorchServe's error body for it.
+        let body = torchfn_http::error::HttpError::from(e).body();
+        let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["code"], 400);
         assert_eq!(body["type"], "BadRequestException");
     }

@@ -1,0 +1,595 @@
+//! Runs a model version's forward passes on dedicated worker threads, batching requests
+//! that wait together.
+//!
+//! Requests enter a bounded queue (`job_queue_size` requests; beyond it the caller gets
+//! TorchServe's 503 at once). A worker takes the oldest request and, without waiting, every
+//! request already queued behind it up to `batch_size` instances, so a lone request never
+//! pays a delay and batches grow while the model is busy. Instances are grouped by shape;
+//! each group runs in forward passes of at most `batch_size`. If a pass fails, its
+//! instances are retried one by one, so only the bad instance gets the error. Callers that
+//! went away are skipped before they cost a forward pass.
+//!
+//! A forward pass cannot be cancelled. When one runs past the model's `response_timeout`,
+//! its callers have been answered at the deadline already; the next request that arrives
+//! detaches that worker (it stops once its pass returns) and starts a replacement, so the
+//! queue keeps moving. At most [`MAX_STUCK`] detached workers may still be running per model
+//! version; past that, none is replaced until one returns.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::error::{ErrorKind, ServeError};
+use crate::handler::{Handler, Instance};
+use crate::session::{set_threads, Session, SessionError};
+
+/// How a model version batches.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    pub batch_size: usize,
+    pub max_batch_delay: Duration,
+    pub workers: usize,
+    pub queue_size: usize,
+    /// libtorch intra-op threads of each worker.
+    pub threads_per_worker: usize,
+    /// A pass running longer is stuck: its worker is replaced (the model's
+    /// `response_timeout`).
+    pub stuck_after: Duration,
+}
+
+/// Detached (stuck) workers that may still be running per model version.
+pub const MAX_STUCK: usize = 2;
+
+/// What a caller gets back for one request.
+#[derive(Debug)]
+pub struct Outcome {
+    /// One value per instance, in order, or the request's error.
+    pub outputs: Result<Vec<Value>, ServeError>,
+    pub queue_time: Duration,
+    pub inference_time: Duration,
+    /// Instances in the forward pass that carried this request's first instance.
+    pub batch_size: usize,
+}
+
+struct Job {
+    instances: Vec<Instance>,
+    enqueued: Instant,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// The queue and worker threads of one model version.
+pub struct Batcher {
+    tx: Mutex<Option<Sender<Job>>>,
+    rx: Receiver<Job>,
+    workers: Mutex<Vec<WorkerHandle>>,
+    /// Workers running now (scaling changes it).
+    running: AtomicUsize,
+    /// Workers asked to stop by a scale-down, still finishing their pass.
+    stopping: Mutex<Vec<JoinHandle<()>>>,
+    spawned: AtomicUsize,
+    /// Workers detached because their pass ran past `stuck_after`, until they return.
+    stuck: Mutex<Vec<JoinHandle<()>>>,
+    /// When the workers were last checked for stuck passes (µs since `epoch`).
+    last_check: AtomicU64,
+    epoch: Instant,
+    label: String,
+    handler: Arc<dyn Handler>,
+    session: Arc<Session>,
+    busy: Arc<AtomicUsize>,
+    config: BatchConfig,
+    metrics: BatchMetrics,
+}
+
+/// A worker thread and the channel whose closing tells it to stop.
+struct WorkerHandle {
+    thread: JoinHandle<()>,
+    /// Dropping it stops the worker after its current pass.
+    _stop: Sender<()>,
+    /// When its current pass started (µs since the batcher's epoch, plus 1); 0 when idle.
+    pass_started: Arc<AtomicU64>,
+}
+
+/// The metrics one model version's batcher keeps up to date.
+#[derive(Clone)]
+pub struct BatchMetrics {
+    /// Instances per forward pass.
+    pub batch_size: prometheus::Histogram,
+    /// Requests waiting for a worker.
+    pub queue_length: prometheus::IntGauge,
+    /// Requests whose caller went away before a worker took them.
+    pub abandoned: prometheus::IntCounter,
+    /// Workers replaced because a forward pass ran past the response timeout.
+    pub stuck_workers: prometheus::IntCounter,
+}
+
+impl Batcher {
+    /// Starts `config.workers` threads named after the model (none is allowed: requests are
+    /// then refused until the model is scaled up).
+    pub fn start(
+        label: &str,
+        handler: Arc<dyn Handler>,
+        session: Arc<Session>,
+        config: BatchConfig,
+        metrics: BatchMetrics,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_size.max(1));
+        let batcher = Self {
+            tx: Mutex::new(Some(tx)),
+            rx,
+            workers: Mutex::new(Vec::new()),
+            running: AtomicUsize::new(0),
+            stopping: Mutex::new(Vec::new()),
+            spawned: AtomicUsize::new(0),
+            stuck: Mutex::new(Vec::new()),
+            last_check: AtomicU64::new(0),
+            epoch: Instant::now(),
+            label: label.to_string(),
+            handler,
+            session,
+            busy: Arc::new(AtomicUsize::new(0)),
+            config,
+            metrics,
+        };
+        batcher.scale(config.workers)?;
+        Ok(batcher)
+    }
+
+    /// Runs `n` workers: starts the missing ones, or tells the extra ones to stop once their
+    /// current pass is done (queued requests stay for the others). Returns the count.
+    pub fn scale(&self, n: usize) -> std::io::Result<usize> {
+        let mut workers = self
+            .workers
+            .lock()
+            .map_err(|_| std::io::Error::other("worker list lock poisoned"))?;
+        while workers.len() < n {
+            self.spawn_worker(&mut workers)?;
+        }
+        let keep = n.min(workers.len());
+        let extra: Vec<WorkerHandle> = workers.drain(keep..).collect();
+        if !extra.is_empty() {
+            let mut stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
+            // Dropping each stop sender tells its worker to stop.
+            stopping.extend(extra.into_iter().map(|w| w.thread));
+            stopping.retain(|t| !t.is_finished());
+        }
+        self.running.store(workers.len(), Ordering::Relaxed);
+        if workers.is_empty() {
+            // Nobody will take what is queued: answer it now.
+            while let Ok(job) = self.rx.try_recv() {
+                let _ = job.reply.send(Outcome {
+                    outputs: Err(no_worker(&self.label, "it was scaled to 0 workers")),
+                    queue_time: job.enqueued.elapsed(),
+                    inference_time: Duration::ZERO,
+                    batch_size: 0,
+                });
+            }
+        }
+        Ok(workers.len())
+    }
+
+    /// Starts one worker and adds it to `workers`.
+    fn spawn_worker(&self, workers: &mut Vec<WorkerHandle>) -> std::io::Result<()> {
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let i = self.spawned.fetch_add(1, Ordering::Relaxed);
+        let pass_started = Arc::new(AtomicU64::new(0));
+        let worker = Worker {
+            rx: self.rx.clone(),
+            stop: stop_rx,
+            pass_started: pass_started.clone(),
+            epoch: self.epoch,
+            handler: self.handler.clone(),
+            session: self.session.clone(),
+            batch_size: self.config.batch_size.max(1),
+            max_batch_delay: self.config.max_batch_delay,
+            threads: self.config.threads_per_worker.max(1),
+            busy: self.busy.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("{}-w{i}", self.label))
+            .spawn(move || worker.run())?;
+        workers.push(WorkerHandle {
+            thread,
+            _stop: stop_tx,
+            pass_started,
+        });
+        Ok(())
+    }
+
+    /// Detaches workers whose pass has run past `stuck_after` and starts replacements (at
+    /// most [`MAX_STUCK`] detached workers still running). Checked at most every 100 ms, by
+    /// the requests that arrive.
+    fn replace_stuck(&self) {
+        let now = self.epoch.elapsed().as_micros() as u64;
+        let last = self.last_check.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < 100_000
+            || self
+                .last_check
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let limit = self.config.stuck_after.as_micros() as u64;
+        let Ok(mut workers) = self.workers.lock() else {
+            return;
+        };
+        let is_stuck = |w: &WorkerHandle| {
+            let started = w.pass_started.load(Ordering::Relaxed);
+            started != 0 && now.saturating_sub(started - 1) > limit
+        };
+        if !workers.iter().any(is_stuck) {
+            return;
+        }
+        let mut stuck = self.stuck.lock().unwrap_or_else(|e| e.into_inner());
+        stuck.retain(|t| !t.is_finished());
+        let mut i = 0;
+        while i < workers.len() {
+            if !is_stuck(&workers[i]) {
+                i += 1;
+                continue;
+            }
+            if stuck.len() >= MAX_STUCK {
+                tracing::error!(
+                    model = %self.label,
+                    stuck = stuck.len(),
+                    "a forward pass is past the response timeout, and {MAX_STUCK} stuck workers \
+                     are still running: not replacing it"
+                );
+                break;
+            }
+            // Dropping its stop sender stops it once its pass returns.
+            let w = workers.swap_remove(i);
+            stuck.push(w.thread);
+            self.metrics.stuck_workers.inc();
+            tracing::warn!(
+                model = %self.label,
+                after_s = self.config.stuck_after.as_secs_f64(),
+                "a forward pass is past the response timeout; starting a replacement worker"
+            );
+            if let Err(e) = self.spawn_worker(&mut workers) {
+                tracing::error!(model = %self.label, error = %e, "could not start a replacement worker");
+            }
+        }
+        self.running.store(workers.len(), Ordering::Relaxed);
+    }
+
+    /// Workers running now.
+    pub fn workers(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    pub fn config(&self) -> BatchConfig {
+        self.config
+    }
+
+    /// Queues a request. A full queue is refused at once (503), as TorchServe does.
+    pub fn submit(
+        &self,
+        model_label: &str,
+        instances: Vec<Instance>,
+    ) -> Result<oneshot::Receiver<Outcome>, ServeError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            instances,
+            enqueued: Instant::now(),
+            reply,
+        };
+        self.replace_stuck();
+        let guard = self
+            .tx
+            .lock()
+            .map_err(|_| ServeError::internal("queue lock poisoned"))?;
+        let Some(tx) = guard.as_ref() else {
+            return Err(no_worker(model_label, "it is shutting down"));
+        };
+        if self.workers() == 0 {
+            return Err(no_worker(
+                model_label,
+                "it has 0 workers; add some with PUT /models/{name}?min_worker=1",
+            ));
+        }
+        match tx.try_send(job) {
+            Ok(()) => {
+                self.metrics.queue_length.set(self.rx.len() as i64);
+                Ok(rx)
+            }
+            Err(TrySendError::Full(_)) => Err(no_worker(
+                model_label,
+                &format!(
+                    "its job queue is full ({} requests waiting); retry later or raise job_queue_size",
+                    self.config.queue_size
+                ),
+            )),
+            Err(TrySendError::Disconnected(_)) => Err(no_worker(model_label, "its workers stopped")),
+        }
+    }
+
+    /// Requests waiting for a worker.
+    pub fn pending(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// Workers running a batch right now.
+    pub fn busy_workers(&self) -> usize {
+        self.busy.load(Ordering::Relaxed)
+    }
+
+    /// Stops taking requests, lets the workers finish what is queued, and joins them.
+    pub fn shutdown(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        // The workers drain the queue (its sender is gone), then stop; their stop senders
+        // live until they are joined, so none stops with requests still queued.
+        let workers = self
+            .workers
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default();
+        for w in workers {
+            let _ = w.thread.join();
+        }
+        self.running.store(0, Ordering::Relaxed);
+        let stopping = self
+            .stopping
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
+        for h in stopping {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn no_worker(model_label: &str, why: &str) -> ServeError {
+    ServeError::new(
+        ErrorKind::ServiceUnavailable,
+        format!("Model \"{model_label}\" has no worker to serve inference request: {why}."),
+    )
+}
+
+struct Worker {
+    rx: Receiver<Job>,
+    /// Disconnected when a scale-down stops this worker.
+    stop: Receiver<()>,
+    /// When the current pass started (µs since `epoch`, plus 1); 0 when idle.
+    pass_started: Arc<AtomicU64>,
+    epoch: Instant,
+    handler: Arc<dyn Handler>,
+    session: Arc<Session>,
+    batch_size: usize,
+    max_batch_delay: Duration,
+    threads: usize,
+    busy: Arc<AtomicUsize>,
+    metrics: BatchMetrics,
+}
+
+impl Worker {
+    fn run(self) {
+        set_threads(self.threads);
+        // The previous pass: how many instances it ran and how long it took.
+        let mut last = (0usize, Duration::ZERO);
+        loop {
+            let first = crossbeam_channel::select! {
+                recv(self.rx) -> job => match job {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+                recv(self.stop) -> _ => break,
+            };
+            let oldest = first.enqueued;
+            let mut items = first.instances.len();
+            let mut jobs = vec![first];
+            while items < self.batch_size {
+                match self.rx.try_recv() {
+                    Ok(job) => {
+                        items += job.instances.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            // A cohort is arriving (more than one request waited) but fewer instances than
+            // the previous pass ran: wait a little for the rest of it, at most one previous
+            // pass's time and never past the oldest request's max_batch_delay. A lone
+            // request (nothing else waiting) runs at once.
+            let target = last.0.min(self.batch_size);
+            if jobs.len() > 1 && items < target && !self.max_batch_delay.is_zero() {
+                let deadline = (oldest + self.max_batch_delay).min(Instant::now() + last.1);
+                while items < target {
+                    let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                        break;
+                    };
+                    match self.rx.recv_timeout(left) {
+                        Ok(job) => {
+                            items += job.instances.len();
+                            jobs.push(job);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.metrics.queue_length.set(self.rx.len() as i64);
+            // A caller that disconnected costs no forward pass.
+            let before = jobs.len();
+            jobs.retain(|j| !j.reply.is_closed());
+            if jobs.len() < before {
+                let gone = before - jobs.len();
+                self.metrics.abandoned.inc_by(gone as u64);
+                tracing::debug!(requests = gone, "skipped requests whose callers went away");
+            }
+            if jobs.is_empty() {
+                continue;
+            }
+            let items: usize = jobs.iter().map(|j| j.instances.len()).sum();
+            self.busy.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
+            self.pass_started.store(
+                self.epoch.elapsed().as_micros() as u64 + 1,
+                Ordering::Relaxed,
+            );
+            self.run_batch(jobs);
+            self.pass_started.store(0, Ordering::Relaxed);
+            last = (items, started.elapsed());
+            self.busy.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn run_batch(&self, jobs: Vec<Job>) {
+        let started = Instant::now();
+        let queue_times: Vec<Duration> = jobs.iter().map(|j| started - j.enqueued).collect();
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.compute(&jobs)));
+        let inference_time = started.elapsed();
+        let (results, sizes) = match outcome {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!("a handler panicked; the batch's requests get 503");
+                let err = ServeError::new(ErrorKind::PredictionFailed, "Prediction failed");
+                let results = jobs
+                    .iter()
+                    .map(|j| j.instances.iter().map(|_| Err(err.clone())).collect())
+                    .collect();
+                (results, vec![0; jobs.len()])
+            }
+        };
+        for (((job, result), queue_time), batch_size) in
+            jobs.into_iter().zip(results).zip(queue_times).zip(sizes)
+        {
+            let many = job.instances.len() > 1;
+            let outputs = result
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    r.map_err(|mut e| {
+                        if many {
+                            e.message = format!("instance {i}: {}", e.message);
+                        }
+                        e
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>();
+            let _ = job.reply.send(Outcome {
+                outputs,
+                queue_time,
+                inference_time,
+                batch_size,
+            });
+        }
+    }
+
+    /// Per job, per instance results, and per job the size of its first forward pass.
+    #[allow(clippy::type_complexity)]
+    fn compute(&self, jobs: &[Job]) -> (Vec<Vec<Result<Value, ServeError>>>, Vec<usize>) {
+        // Group (job, instance) pairs that can share a forward pass (same kind of input,
+        // same shape), keeping arrival order.
+        let mut groups: Vec<(&Instance, Vec<(usize, usize)>)> = Vec::new();
+        for (j, job) in jobs.iter().enumerate() {
+            for (i, inst) in job.instances.iter().enumerate() {
+                match groups
+                    .iter_mut()
+                    .find(|(first, _)| first.batches_with(inst))
+                {
+                    Some((_, members)) => members.push((j, i)),
+                    None => groups.push((inst, vec![(j, i)])),
+                }
+            }
+        }
+        let mut results: Vec<Vec<Option<Result<Value, ServeError>>>> = jobs
+            .iter()
+            .map(|j| (0..j.instances.len()).map(|_| None).collect())
+            .collect();
+        let mut sizes = vec![0usize; jobs.len()];
+        for (_, members) in &groups {
+            for chunk in members.chunks(self.batch_size) {
+                self.metrics.batch_size.observe(chunk.len() as f64);
+                for &(j, i) in chunk {
+                    if i == 0 {
+                        sizes[j] = chunk.len();
+                    }
+                }
+                let items: Vec<&Instance> =
+                    chunk.iter().map(|&(j, i)| &jobs[j].instances[i]).collect();
+                let values = self.forward_or_split(&items);
+                for (&(j, i), v) in chunk.iter().zip(values) {
+                    results[j][i] = Some(v);
+                }
+            }
+        }
+        let results = results
+            .into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .map(|v| v.unwrap_or_else(|| Err(ServeError::internal("instance was not run"))))
+                    .collect()
+            })
+            .collect();
+        (results, sizes)
+    }
+
+    fn forward(&self, items: &[&Instance]) -> Result<Vec<Value>, SessionError> {
+        let inputs = self.handler.preprocess(items, self.session.device())?;
+        let output = self.handler.inference(&self.session, &inputs)?;
+        self.handler.postprocess(output, items.len())
+    }
+
+    fn forward_or_split(&self, items: &[&Instance]) -> Vec<Result<Value, ServeError>> {
+        match self.forward(items) {
+            Ok(values) => values.into_iter().map(Ok).collect(),
+            Err(e) if items.len() > 1 => {
+                tracing::warn!(error = %e.summary(), rows = items.len(), "batch failed; retrying its instances one by one");
+                items
+                    .iter()
+                    .map(|item| match self.forward(std::slice::from_ref(item)) {
+                        Ok(mut v) if v.len() == 1 => Ok(v.remove(0)),
+                        Ok(_) => {
+                            Err(self
+                                .classify(&SessionError::BatchMismatch { sent: 1, got: 0 }, item))
+                        }
+                        Err(e) => Err(self.classify(&e, item)),
+                    })
+                    .collect()
+            }
+            Err(e) => vec![Err(self.classify(&e, items[0]))],
+        }
+    }
+
+    /// A failed instance's error: 400 when the model's first layer shows the instance has
+    /// the wrong size, else TorchServe's 503 "Prediction failed". Details go to the log.
+    fn classify(&self, e: &SessionError, item: &Instance) -> ServeError {
+        if let SessionError::Input(why) = e {
+            return ServeError::bad_request(why.clone());
+        }
+        if let Some(why) = item
+            .as_f32()
+            .and_then(|_| self.session.rejects_shape(&item.shape))
+        {
+            tracing::info!(error = %e.summary(), "instance rejected by the model");
+            return ServeError::bad_request(format!("the model cannot take this input: {why}"));
+        }
+        tracing::error!(error = %e, "prediction failed");
+        match e {
+            SessionError::OutputForm(why) => ServeError::new(
+                ErrorKind::PredictionFailed,
+                format!("Invalid model predict output: {why}"),
+            ),
+            SessionError::BatchMismatch { .. } => ServeError::new(
+                ErrorKind::PredictionFailed,
+                "number of batch response mismatched",
+            ),
+            _ => ServeError::new(ErrorKind::PredictionFailed, "Prediction failed"),
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! `classifier`: the custom `ClassifierHandler` of TorchServe's getting-started guide, built
+//! in. Input `{"features": [...]}`; softmax over the model's output; response
+//! `{"predicted_class", "confidence", "probabilities", "class_name"}`, `class_name` taken from
+//! the archive's `index_to_name.json` when it has one (TorchServe's label format: a string,
+//! or a list whose last element is the name).
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+use tch::{Device, IValue, Kind, Tensor};
+
+use super::decode::{decode_list, f32_json, parse_json, tensor_from_json, Decoded, Instance};
+use super::{single_tensor, tensors, Handler, Request};
+use crate::error::{ErrorKind, ServeError};
+use crate::session::SessionError;
+use torchfn_archive::mar::ModelArchive;
+
+/// Largest `index_to_name.json` read; a label map is small.
+const MAX_LABELS_BYTES: u64 = 16 << 20;
+
+pub struct ClassifierHandler {
+    labels: Option<HashMap<String, String>>,
+}
+
+impl ClassifierHandler {
+    /// A classifier without class names.
+    pub fn without_labels() -> Self {
+        Self { labels: None }
+    }
+
+    /// Reads `index_to_name.json` from the archive when present.
+    pub fn from_archive(archive: &ModelArchive) -> Result<Self, ServeError> {
+        Ok(Self {
+            labels: archive_labels(archive)?,
+        })
+    }
+
+    /// Parses TorchServe's label map: `{"0": "cat"}` or `{"0": ["n01", "tench"]}`.
+    pub fn from_labels_json(text: &[u8]) -> Result<Self, String> {
+        Ok(Self {
+            labels: Some(parse_labels(text)?),
+        })
+    }
+
+    fn instance(value: &Value, at: &str) -> Result<Instance, ServeError> {
+        let Value::Object(map) = value else {
+            return Err(ServeError::bad_request(format!(
+                "{at} must be an object like {{\"features\": [0.1, 0.2, ...]}}, got {}",
+                super::decode::kind_of(value)
+            )));
+        };
+        let features = map.get("features").ok_or_else(|| {
+            ServeError::bad_request(format!(
+                "{at} has no \"features\": send {{\"features\": [0.1, 0.2, ...]}}"
+            ))
+        })?;
+        let at = if at == "body" {
+            "features".to_string()
+        } else {
+            format!("{at}.features")
+        };
+        let inst = tensor_from_json(features, &at)?;
+        if inst.shape.is_empty() {
+            return Err(ServeError::bad_request(format!(
+                "{at} must be an array of numbers, got a single number"
+            )));
+        }
+        Ok(inst)
+    }
+}
+
+impl Handler for ClassifierHandler {
+    fn name(&self) -> &'static str {
+        "classifier"
+    }
+
+    fn decode(&self, request: &Request<'_>) -> Result<Decoded, ServeError> {
+        if let Some(decoded) = tensors::binary_body(request)? {
+            return Ok(decoded);
+        }
+        let json = parse_json(request.body)?;
+        let (items, at) = match &json {
+            Value::Array(items) => (items.as_slice(), "body"),
+            Value::Object(map) if map.contains_key("instances") => match &map["instances"] {
+                Value::Array(items) => (items.as_slice(), "instances"),
+                _ => return Err(ServeError::bad_request("\"instances\" must be an array")),
+            },
+            other => {
+                return Ok(Decoded {
+                    instances: vec![Self::instance(other, "body")?],
+                    is_list: false,
+                })
+            }
+        };
+        decode_list(items, at, Self::instance)
+    }
+
+    fn postprocess(&self, output: IValue, rows: usize) -> Result<Vec<Value>, SessionError> {
+        let (flat, classes) = softmax_rows(&single_tensor(output)?, rows)?;
+        Ok(flat
+            .chunks(classes.max(1))
+            .map(|p| {
+                let (k, conf) =
+                    p.iter()
+                        .enumerate()
+                        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
+                            if x > best.1 {
+                                (i, x)
+                            } else {
+                                best
+                            }
+                        });
+                let mut out = Map::new();
+                out.insert("predicted_class".into(), Value::from(k));
+                out.insert("confidence".into(), f32_json(conf));
+                out.insert(
+                    "probabilities".into(),
+                    Value::Array(p.iter().map(|&x| f32_json(x)).collect()),
+                );
+                if let Some(labels) = &self.labels {
+                    let name = labels.get(&k.to_string()).map_or("unknown", String::as_str);
+                    out.insert("class_name".into(), Value::from(name));
+                }
+                Value::Object(out)
+            })
+            .collect())
+    }
+}
+
+/// The softmax of each row of a `[rows, classes]` output, flat, and the class count. One
+/// copy of the logits to the host; the softmax over a row of class scores is cheaper here
+/// than as further libtorch calls.
+pub(super) fn softmax_rows(
+    output: &Tensor,
+    rows: usize,
+) -> Result<(Vec<f32>, usize), SessionError> {
+    let size = output.size();
+    if size.len() != 2 || size[0] as usize != rows {
+        return Err(SessionError::BatchMismatch {
+            sent: rows,
+            got: size.first().copied().unwrap_or(0) as usize,
+        });
+    }
+    let classes = size[1] as usize;
+    let logits = if output.device() == Device::Cpu && output.kind() == Kind::Float {
+        output.f_contiguous()?
+    } else {
+        output
+            .f_to_device(Device::Cpu)?
+            .f_to_kind(Kind::Float)?
+            .f_contiguous()?
+    };
+    let mut flat = vec![0f32; rows * classes];
+    logits.f_copy_data(&mut flat, rows * classes)?;
+    for row in flat.chunks_mut(classes.max(1)) {
+        softmax(row);
+    }
+    Ok((flat, classes))
+}
+
+/// Class `k`'s name from a label map, else the index itself (TorchServe's rule).
+pub(super) fn label(labels: &Option<HashMap<String, String>>, k: usize) -> String {
+    let key = k.to_string();
+    labels
+        .as_ref()
+        .and_then(|l| l.get(&key).cloned())
+        .unwrap_or(key)
+}
+
+/// The archive's `index_to_name.json` (class index → name), when it has one.
+pub(super) fn archive_labels(
+    archive: &ModelArchive,
+) -> Result<Option<HashMap<String, String>>, ServeError> {
+    let Some(text) = read_small_file(archive, "index_to_name.json", MAX_LABELS_BYTES)? else {
+        return Ok(None);
+    };
+    parse_labels(&text)
+        .map(Some)
+        .map_err(|msg| ServeError::new(ErrorKind::InvalidModel, msg))
+}
+
+/// An archive file of at most `limit` bytes, if the archive has it.
+pub(super) fn read_small_file(
+    archive: &ModelArchive,
+    name: &str,
+    limit: u64,
+) -> Result<Option<Vec<u8>>, ServeError> {
+    if !archive.has_file(name) {
+        return Ok(None);
+    }
+    let invalid = |msg: String| ServeError::new(ErrorKind::InvalidModel, msg);
+    let path = archive.path_of(name).map_err(|e| invalid(e.to_string()))?;
+    let len = std::fs::metadata(&path)
+        .map_err(|e| invalid(format!("cannot read {name}: {e}")))?
+        .len();
+    if len > limit {
+        return Err(invalid(format!(
+            "{name} is {len} bytes; the limit is {limit}"
+        )));
+    }
+    std::fs::read(&path)
+        .map(Some)
+        .map_err(|e| invalid(format!("cannot read {name}: {e}")))
+}
+
+/// TorchServe's label map: `{"0": "cat"}` or `{"0": ["n01", "tench"]}` (the last element).
+fn parse_labels(text: &[u8]) -> Result<HashMap<String, String>, String> {
+    let map: Map<String, Value> = serde_json::from_slice(text)
+        .map_err(|e| format!("index_to_name.json is not a JSON object: {e}"))?;
+    let mut labels = HashMap::with_capacity(map.len());
+    for (k, v) in map {
+        let name = match &v {
+            Value::String(s) => s.clone(),
+            Value::Array(items) => match items.last() {
+                Some(Value::String(s)) => s.clone(),
+                _ => return Err(format!("index_to_name.json: label {k} is not a name")),
+            },
+            _ => return Err(format!("index_to_name.json: label {k} is not a name")),
+        };
+        labels.insert(k, name);
+    }
+    Ok(labels)
+}
+
+/// In-place softmax of one row, computed in f64 and stored as f32.
+fn softmax(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f64> = row.iter().map(|&x| f64::from(x - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    for (x, e) in row.iter_mut().zip(exps) {
+        *x = (e / sum) as f32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn decodes_the_seed_forms() {
+        let h = ClassifierHandler { labels: None };
+        let one = h
+            .decode(&Request::json(br#"{"features": [0.1, 0.2, 0.3]}"#))
+            .unwrap();
+        assert!(!one.is_list);
+        assert_eq!(one.instances[0].shape, vec![3]);
+        let two = h
+            .decode(&Request::json(
+                br#"[{"features": [1, 2]}, {"features": [3, 4]}]"#,
+            ))
+            .unwrap();
+        assert!(two.is_list);
+        assert_eq!(two.instances.len(), 2);
+        let inst = h
+            .decode(&Request::json(br#"{"instances": [{"features": [1]}]}"#))
+            .unwrap();
+        assert!(inst.is_list);
+        for (body, needle) in [
+            (&b"{\"feature\": [1]}"[..], "has no \"features\""),
+            (
+                b"{\"features\": [1, \"a\"]}",
+                "features[1] must be a number",
+            ),
+            (b"[1, 2]", "body[0] must be an object"),
+            (b"", "empty"),
+            (b"{\"features\": [1,", "not valid JSON"),
+            (b"[]", "empty list"),
+        ] {
+            let e = h.decode(&Request::json(body)).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest);
+            assert!(e.message.contains(needle), "{needle}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn labels_accept_strings_and_lists() {
+        let h =
+            ClassifierHandler::from_labels_json(br#"{"0": "cat", "1": ["n01", "tench"]}"#).unwrap();
+        let labels = h.labels.unwrap();
+        assert_eq!(labels["0"], "cat");
+        assert_eq!(labels["1"], "tench");
+        assert!(ClassifierHandler::from_labels_json(b"[1]").is_err());
+    }
+
+    #[test]
+    fn postprocess_softmaxes_and_labels() {
+        let h = ClassifierHandler::from_labels_json(br#"{"0": "a", "1": "b"}"#).unwrap();
+        let out = Tensor::from_slice(&[0f32, 1.0, 2.0, 0.0]).view([2, 2]);
+        let v = h
+            .postprocess(IValue::Tensor(out.shallow_clone()), 2)
+            .unwrap();
+        assert_eq!(v[0]["predicted_class"], 1);
+        assert_eq!(v[0]["class_name"], "b");
+        assert_eq!(v[1]["class_name"], "a");
+        let p0 = v[0]["probabilities"][0].as_f64().unwrap();
+        assert!((p0 - 1.0 / (1.0 + 1f64.exp())).abs() < 1e-6);
+        assert!(h.postprocess(IValue::Tensor(out), 3).is_err());
+    }
+}

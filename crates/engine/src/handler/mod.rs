@@ -1,0 +1,203 @@
+//! Handlers turn requests into model inputs and model outputs into responses, over a
+//! batch: `decode` (per request, on the async side; cheap: image and text bytes stay
+//! encoded), then on a model worker thread `preprocess` (decode images, tokenise text, stack
+//! a batch of same-shape instances) → `inference` → `postprocess` (one JSON value per
+//! instance).
+//!
+//! Built-ins: `tensor` (TorchServe's `base_handler`), `classifier` (the custom
+//! `ClassifierHandler` of TorchServe's getting-started guide), and TorchServe's
+//! `image_classifier`, `image_segmenter`, `object_detector` and `text_classifier`.
+//!
+//! A user's own handler implements [`Handler`] in its own crate and is served by a model
+//! function built around it (see `functions/regressor` for a worked example).
+
+mod classifier;
+mod decode;
+mod image;
+mod output;
+mod tensor;
+pub mod tensors;
+mod text;
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tch::{Device, IValue};
+
+use crate::error::ServeError;
+use crate::session::{Session, SessionError};
+use torchfn_archive::mar::ModelArchive;
+
+pub use classifier::ClassifierHandler;
+pub use decode::{
+    decode_list, f32_json, kind_of, parse_json, stack, stack_inputs, tensor_from_json,
+    tensor_to_json, to_device, Decoded, Input, Instance,
+};
+pub use image::{decode_rgb, ImageClassifier, ImageSegmenter, ObjectDetector};
+pub use output::{batch_rows, single_tensor};
+pub use tensor::TensorHandler;
+pub use tensors::TypedTensor;
+pub use text::TextClassifier;
+
+/// Names of the built-in handlers, as a manifest or `--handler` may give them.
+pub use torchfn_archive::manifest::BUILTIN_HANDLERS as BUILTINS;
+
+/// TorchServe handler names torchfn does not serve.
+const NOT_SERVED: &[&str] = &["dali_image_classifier", "vllm_handler", "trt_llm_handler"];
+
+/// A request as a handler sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub body: &'a [u8],
+    /// The `Content-Type` header, if any (with its parameters: multipart needs the boundary).
+    pub content_type: Option<&'a str>,
+    /// The `X-Tensor-Shape` header (`2,3`), the shape of a raw `application/octet-stream`
+    /// float32 body.
+    pub tensor_shape: Option<&'a str>,
+}
+
+impl<'a> Request<'a> {
+    /// A JSON body (what tests and the KServe v1 route hand over).
+    pub fn json(body: &'a [u8]) -> Self {
+        Self {
+            body,
+            content_type: Some("application/json"),
+            tensor_shape: None,
+        }
+    }
+
+    /// The media type without parameters, as sent (compare with [`Request::media_is`]).
+    pub fn media_type(&self) -> Option<&'a str> {
+        self.content_type
+            .map(|c| c.split(';').next().unwrap_or("").trim())
+    }
+
+    /// Whether the media type is one of `types` (lowercase), ignoring case and parameters.
+    /// No allocation: it runs for every request.
+    pub fn media_is(&self, types: &[&str]) -> bool {
+        self.media_type()
+            .is_some_and(|m| types.iter().any(|t| m.eq_ignore_ascii_case(t)))
+    }
+}
+
+/// A model's request/response logic. Implementations are shared by the HTTP side and the
+/// model's worker threads.
+pub trait Handler: Send + Sync + 'static {
+    /// The handler's name, as reported by describe.
+    fn name(&self) -> &'static str;
+
+    /// Decodes one request into its instances. Errors are the client's (400).
+    fn decode(&self, request: &Request<'_>) -> Result<Decoded, ServeError>;
+
+    /// Instances from typed, batch-first tensors (the Open Inference Protocol's inputs):
+    /// row `i` of every input makes instance `i`; several inputs become several positional
+    /// arguments of the model's forward.
+    fn decode_tensors(&self, inputs: Vec<TypedTensor>) -> Result<Decoded, ServeError> {
+        tensors::rows(inputs)
+    }
+
+    /// The model's positional inputs for a batch of instances that batch together, on
+    /// `device`. Errors for one instance are the client's when they are
+    /// [`SessionError::Input`].
+    fn preprocess(&self, items: &[&Instance], device: Device) -> Result<Vec<IValue>, SessionError> {
+        decode::stack_inputs(items, device)
+    }
+
+    /// Runs the model on a batch.
+    fn inference(&self, session: &Session, inputs: &[IValue]) -> Result<IValue, SessionError> {
+        session.run(inputs)
+    }
+
+    /// One JSON value per batch row. `rows` is how many instances went in.
+    fn postprocess(&self, output: IValue, rows: usize) -> Result<Vec<Value>, SessionError>;
+}
+
+/// Picks the handler for an archive. `configured` is the built-in named by the server's
+/// settings (`--handler`, the `models` JSON or `default_service_handler`); it wins over the
+/// manifest, and is required when the manifest names a Python handler file.
+pub fn for_archive(
+    archive: &ModelArchive,
+    model_name: &str,
+    configured: Option<&str>,
+) -> Result<Arc<dyn Handler>, ServeError> {
+    let manifest_handler = archive.manifest().model.handler.as_deref().unwrap_or("");
+    let chosen = match configured {
+        Some(name) => name,
+        None if manifest_handler.is_empty() => "tensor",
+        None => manifest_handler,
+    };
+    if let Some(handler) = builtin(chosen, archive)? {
+        return Ok(handler);
+    }
+    let base = chosen.split(':').next().unwrap_or(chosen);
+    let names = "tensor (base_handler), classifier, image_classifier, image_segmenter, \
+                 object_detector, text_classifier";
+    let message = if NOT_SERVED.contains(&base) {
+        format!(
+            "model {model_name}: TorchServe's `{base}` handler is not served by torchfn; \
+             built-in handlers are: {names}"
+        )
+    } else if configured.is_some() {
+        format!(
+            "model {model_name}: `{chosen}` is not a built-in handler; built-in handlers are: \
+             {names}"
+        )
+    } else {
+        format!(
+            "model {model_name}: its manifest names the Python handler `{manifest_handler}`, \
+             which torchfn does not run. Serve it with a built-in handler that does the same \
+             work: start torchfn-local with `--handler {model_name}=classifier` (or another \
+             built-in: {names}), \
+             or set `default_service_handler=classifier` in config.properties; a model \
+             function takes `TORCHFN_HANDLER=classifier`"
+        )
+    };
+    Err(ServeError::new(
+        crate::error::ErrorKind::InvalidModel,
+        message,
+    ))
+}
+
+/// Makes a handler for a loaded archive (custom handlers register one under their name).
+pub type HandlerFactory =
+    Arc<dyn Fn(&ModelArchive) -> Result<Arc<dyn Handler>, ServeError> + Send + Sync>;
+
+fn custom_handlers() -> &'static std::sync::RwLock<std::collections::HashMap<String, HandlerFactory>>
+{
+    static CUSTOM: std::sync::OnceLock<
+        std::sync::RwLock<std::collections::HashMap<String, HandlerFactory>>,
+    > = std::sync::OnceLock::new();
+    CUSTOM.get_or_init(Default::default)
+}
+
+/// Registers a custom handler under `name`, for the rest of the process: a manifest's
+/// `handler`, `--handler model=name` or `TORCHFN_HANDLER=name` then selects it like a
+/// built-in. A custom name shadows a built-in of the same name.
+pub fn register(
+    name: &str,
+    factory: impl Fn(&ModelArchive) -> Result<Arc<dyn Handler>, ServeError> + Send + Sync + 'static,
+) {
+    let mut map = custom_handlers().write().unwrap_or_else(|e| e.into_inner());
+    map.insert(name.to_string(), Arc::new(factory));
+}
+
+/// A handler by name: a registered custom handler, else a built-in; `None` if neither.
+pub fn builtin(name: &str, archive: &ModelArchive) -> Result<Option<Arc<dyn Handler>>, ServeError> {
+    let custom = custom_handlers()
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(name)
+        .cloned();
+    if let Some(factory) = custom {
+        return factory(archive).map(Some);
+    }
+    Ok(match name {
+        "tensor" | "base_handler" => Some(Arc::new(TensorHandler)),
+        "classifier" => Some(Arc::new(ClassifierHandler::from_archive(archive)?)),
+        "image_classifier" => Some(Arc::new(ImageClassifier::from_archive(archive)?)),
+        "image_segmenter" => Some(Arc::new(ImageSegmenter)),
+        "object_detector" => Some(Arc::new(ObjectDetector::from_archive(archive)?)),
+        "text_classifier" => Some(Arc::new(TextClassifier::from_archive(archive)?)),
+        _ => None,
+    })
+}

@@ -1,0 +1,842 @@
+//! The models a server has loaded: versions per model, the default version, loading from
+//! archives, and what describe and list report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{json, Map, Value};
+
+use crate::batcher::{BatchConfig, BatchMetrics, Batcher};
+use crate::error::{ErrorKind, ServeError};
+use crate::handler::{self, Handler};
+use crate::metrics::{Metrics, RequestMetrics};
+use crate::session::{choose_device, threads_per_worker, warm_up_and_pick_threads, Session};
+use torchfn_archive::mar::{self, Limits, ModelArchive};
+use torchfn_archive::model_config::ParallelType;
+use torchfn_archive::settings::Settings;
+use torchfn_store::store::{DownloadOptions, Expect, Location, ObjectStore};
+
+/// Where to load a model version from, and under which name.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// The archive as the user named it (`modelUrl` in list and describe).
+    pub url: String,
+    /// Where the archive is: a local path, or an object in S3 (downloaded before unpacking).
+    pub source: Location,
+    /// What a downloaded archive must match (size and SHA-256 recorded for the version).
+    pub expect: Expect,
+    /// Overrides the manifest's model name.
+    pub name: Option<String>,
+    pub loaded_at_startup: bool,
+    /// Settings given with a registration (`POST /models`), over everything else.
+    pub params: RegisterParams,
+}
+
+/// The settings `POST /models` may give; each overrides the model-config YAML, which
+/// overrides the config.properties `models` JSON, which overrides the server's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct RegisterParams {
+    pub batch_size: Option<usize>,
+    pub max_batch_delay_ms: Option<u64>,
+    /// Workers to start with (0 is allowed: the model then waits to be scaled up).
+    pub initial_workers: Option<usize>,
+    pub response_timeout_s: Option<u64>,
+    /// A built-in handler, over the manifest's and `default_service_handler`.
+    pub handler: Option<String>,
+}
+
+/// The settings one model version runs with, after precedence (model-config YAML over the
+/// config.properties `models` JSON over server-wide defaults).
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    pub batch: BatchConfig,
+    pub min_workers: usize,
+    pub max_workers: usize,
+    pub response_timeout: Duration,
+    pub startup_timeout: Duration,
+}
+
+/// One loaded model version.
+pub struct ModelVersion {
+    pub name: String,
+    pub version: String,
+    pub url: String,
+    pub archive: ModelArchive,
+    pub handler: Arc<dyn Handler>,
+    pub session: Arc<Session>,
+    pub batcher: Batcher,
+    pub settings: ModelSettings,
+    /// Request metrics for URLs without a version (`default`) and with this version.
+    pub request_metrics: [RequestMetrics; 2],
+    pub loaded_at_startup: bool,
+    pub started_at: SystemTime,
+    pub load_time: Duration,
+    /// `minWorkers` and `maxWorkers` now (the scale API changes them).
+    pub worker_range: std::sync::Mutex<(usize, usize)>,
+}
+
+impl ModelVersion {
+    /// `(minWorkers, maxWorkers)`.
+    pub fn worker_range(&self) -> (usize, usize) {
+        *self.worker_range.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// TorchServe's describe entry, fields in TorchServe's order.
+    pub fn describe(&self) -> Value {
+        let cfg = self.archive.config();
+        let s = &self.settings;
+        let device = self.session.device();
+        let on_gpu = device.is_cuda();
+        let mut m = Map::new();
+        m.insert("modelName".into(), json!(self.name));
+        m.insert("modelVersion".into(), json!(self.version));
+        m.insert("modelUrl".into(), json!(self.url));
+        m.insert(
+            "runtime".into(),
+            json!(self.archive.manifest().runtime.as_str()),
+        );
+        let (min_workers, max_workers) = self.worker_range();
+        m.insert("minWorkers".into(), json!(min_workers));
+        m.insert("maxWorkers".into(), json!(max_workers));
+        m.insert("batchSize".into(), json!(s.batch.batch_size));
+        m.insert(
+            "maxBatchDelay".into(),
+            json!(s.batch.max_batch_delay.as_millis() as u64),
+        );
+        m.insert(
+            "responseTimeout".into(),
+            json!(s.response_timeout.as_secs()),
+        );
+        m.insert("startupTimeout".into(), json!(s.startup_timeout.as_secs()));
+        m.insert(
+            "maxRetryTimeoutInSec".into(),
+            json!(cfg.and_then(|c| c.max_retry_timeout_in_sec).unwrap_or(300)),
+        );
+        m.insert(
+            "clientTimeoutInMills".into(),
+            json!(cfg.and_then(|c| c.client_timeout_in_mills).unwrap_or(0)),
+        );
+        m.insert(
+            "parallelType".into(),
+            json!(match cfg.and_then(|c| c.parallel_type) {
+                None => "",
+                Some(ParallelType::Pp) => "pp",
+                Some(ParallelType::Tp) => "tp",
+                Some(ParallelType::PpTp) => "pptp",
+                Some(ParallelType::Custom) => "custom",
+            }),
+        );
+        m.insert(
+            "parallelLevel".into(),
+            json!(cfg.and_then(|c| c.parallel_level).unwrap_or(0)),
+        );
+        m.insert(
+            "deviceType".into(),
+            json!(if on_gpu { "gpu" } else { "cpu" }),
+        );
+        if let tch::Device::Cuda(i) = device {
+            m.insert("deviceIds".into(), json!([i]));
+        }
+        m.insert("continuousBatching".into(), json!(false));
+        m.insert("useJobTicket".into(), json!(false));
+        m.insert("useVenv".into(), json!(false));
+        m.insert("stateful".into(), json!(false));
+        m.insert("sequenceMaxIdleMSec".into(), json!(0));
+        m.insert("sequenceTimeoutMSec".into(), json!(0));
+        m.insert("maxNumSequence".into(), json!(0));
+        m.insert("maxSequenceJobQueueSize".into(), json!(0));
+        m.insert("loadedAtStartup".into(), json!(self.loaded_at_startup));
+        let rss = resident_memory_bytes();
+        let start = format_time(self.started_at);
+        let workers: Vec<Value> = (0..self.batcher.workers())
+            .map(|i| {
+                json!({
+                    "id": format!("{}", 9000 + i),
+                    "startTime": start,
+                    "status": "READY",
+                    "memoryUsage": rss,
+                    "pid": std::process::id(),
+                    "gpu": on_gpu,
+                    "gpuUsage": if on_gpu { format!("{device:?}") } else { "N/A".to_string() },
+                })
+            })
+            .collect();
+        m.insert("workers".into(), Value::Array(workers));
+        let pending = self.batcher.pending();
+        m.insert(
+            "jobQueueStatus".into(),
+            json!({
+                "remainingCapacity": s.batch.queue_size.saturating_sub(pending),
+                "pendingRequests": pending,
+            }),
+        );
+        // torchfn's own fields, after TorchServe's.
+        m.insert("handler".into(), json!(self.handler.name()));
+        m.insert(
+            "loadTimeMs".into(),
+            json!((self.load_time.as_secs_f64() * 1e3).round()),
+        );
+        Value::Object(m)
+    }
+}
+
+struct Family {
+    versions: BTreeMap<String, Arc<ModelVersion>>,
+    default: String,
+}
+
+/// All loaded models.
+pub struct Manager {
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    models: RwLock<BTreeMap<String, Family>>,
+    unpack_root: tempfile::TempDir,
+    limits: Limits,
+    objects: ObjectStore,
+}
+
+impl Manager {
+    pub fn new(settings: Settings, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+        let parent = settings
+            .unpack_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir);
+        std::fs::create_dir_all(&parent)?;
+        let unpack_root = tempfile::Builder::new()
+            .prefix("torchfn-models-")
+            .tempdir_in(parent)?;
+        Ok(Self {
+            settings,
+            metrics,
+            models: RwLock::new(BTreeMap::new()),
+            unpack_root,
+            limits: Limits::default(),
+            objects: ObjectStore::from_env(),
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The folder every archive of this manager unpacks under (removed when the manager is
+    /// dropped; a process that exits without dropping it removes it itself).
+    pub fn unpack_root(&self) -> &Path {
+        self.unpack_root.path()
+    }
+
+    /// The archives named by `load_models` / `--models`, resolved against the model store
+    /// (a folder or an `s3://bucket/prefix`).
+    pub fn startup_specs(&self) -> Result<Vec<LoadSpec>, ServeError> {
+        let mut specs = Vec::new();
+        for entry in &self.settings.load_models {
+            if entry == "all" {
+                let store = self.store()?;
+                let found: Vec<Location> = match &store {
+                    Location::File(dir) => {
+                        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                            .map_err(|e| {
+                                ServeError::internal(format!(
+                                    "cannot list model store {}: {e}",
+                                    dir.display()
+                                ))
+                            })?
+                            .filter_map(Result::ok)
+                            .map(|e| e.path())
+                            .filter(|p| p.is_dir() || is_archive_name(&p.to_string_lossy()))
+                            .filter(|p| !file_name(&p.to_string_lossy()).starts_with('.'))
+                            .collect();
+                        found.sort();
+                        found.into_iter().map(Location::File).collect()
+                    }
+                    Location::S3 { .. } => {
+                        let listed = block_on(self.objects.list(&store))?.map_err(|e| {
+                            ServeError::internal(format!("cannot list model store {store}: {e}"))
+                        })?;
+                        let mut found: Vec<Location> = listed
+                            .into_iter()
+                            .map(|(l, _)| l)
+                            .filter(|l| {
+                                let text = l.to_string();
+                                is_archive_name(&text) && !file_name(&text).starts_with('.')
+                            })
+                            .collect();
+                        found.sort_by_key(ToString::to_string);
+                        found
+                    }
+                };
+                for source in found {
+                    specs.push(LoadSpec {
+                        url: file_name(&source.to_string()).to_string(),
+                        source,
+                        expect: Expect::default(),
+                        name: None,
+                        loaded_at_startup: true,
+                        params: Default::default(),
+                    });
+                }
+                continue;
+            }
+            let (name, file) = match entry.split_once('=') {
+                Some((n, f)) => (Some(n.trim().to_string()), f.trim()),
+                None => (None, entry.as_str()),
+            };
+            let source = if file.starts_with("s3://") || file.starts_with("file://") {
+                file.parse::<Location>()
+                    .map_err(|e| ServeError::new(ErrorKind::ModelNotFound, e.to_string()))?
+            } else if Path::new(file).is_absolute() {
+                Location::File(PathBuf::from(file))
+            } else {
+                self.store()?.join(file)
+            };
+            specs.push(LoadSpec {
+                url: file.to_string(),
+                source,
+                expect: Expect::default(),
+                name,
+                loaded_at_startup: true,
+                params: Default::default(),
+            });
+        }
+        Ok(specs)
+    }
+
+    fn store(&self) -> Result<Location, ServeError> {
+        let store = self.settings.model_store.as_deref().ok_or_else(|| {
+            ServeError::new(
+                ErrorKind::ModelNotFound,
+                "Model store has not been configured: pass --model-store DIR or set model_store",
+            )
+        })?;
+        store
+            .to_string_lossy()
+            .parse::<Location>()
+            .map_err(|e| ServeError::new(ErrorKind::ModelNotFound, e.to_string()))
+    }
+
+    /// Opens the archive: a local one in place; an S3 object is downloaded into the unpack
+    /// folder and unpacked while it downloads (the parts land in any order; the unpacker's
+    /// reads wait for theirs). A download that fails its size or checksum check fails the
+    /// load, and what was unpacked from it is removed.
+    fn open_archive(&self, spec: &LoadSpec) -> Result<mar::ModelArchive, ServeError> {
+        let remote = match &spec.source {
+            Location::File(path) => {
+                if !path.exists() {
+                    return Err(ServeError::new(
+                        ErrorKind::ModelNotFound,
+                        format!("Model not found at: {}", spec.url),
+                    ));
+                }
+                return Ok(mar::open(path, self.unpack_root.path(), &self.limits)?);
+            }
+            remote => remote,
+        };
+        let dest = tempfile::Builder::new()
+            .prefix(".download-")
+            .tempfile_in(self.unpack_root.path())
+            .map_err(|e| ServeError::internal(format!("cannot create a download file: {e}")))?
+            .into_temp_path();
+        let (root, limits) = (self.unpack_root.path().to_path_buf(), self.limits);
+        let label = PathBuf::from(remote.to_string());
+        let downloaded = block_on(self.objects.download_consuming(
+            remote,
+            &dest,
+            spec.expect.clone(),
+            DownloadOptions::default(),
+            move |reopen| mar::open_archive(&label, &*reopen, &root, &limits),
+        ))?;
+        // The unpacked folder is what serves; the downloaded archive is not needed.
+        drop(dest);
+        let (report, archive) = downloaded.map_err(|e| {
+            tracing::error!(source = %remote, error = %e, "archive download failed");
+            if e.is_not_found() {
+                ServeError::new(
+                    ErrorKind::ModelNotFound,
+                    format!("Model not found at: {remote}"),
+                )
+            } else {
+                ServeError::new(
+                    ErrorKind::DownloadArchive,
+                    format!("Failed to download archive from: {remote}: {e}"),
+                )
+            }
+        })?;
+        tracing::info!(
+            source = %remote,
+            bytes = report.bytes,
+            sha256 = %report.sha256,
+            ms = report.elapsed.as_secs_f64() * 1e3,
+            "archive downloaded"
+        );
+        Ok(archive?)
+    }
+
+    /// Loads one model version: unpacks the archive, loads the TorchScript module and
+    /// starts its workers. Blocking: call from a blocking thread.
+    pub fn load(&self, spec: &LoadSpec) -> Result<Arc<ModelVersion>, ServeError> {
+        let started = Instant::now();
+        let archive = self.open_archive(spec)?;
+        let unpacked = started.elapsed();
+        let manifest = archive.manifest();
+        let name = spec
+            .name
+            .clone()
+            .unwrap_or_else(|| manifest.model_name().to_string());
+        let version = manifest.model_version().to_string();
+        if let Some(model_file) = &manifest.model.model_file {
+            return Err(ServeError::new(
+                ErrorKind::InvalidModel,
+                format!(
+                    "model {name}: the archive holds an eager-mode model (modelFile {model_file} \
+                     with a state_dict), and torchfn runs TorchScript only. Convert it once with \
+                     `torchfn-local convert <archive> --out <model store>` (it imports the model \
+                     class with your Python torch and scripts or traces it), or script or trace \
+                     it yourself and archive the .pt with --serialized-file and without \
+                     --model-file"
+                ),
+            ));
+        }
+        let Some(serialized) = manifest.model.serialized_file.clone() else {
+            return Err(ServeError::new(
+                ErrorKind::InvalidModel,
+                format!("model {name}: the manifest names no serializedFile"),
+            ));
+        };
+        if self.get(&name, Some(&version)).is_ok() {
+            return Err(ServeError::new(
+                ErrorKind::Conflict,
+                format!("Model version {version} is already registered for model {name}"),
+            ));
+        }
+        // A registration's own handler, then what is configured for the name it is served
+        // under, then for the name its manifest gives (the same archive registered under
+        // another name keeps its handler).
+        let configured = spec
+            .params
+            .handler
+            .as_deref()
+            .or(self.settings.handler_for(&name, &version))
+            .or(self.settings.handler_for(manifest.model_name(), &version));
+        let handler = handler::for_archive(&archive, &name, configured)?;
+        let settings = self.model_settings(&name, &version, &archive, &spec.params);
+        let cfg = archive.config();
+        let device = choose_device(self.settings.device, cfg.and_then(|c| c.device_type));
+        let model_path = archive.path_of(&serialized).map_err(ServeError::from)?;
+        let session =
+            Session::load_with(&model_path, device, self.settings.precision).map_err(|e| {
+                tracing::error!(model = %name, error = %e, "TorchScript load failed");
+                ServeError::new(
+                    ErrorKind::InvalidModel,
+                    format!(
+                        "model {name}: {serialized} could not be loaded as TorchScript ({}). \
+                     torchfn serves models saved with torch.jit.script or torch.jit.trace",
+                        e.summary()
+                    ),
+                )
+            })?;
+        let session_loaded = started.elapsed();
+        // Warm up on this (blocking) thread with the threads the workers would get, then
+        // give tiny models one thread per worker.
+        let mut settings = settings;
+        let (threads, warm_up) = warm_up_and_pick_threads(&session, settings.batch.workers);
+        settings.batch.threads_per_worker = threads;
+        let session = Arc::new(session);
+        if device.is_cuda() {
+            self.metrics.enable_gpu_metrics();
+        }
+        let labels = [name.as_str(), version.as_str()];
+        let batch_metrics = BatchMetrics {
+            batch_size: self.metrics.batch_size.with_label_values(&labels),
+            queue_length: self.metrics.queue_length.with_label_values(&labels),
+            abandoned: self.metrics.abandoned_requests.with_label_values(&labels),
+            stuck_workers: self.metrics.stuck_workers.with_label_values(&labels),
+        };
+        let batcher = Batcher::start(
+            &name,
+            handler.clone(),
+            session.clone(),
+            settings.batch,
+            batch_metrics,
+        )
+        .map_err(|e| {
+            ServeError::internal(format!(
+                "Failed to start workers for model {name} version: {version}: {e}"
+            ))
+        })?;
+        self.metrics
+            .model_workers
+            .with_label_values(&[name.as_str(), version.as_str()])
+            .set(settings.batch.workers as i64);
+        let worker_range = (settings.min_workers, settings.max_workers);
+        let model = Arc::new(ModelVersion {
+            name: name.clone(),
+            version: version.clone(),
+            url: spec.url.clone(),
+            archive,
+            handler,
+            session,
+            batcher,
+            settings,
+            request_metrics: [
+                self.metrics.for_requests(&name, &version, "default"),
+                self.metrics.for_requests(&name, &version, &version),
+            ],
+            loaded_at_startup: spec.loaded_at_startup,
+            started_at: SystemTime::now(),
+            load_time: started.elapsed(),
+            worker_range: std::sync::Mutex::new(worker_range),
+        });
+        let mut models = self
+            .models
+            .write()
+            .map_err(|_| ServeError::internal("model table lock poisoned"))?;
+        let family = models.entry(name.clone()).or_insert_with(|| Family {
+            versions: BTreeMap::new(),
+            default: version.clone(),
+        });
+        if family.versions.contains_key(&version) {
+            return Err(ServeError::new(
+                ErrorKind::Conflict,
+                format!("Model version {version} is already registered for model {name}"),
+            ));
+        }
+        family.versions.insert(version.clone(), model.clone());
+        if self
+            .settings
+            .overrides(&name, &version)
+            .and_then(|o| o.default_version)
+            == Some(true)
+        {
+            family.default = version.clone();
+        }
+        tracing::info!(
+            model = %name,
+            version = %version,
+            handler = model.handler.name(),
+            ?device,
+            workers = model.settings.batch.workers,
+            batch_size = model.settings.batch.batch_size,
+            threads_per_worker = model.settings.batch.threads_per_worker,
+            warmup_us = warm_up.map(|t| t.as_micros() as u64),
+            unpack_ms = unpacked.as_secs_f64() * 1e3,
+            session_ms = (session_loaded - unpacked).as_secs_f64() * 1e3,
+            load_ms = model.load_time.as_secs_f64() * 1e3,
+            "model loaded"
+        );
+        Ok(model)
+    }
+
+    fn model_settings(
+        &self,
+        name: &str,
+        version: &str,
+        archive: &ModelArchive,
+        rest: &RegisterParams,
+    ) -> ModelSettings {
+        let s = &self.settings;
+        let json = s.overrides(name, version);
+        let yaml = archive.config();
+        let pick = |y: Option<usize>, j: Option<usize>, d: usize| y.or(j).unwrap_or(d);
+        let batch_size = rest
+            .batch_size
+            .unwrap_or_else(|| {
+                pick(
+                    yaml.and_then(|c| c.batch_size).map(|v| v as usize),
+                    json.and_then(|j| j.batch_size),
+                    s.batch_size,
+                )
+            })
+            .max(1);
+        let delay_ms = rest.max_batch_delay_ms.unwrap_or_else(|| {
+            yaml.and_then(|c| c.max_batch_delay)
+                .or(json.and_then(|j| j.max_batch_delay))
+                .unwrap_or(s.max_batch_delay.as_millis() as u64)
+        });
+        let min_workers = rest.initial_workers.unwrap_or_else(|| {
+            pick(
+                yaml.and_then(|c| c.min_workers).map(|v| v as usize),
+                json.and_then(|j| j.min_workers),
+                s.default_workers_per_model.unwrap_or(1),
+            )
+            .max(1)
+        });
+        let max_workers = pick(
+            yaml.and_then(|c| c.max_workers).map(|v| v as usize),
+            json.and_then(|j| j.max_workers),
+            min_workers,
+        )
+        .max(min_workers);
+        let response_timeout = rest
+            .response_timeout_s
+            .or(yaml.and_then(|c| c.response_timeout))
+            .or(json.and_then(|j| j.response_timeout))
+            .map_or(s.response_timeout, Duration::from_secs);
+        let startup_timeout = yaml
+            .and_then(|c| c.startup_timeout)
+            .or(json.and_then(|j| j.startup_timeout))
+            .unwrap_or(120);
+        let queue_size = yaml
+            .and_then(|c| c.job_queue_size)
+            .map(|v| v as usize)
+            .unwrap_or(s.job_queue_size)
+            .max(1);
+        ModelSettings {
+            batch: BatchConfig {
+                batch_size,
+                max_batch_delay: Duration::from_millis(delay_ms),
+                workers: min_workers,
+                queue_size,
+                threads_per_worker: threads_per_worker(min_workers.max(1)),
+                stuck_after: response_timeout,
+            },
+            min_workers,
+            max_workers,
+            response_timeout,
+            startup_timeout: Duration::from_secs(startup_timeout),
+        }
+    }
+
+    /// Runs `f` on a model's family under the read lock; 404 when there is no such model.
+    fn with_family<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Family) -> Result<T, ServeError>,
+    ) -> Result<T, ServeError> {
+        let models = self
+            .models
+            .read()
+            .map_err(|_| ServeError::internal("model table lock poisoned"))?;
+        f(models
+            .get(name)
+            .ok_or_else(|| ServeError::model_not_found(name))?)
+    }
+
+    /// A model's default version, or the named one.
+    pub fn get(&self, name: &str, version: Option<&str>) -> Result<Arc<ModelVersion>, ServeError> {
+        self.with_family(name, |family| {
+            let v = version.unwrap_or(&family.default);
+            family
+                .versions
+                .get(v)
+                .cloned()
+                .ok_or_else(|| ServeError::version_not_found(name, v))
+        })
+    }
+
+    /// Every version of a model.
+    pub fn all_versions(&self, name: &str) -> Result<Vec<Arc<ModelVersion>>, ServeError> {
+        self.with_family(name, |family| {
+            Ok(family.versions.values().cloned().collect())
+        })
+    }
+
+    /// Runs `f` on a model's family under the write lock; 404 when there is no such model.
+    /// `f` returns whether the family should be dropped (its last version went).
+    fn with_family_mut<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut Family) -> Result<(T, bool), ServeError>,
+    ) -> Result<T, ServeError> {
+        let mut models = self
+            .models
+            .write()
+            .map_err(|_| ServeError::internal("model table lock poisoned"))?;
+        let family = models
+            .get_mut(name)
+            .ok_or_else(|| ServeError::model_not_found(name))?;
+        let (out, drop_family) = f(family)?;
+        if drop_family {
+            models.remove(name);
+        }
+        Ok(out)
+    }
+
+    /// Makes `version` the model's default: new requests without a version go to it.
+    pub fn set_default(&self, name: &str, version: &str) -> Result<(), ServeError> {
+        self.with_family_mut(name, |family| {
+            if !family.versions.contains_key(version) {
+                return Err(ServeError::new(
+                    ErrorKind::ModelVersionNotFound,
+                    format!("Model version {version} does not exist for model {name}"),
+                ));
+            }
+            family.default = version.to_string();
+            Ok(((), false))
+        })
+    }
+
+    /// Removes a version that is not the default. Requests already holding it finish; its
+    /// workers stop when the last of them drops it (see `retire`).
+    pub fn unload(&self, name: &str, version: &str) -> Result<Arc<ModelVersion>, ServeError> {
+        let model = self.with_family_mut(name, |family| {
+            if family.default == version && family.versions.len() > 1 {
+                return Err(ServeError::new(
+                    ErrorKind::Forbidden,
+                    format!("Cannot remove default version for model {name}"),
+                ));
+            }
+            let model = family
+                .versions
+                .remove(version)
+                .ok_or_else(|| ServeError::version_not_found(name, version))?;
+            Ok((model, family.versions.is_empty()))
+        })?;
+        self.metrics
+            .model_workers
+            .with_label_values(&[name, version])
+            .set(0);
+        Ok(model)
+    }
+
+    /// Scales a version (the default when `version` is `None`) to `min` workers, as
+    /// TorchServe does (it starts workers up to `min_worker` and stops any above
+    /// `max_worker`; it does not autoscale between them). Returns the version scaled.
+    pub fn scale(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        min: usize,
+        max: usize,
+    ) -> Result<Arc<ModelVersion>, ServeError> {
+        let model = self.get(name, version)?;
+        let running = model.batcher.scale(min).map_err(|e| {
+            ServeError::internal(format!(
+                "Failed to start workers for model {name} version: {}: {e}",
+                model.version
+            ))
+        })?;
+        *model.worker_range.lock().unwrap_or_else(|e| e.into_inner()) = (min, max);
+        self.metrics
+            .model_workers
+            .with_label_values(&[name, model.version.as_str()])
+            .set(running as i64);
+        tracing::info!(model = name, version = %model.version, workers = running, "scaled");
+        Ok(model)
+    }
+
+    /// Default versions of all models, by name.
+    pub fn defaults(&self) -> Vec<Arc<ModelVersion>> {
+        let Ok(models) = self.models.read() else {
+            return Vec::new();
+        };
+        models
+            .values()
+            .filter_map(|f| f.versions.get(&f.default).cloned())
+            .collect()
+    }
+
+    /// Stops every model's workers after they finish what is queued.
+    pub fn shutdown(&self) {
+        let families = match self.models.write() {
+            Ok(mut m) => std::mem::take(&mut *m),
+            Err(_) => return,
+        };
+        for family in families.into_values() {
+            for model in family.versions.into_values() {
+                model.batcher.shutdown();
+            }
+        }
+    }
+}
+
+/// Whether a file name is a model archive TorchServe would load from a store.
+fn is_archive_name(name: &str) -> bool {
+    [".mar", ".tar.gz", ".tgz", ".model"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+}
+
+/// The last path segment of a path or URL.
+fn file_name(path: &str) -> &str {
+    path.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or(path)
+}
+
+/// Runs a future from a blocking thread: on the current tokio runtime when there is one,
+/// else on a small runtime of its own.
+fn block_on<F: std::future::Future>(fut: F) -> Result<F::Output, ServeError> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => Ok(handle.block_on(fut)),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| rt.block_on(fut))
+            .map_err(|e| ServeError::internal(format!("cannot start a tokio runtime: {e}"))),
+    }
+}
+
+/// This process's resident memory (VmRSS), in bytes; 0 where /proc is absent.
+pub fn resident_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// `yyyy-MM-ddTHH:mm:ss.SSSZ` in UTC.
+pub fn format_time(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, mo, da) = civil_from_days(days);
+    format!(
+        "{y:04}-{mo:02}-{da:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Waits (on a blocking thread) until no request holds `model` any more, then drops it,
+/// which stops its workers after they finish what is queued.
+pub fn retire(model: Arc<ModelVersion>) {
+    std::thread::spawn(move || {
+        while Arc::strong_count(&model) > 1 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::info!(model = %model.name, version = %model.version, "model version retired");
+        drop(model);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc_times() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_075_508_123);
+        assert_eq!(format_time(t), "2025-11-25T12:58:28.123Z");
+        assert_eq!(
+            format_time(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000Z"
+        );
+    }
+}

@@ -1,0 +1,376 @@
+//! The inference API: `/ping`, `/predictions/{model}[/{version}]`, and the KServe forms:
+//! v1 (`/v1/models/{model}:predict`) and the Open Inference Protocol v2
+//! (`/v2/models/{model}[/versions/{v}]/infer`, model metadata and readiness, `/v2/health/*`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use serde_json::{json, Map, Value};
+
+use super::{json_response, read_body, AppState};
+use crate::error::HttpError;
+use torchfn_engine::batcher::Outcome;
+use torchfn_engine::handler::{tensors, Decoded, Request};
+use torchfn_engine::manager::ModelVersion;
+
+pub fn routes() -> Router<AppState> {
+    use super::openapi::{respond, INFERENCE};
+    Router::new()
+        .route(
+            "/",
+            axum::routing::options(|| async { respond(INFERENCE) })
+                .fallback(|| async { HttpError::method_not_allowed() }),
+        )
+        .route("/api-description", any(|| async { respond(INFERENCE) }))
+        .route("/ping", any(ping))
+        .route("/predictions/{*path}", any(predict))
+        .route("/v1/models/{*path}", any(kserve_v1))
+        .route(
+            "/v2",
+            axum::routing::get(v2_server).fallback(|| async { HttpError::method_not_allowed() }),
+        )
+        .route(
+            "/v2/health/{which}",
+            axum::routing::get(v2_health).fallback(|| async { HttpError::method_not_allowed() }),
+        )
+        .route("/v2/models/{*path}", any(kserve_v2))
+}
+
+/// Healthy once the models named at start-up are loaded (Kubernetes readiness and liveness).
+async fn ping(State(state): State<AppState>) -> Response {
+    if state.is_ready() {
+        json_response(StatusCode::OK, &json!({"status": "Healthy"}))
+    } else {
+        json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({"status": "Unhealthy"}),
+        )
+    }
+}
+
+async fn predict(
+    State(state): State<AppState>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match predict_inner(&state, &path, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn predict_inner(
+    state: &AppState,
+    path: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, HttpError> {
+    let mut segments = path.split('/').filter(|s| !s.is_empty());
+    let name = segments.next().ok_or_else(HttpError::resource_not_found)?;
+    let version = segments.next();
+    let content_type = header_str(headers, header::CONTENT_TYPE.as_str());
+    let tensor_shape = header_str(headers, "x-tensor-shape");
+    let answer = infer(state, name, version, headers, body, |model, bytes| {
+        model
+            .handler
+            .decode(&Request {
+                body: bytes,
+                content_type,
+                tensor_shape,
+            })
+            .map_err(HttpError::from)
+    })
+    .await?;
+    let body = if answer.is_list {
+        Value::Array(answer.values.clone())
+    } else {
+        answer.values.first().cloned().unwrap_or(Value::Null)
+    };
+    // Numbers come back as a .npy file when the client asks for one.
+    let wants_npy = header_str(headers, header::ACCEPT.as_str())
+        .is_some_and(|a| a.contains("application/x-npy"));
+    let mut resp = match tensors::json_to_tensor(&body).filter(|_| wants_npy) {
+        Some((kind, shape, bytes)) => {
+            let mut r = tensors::write_npy(kind, &shape, &bytes).into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/x-npy"),
+            );
+            r
+        }
+        None => json_response(StatusCode::OK, &body),
+    };
+    answer.add_headers(&mut resp);
+    Ok(resp)
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A model's answers to one request, before they are shaped for the route.
+struct Answer {
+    model: Arc<ModelVersion>,
+    values: Vec<Value>,
+    is_list: bool,
+    outcome: Outcome,
+}
+
+impl Answer {
+    fn add_headers(&self, resp: &mut Response) {
+        let h = resp.headers_mut();
+        for (name, value) in [
+            ("x-torchfn-queue-us", self.outcome.queue_time.as_micros()),
+            (
+                "x-torchfn-inference-us",
+                self.outcome.inference_time.as_micros(),
+            ),
+            ("x-torchfn-batch-size", self.outcome.batch_size as u128),
+        ] {
+            if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+                h.insert(name, v);
+            }
+        }
+    }
+}
+
+/// What every inference route shares: find the model, count the request, read the body
+/// (bounded by `max_request_size`), decode it with `decode`, queue it, wait for the answer
+/// (bounded by the model's `response_timeout`), record the latency metrics.
+async fn infer(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+    decode: impl FnOnce(&ModelVersion, &[u8]) -> Result<Decoded, HttpError>,
+) -> Result<Answer, HttpError> {
+    let started = Instant::now();
+    let model = state.manager.get(name, version)?;
+    let m = &model.request_metrics[usize::from(version.is_some())];
+    // Counted before queueing, as TorchServe does, so refused requests count too.
+    m.requests_total.inc();
+
+    let max = state.manager.settings().max_request_size;
+    let bytes = read_body(body, headers, max).await?;
+    let decoded = decode(&model, &bytes)?;
+    let max_instances = state.manager.settings().max_instances_per_request;
+    if decoded.instances.len() > max_instances {
+        return Err(HttpError::bad_request(format!(
+            "the request holds {} instances; the limit is {max_instances} \
+             (max_instances_per_request): split it into smaller requests",
+            decoded.instances.len()
+        )));
+    }
+    let is_list = decoded.is_list;
+    let reply = model.batcher.submit(&model.name, decoded.instances)?;
+    // response_timeout bounds the request's whole time, reading and decoding included.
+    let timeout = model.settings.response_timeout;
+    let left = timeout.saturating_sub(started.elapsed());
+    let mut outcome = match tokio::time::timeout(left, reply).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(_)) => return Err(HttpError::internal("Worker died.")),
+        Err(_) => {
+            return Err(HttpError::internal(format!(
+                "Prediction did not finish within the model's response timeout ({} s)",
+                timeout.as_secs()
+            )))
+        }
+    };
+    let values = std::mem::replace(&mut outcome.outputs, Ok(Vec::new()))?;
+
+    let total = started.elapsed();
+    let queue_us = outcome.queue_time.as_secs_f64() * 1e6;
+    m.inference_latency_us.inc_by(total.as_secs_f64() * 1e6);
+    m.queue_latency_us.inc_by(queue_us);
+    m.inference_latency_ms.observe(total.as_secs_f64() * 1e3);
+    m.queue_latency_ms.observe(queue_us / 1e3);
+    // One span with all of the prediction's figures, made once they are known (recording
+    // fields one by one re-formats the request span each time).
+    tracing::info_span!(
+        "prediction",
+        model = %model.name,
+        version = %model.version,
+        queue_us = outcome.queue_time.as_micros() as u64,
+        inference_us = outcome.inference_time.as_micros() as u64,
+        batch_size = outcome.batch_size,
+    )
+    .in_scope(|| tracing::debug!("prediction served"));
+    Ok(Answer {
+        model,
+        values,
+        is_list,
+        outcome,
+    })
+}
+
+/// KServe v1: `POST /v1/models/{model}:predict` with `{"instances": [...]}` answers
+/// `{"predictions": [...]}`; `GET /v1/models/{model}` says whether it is ready.
+async fn kserve_v1(
+    State(state): State<AppState>,
+    method: Method,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        if let Some(name) = path.strip_suffix(":predict") {
+            if method != Method::POST {
+                return Err(HttpError::method_not_allowed());
+            }
+            let answer = infer(&state, name, None, &headers, body, |model, bytes| {
+                let json: Value = torchfn_engine::handler::parse_json(bytes)?;
+                if !json.get("instances").is_some_and(Value::is_array) {
+                    return Err(HttpError::bad_request(
+                        "a KServe v1 body is {\"instances\": [...]}",
+                    ));
+                }
+                Ok(model.handler.decode(&Request::json(bytes))?)
+            })
+            .await?;
+            let mut resp = json_response(StatusCode::OK, &json!({"predictions": answer.values}));
+            answer.add_headers(&mut resp);
+            return Ok(resp);
+        }
+        if path.contains(':') {
+            return Err(HttpError::resource_not_found());
+        }
+        if method != Method::GET {
+            return Err(HttpError::method_not_allowed());
+        }
+        let model = state.manager.get(&path, None)?;
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({"name": model.name, "ready": model.batcher.workers() > 0}),
+        ))
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `GET /v2`: the server's metadata.
+async fn v2_server() -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({"name": "torchfn", "version": env!("CARGO_PKG_VERSION"), "extensions": []}),
+    )
+}
+
+/// `GET /v2/health/live` and `/v2/health/ready` (ready once the start-up models loaded).
+async fn v2_health(State(state): State<AppState>, Path(which): Path<String>) -> Response {
+    let ok = match which.as_str() {
+        "live" => true,
+        "ready" => state.is_ready(),
+        _ => return HttpError::resource_not_found().into_response(),
+    };
+    json_response(ready_status(ok), &json!({ which: ok }))
+}
+
+/// 200 when ready, else 503 (the protocol's readiness answers).
+fn ready_status(ready: bool) -> StatusCode {
+    if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// The Open Inference Protocol (KServe v2): `POST .../infer`, `GET .../ready`, and `GET` of the
+/// model (its metadata), each with an optional `/versions/{v}`.
+async fn kserve_v2(
+    State(state): State<AppState>,
+    method: Method,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let (name, version, action) = match parts.as_slice() {
+            [name] => (*name, None, ""),
+            [name, action] => (*name, None, *action),
+            [name, "versions", v] => (*name, Some(*v), ""),
+            [name, "versions", v, action] => (*name, Some(*v), *action),
+            _ => return Err(HttpError::resource_not_found()),
+        };
+        match (action, &method) {
+            ("infer", &Method::POST) => v2_infer(&state, name, version, &headers, body).await,
+            ("ready", &Method::GET) => {
+                let model = state.manager.get(name, version)?;
+                let ready = model.batcher.workers() > 0;
+                Ok(json_response(
+                    ready_status(ready),
+                    &json!({"name": model.name, "ready": ready}),
+                ))
+            }
+            ("", &Method::GET) => {
+                let model = state.manager.get(name, version)?;
+                let versions: Vec<String> = state
+                    .manager
+                    .all_versions(name)?
+                    .iter()
+                    .map(|m| m.version.clone())
+                    .collect();
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({
+                        "name": model.name,
+                        "versions": versions,
+                        "platform": "pytorch_torchscript",
+                        "handler": model.handler.name(),
+                        "inputs": [],
+                        "outputs": [],
+                    }),
+                ))
+            }
+            ("infer" | "ready" | "", _) => Err(HttpError::method_not_allowed()),
+            _ => Err(HttpError::resource_not_found()),
+        }
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn v2_infer(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, HttpError> {
+    let mut id = None;
+    let answer = infer(state, name, version, headers, body, |model, bytes| {
+        let json = torchfn_engine::handler::parse_json(bytes)?;
+        id = json.get("id").cloned();
+        Ok(model
+            .handler
+            .decode_tensors(tensors::parse_v2_inputs(&json)?)?)
+    })
+    .await?;
+    let mut out = Map::new();
+    if let Some(id) = id {
+        out.insert("id".into(), id);
+    }
+    out.insert("model_name".into(), Value::from(answer.model.name.clone()));
+    out.insert(
+        "model_version".into(),
+        Value::from(answer.model.version.clone()),
+    );
+    out.insert(
+        "outputs".into(),
+        Value::Array(tensors::v2_outputs(
+            &answer.values,
+            answer.model.handler.name() == "tensor",
+        )),
+    );
+    let mut resp = json_response(StatusCode::OK, &Value::Object(out));
+    answer.add_headers(&mut resp);
+    Ok(resp)
+}

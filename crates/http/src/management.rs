@@ -1,0 +1,408 @@
+//! The management API (TorchServe's port 8081): list, describe, register, scale,
+//! set-default and unregister, with TorchServe 0.12's parameters, statuses and messages.
+
+use std::collections::HashMap;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::Router;
+use serde_json::{json, Value};
+
+use super::{json_response, AppState};
+use crate::error::HttpError;
+use torchfn_engine::error::ErrorKind;
+use torchfn_engine::manager::{retire, LoadSpec, Manager, RegisterParams};
+use torchfn_store::store::{Expect, Location};
+
+pub fn routes() -> Router<AppState> {
+    use super::openapi::{respond, MANAGEMENT};
+    let not_allowed = || async { HttpError::method_not_allowed() };
+    Router::new()
+        .route(
+            "/",
+            axum::routing::options(|| async { respond(MANAGEMENT) }).fallback(not_allowed),
+        )
+        .route(
+            "/api-description",
+            axum::routing::any(|| async { respond(MANAGEMENT) }),
+        )
+        .route("/token", get(super::security::token).fallback(not_allowed))
+        .route("/models", get(list).post(register).fallback(not_allowed))
+        .route(
+            "/models/{name}",
+            get(describe_default)
+                .put(scale_default)
+                .delete(unregister_default)
+                .fallback(not_allowed),
+        )
+        .route(
+            "/models/{name}/{version}",
+            get(describe_version)
+                .put(scale_version)
+                .delete(unregister_version)
+                .fallback(not_allowed),
+        )
+        .route(
+            "/models/{name}/{version}/set-default",
+            put(set_default).fallback(not_allowed),
+        )
+}
+
+fn status(code: StatusCode, message: String) -> Response {
+    json_response(code, &json!({ "status": message }))
+}
+
+/// `GET /models?limit=&next_page_token=`: default versions, sorted by name, paginated as
+/// TorchServe does (limit 1..=100, default 100; the token is an offset).
+async fn list(State(state): State<AppState>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let limit = q
+        .get("limit")
+        .and_then(|v| v.parse::<i64>().ok())
+        .filter(|l| (0..=100).contains(l))
+        .unwrap_or(100) as usize;
+    let offset = q
+        .get("next_page_token")
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(0)
+        .max(0) as usize;
+    let all = state.manager.defaults();
+    let page: Vec<Value> = all
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|m| json!({"modelName": m.name, "modelUrl": m.url}))
+        .collect();
+    let mut body = serde_json::Map::new();
+    if offset + limit < all.len() {
+        body.insert("nextPageToken".into(), json!((offset + limit).to_string()));
+    }
+    body.insert("models".into(), Value::Array(page));
+    json_response(StatusCode::OK, &Value::Object(body))
+}
+
+async fn describe_default(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    describe(&state, &name, None)
+}
+
+async fn describe_version(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    describe(&state, &name, Some(&version))
+}
+
+fn describe(state: &AppState, name: &str, version: Option<&str>) -> Response {
+    let models = match version {
+        Some("all") => state.manager.all_versions(name),
+        v => state.manager.get(name, v).map(|m| vec![m]),
+    };
+    match models {
+        Ok(models) => json_response(
+            StatusCode::OK,
+            &Value::Array(models.iter().map(|m| m.describe()).collect()),
+        ),
+        Err(e) => HttpError::from(e).into_response(),
+    }
+}
+
+/// The parameters of a registration, from the query string or (with
+/// `Content-Type: application/json`) a JSON body with the same keys.
+fn register_params(
+    query: HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<HashMap<String, String>, HttpError> {
+    let json_body = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json_body || body.is_empty() {
+        return Ok(query);
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        HttpError::new(
+            ErrorKind::BadRequest,
+            format!("the registration body is not JSON: {e}"),
+        )
+    })?;
+    let Value::Object(map) = value else {
+        return Err(HttpError::new(
+            ErrorKind::BadRequest,
+            "the registration body must be a JSON object",
+        ));
+    };
+    let mut params = query;
+    for (k, v) in map {
+        let text = match v {
+            Value::String(s) => s,
+            Value::Null => continue,
+            other => other.to_string(),
+        };
+        params.insert(k, text);
+    }
+    Ok(params)
+}
+
+/// A whole-number parameter; absent, empty or unparsable values fall back to the default
+/// (TorchServe's `getIntParameter`), negative ones count as unset.
+fn int_param(params: &HashMap<String, String>, key: &str) -> Option<i64> {
+    params.get(key).and_then(|v| v.trim().parse::<i64>().ok())
+}
+
+fn non_negative(params: &HashMap<String, String>, key: &str) -> Option<u64> {
+    int_param(params, key).and_then(|v| u64::try_from(v).ok())
+}
+
+/// Where a registration URL points, checked as TorchServe checks it: no `..`, a bare name
+/// in the model store, or an absolute path, `file://` or `s3://` URL matching
+/// `allowed_urls`.
+fn resolve_url(manager: &Manager, url: &str) -> Result<Location, HttpError> {
+    let not_found = |message: String| HttpError::new(ErrorKind::ModelNotFound, message);
+    if url.is_empty() {
+        return Err(not_found("empty url".into()));
+    }
+    if url.split(['/', '\\']).any(|part| part == "..") {
+        return Err(not_found(format!(
+            "Relative path is not allowed in url: {url}"
+        )));
+    }
+    let settings = manager.settings();
+    let allowed = |as_url: &str| -> Result<(), HttpError> {
+        if settings.url_allowed(as_url) {
+            Ok(())
+        } else {
+            Err(not_found(format!(
+                "Given URL {url} does not match any allowed URL(s)"
+            )))
+        }
+    };
+    if url.starts_with("http://") || url.starts_with("https://") {
+        allowed(url)?;
+        return Err(HttpError::new(
+            ErrorKind::DownloadArchive,
+            format!(
+                "Failed to download archive from: {url}: torchfn registers archives from the \
+                 model store, file paths and file:// or s3:// URLs; download it and register \
+                 the file, or upload it to S3"
+            ),
+        ));
+    }
+    if url.starts_with("s3://") {
+        allowed(url)?;
+        return url
+            .parse::<Location>()
+            .map_err(|e| HttpError::new(ErrorKind::BadRequest, e.to_string()));
+    }
+    if let Some(path) = url.strip_prefix("file://") {
+        allowed(url)?;
+        return Ok(Location::File(PathBuf::from(path)));
+    }
+    if FsPath::new(url).is_absolute() {
+        allowed(&format!("file://{url}"))?;
+        return Ok(Location::File(PathBuf::from(url)));
+    }
+    if url.contains('/') || url.contains(':') {
+        return Err(not_found(format!(
+            "Model not found at: {url}: a model store archive is named without folders"
+        )));
+    }
+    let store = settings
+        .model_store
+        .as_deref()
+        .ok_or_else(|| not_found("Model store has not been configured.".into()))?;
+    Ok(store
+        .to_string_lossy()
+        .parse::<Location>()
+        .map_err(|e| not_found(e.to_string()))?
+        .join(url))
+}
+
+/// `POST /models?url=…`: loads an archive as a new model version.
+async fn register(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let params = register_params(query, &headers, &body)?;
+    let url = params
+        .get("url")
+        .cloned()
+        .ok_or_else(|| HttpError::new(ErrorKind::BadRequest, "Parameter url is required."))?;
+    if let Some(runtime) = params.get("runtime").filter(|r| !r.is_empty()) {
+        if !["python", "python3", "LSP"].contains(&runtime.as_str()) {
+            return Err(HttpError::new(
+                ErrorKind::BadRequest,
+                format!("Invalid RuntimeType value: {runtime}"),
+            ));
+        }
+    }
+    let source = resolve_url(&state.manager, &url)?;
+    let synchronous = params
+        .get("synchronous")
+        .is_none_or(|v| v.eq_ignore_ascii_case("true"));
+    let spec = LoadSpec {
+        url: url.clone(),
+        source,
+        expect: Expect::default(),
+        name: params
+            .get("model_name")
+            .filter(|n| !n.trim().is_empty())
+            .cloned(),
+        loaded_at_startup: false,
+        params: RegisterParams {
+            batch_size: non_negative(&params, "batch_size")
+                .filter(|&b| b > 0)
+                .map(|b| b as usize),
+            max_batch_delay_ms: non_negative(&params, "max_batch_delay"),
+            initial_workers: non_negative(&params, "initial_workers").map(|w| w as usize),
+            response_timeout_s: non_negative(&params, "response_timeout").filter(|&t| t > 0),
+            handler: params
+                .get("handler")
+                .filter(|h| !h.trim().is_empty())
+                .cloned(),
+        },
+    };
+    let manager = state.manager.clone();
+    let load = move || manager.load(&spec);
+    if !synchronous {
+        // TorchServe answers at once and loads in the background.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = load() {
+                tracing::error!(url = %url, error = %e.message, "asynchronous registration failed");
+            }
+        });
+        return Ok(status(
+            StatusCode::ACCEPTED,
+            "Processing worker updates...".into(),
+        ));
+    }
+    let model = tokio::task::spawn_blocking(load)
+        .await
+        .map_err(|e| HttpError::internal(format!("registration stopped: {e}")))??;
+    let workers = model.batcher.workers();
+    let message = if workers == 0 {
+        format!(
+            "Model \"{}\" Version: {} registered with 0 initial workers. Use scale workers API \
+             to add workers for the model.",
+            model.name, model.version
+        )
+    } else {
+        format!(
+            "Model \"{}\" Version: {} registered with {workers} initial workers",
+            model.name, model.version
+        )
+    };
+    Ok(status(StatusCode::OK, message))
+}
+
+async fn scale_default(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, HttpError> {
+    let version = q.get("model_version").cloned();
+    scale(&state.manager, &name, version.as_deref(), &q).await
+}
+
+async fn scale_version(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, HttpError> {
+    scale(&state.manager, &name, Some(&version), &q).await
+}
+
+/// `PUT /models/{m}[/{v}]?min_worker=&max_worker=&synchronous=`: runs `min_worker` workers
+/// (TorchServe does not autoscale between min and max).
+async fn scale(
+    manager: &Arc<Manager>,
+    name: &str,
+    version: Option<&str>,
+    q: &HashMap<String, String>,
+) -> Result<Response, HttpError> {
+    let min = int_param(q, "min_worker").unwrap_or(1);
+    let max = int_param(q, "max_worker").unwrap_or(min);
+    if min < 0 || max < 0 {
+        return Err(HttpError::new(
+            ErrorKind::BadRequest,
+            "min_worker and max_worker cannot be negative.",
+        ));
+    }
+    if max < min {
+        return Err(HttpError::new(
+            ErrorKind::BadRequest,
+            "max_worker cannot be less than min_worker.",
+        ));
+    }
+    // Unknown model or version: 404 before anything changes.
+    manager.get(name, version)?;
+    let synchronous = q
+        .get("synchronous")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let (min, max) = (min as usize, max as usize);
+    let (m, n, v) = (manager.clone(), name.to_string(), version.map(String::from));
+    let job = tokio::task::spawn_blocking(move || m.scale(&n, v.as_deref(), min, max));
+    if !synchronous {
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = job.await {
+                tracing::error!(error = %e.message, "asynchronous scaling failed");
+            }
+        });
+        return Ok(status(
+            StatusCode::ACCEPTED,
+            "Processing worker updates...".into(),
+        ));
+    }
+    job.await
+        .map_err(|e| HttpError::internal(format!("scaling stopped: {e}")))??;
+    let mut message = format!("Workers scaled to {min} for model: {name}");
+    if let Some(v) = version {
+        message.push_str(&format!(", version: {v}"));
+    }
+    Ok(status(StatusCode::OK, message))
+}
+
+/// `PUT /models/{m}/{v}/set-default`.
+async fn set_default(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Response, HttpError> {
+    state.manager.set_default(&name, &version)?;
+    Ok(status(
+        StatusCode::OK,
+        format!("Default version successfully updated for model \"{name}\" to \"{version}\""),
+    ))
+}
+
+async fn unregister_default(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, HttpError> {
+    let version = state.manager.get(&name, None)?.version.clone();
+    unregister(&state, &name, &version)
+}
+
+async fn unregister_version(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Response, HttpError> {
+    unregister(&state, &name, &version)
+}
+
+/// `DELETE /models/{m}[/{v}]`: new requests get 404 at once; requests already holding the
+/// version finish, then its workers stop and its memory is released.
+fn unregister(state: &AppState, name: &str, version: &str) -> Result<Response, HttpError> {
+    let model = state.manager.unload(name, version)?;
+    tracing::info!(model = name, version, "unregistered");
+    retire(model);
+    Ok(status(
+        StatusCode::OK,
+        format!("Model \"{name}\" unregistered"),
+    ))
+}
