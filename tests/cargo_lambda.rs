@@ -1,5 +1,6 @@
-//! The two functions as a developer runs them locally, under the real `cargo lambda watch`
-//! (cargo-lambda from PyPI, installed by scripts/setup), with a real S3 server (moto_server):
+//! The two functions as a developer runs them locally, under one real `cargo lambda watch`
+//! started from the repository root with no package flags (cargo-lambda from PyPI, installed
+//! by scripts/setup), with a real S3 server (moto_server):
 //!
 //! 1. the seed's archive is uploaded to the bucket under `archives/`;
 //! 2. `cargo lambda invoke` hands `torchfn-registrar` the S3 notification for it: the version
@@ -9,15 +10,12 @@
 //!    (`torchfn-local`) answers for the same archive: predictions, a batch, `/ping`, an
 //!    unknown model.
 //!
-//! cargo-lambda builds each function itself (`cargo run -p <package>`), in this target dir.
+//! cargo-lambda builds each function itself when it is first invoked (`cargo run --bin
+//! <function>`), in this target dir; the registrar, built so, links no libtorch.
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-#[path = "common/moto.rs"]
-mod moto;
-#[path = "common/server.rs"]
-mod server;
+use torchfn_test_support::{self as common, moto, server};
 
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -39,8 +37,8 @@ fn cargo_lambda() -> PathBuf {
     bin
 }
 
-/// A `cargo lambda watch` for one package, in a process group of its own so that stopping
-/// it also stops the function process it started.
+/// A `cargo lambda watch` of the whole workspace (every function of it), in a process group
+/// of its own so that stopping it also stops the function processes it started.
 struct Watch {
     child: Child,
     port: u16,
@@ -48,13 +46,13 @@ struct Watch {
 }
 
 impl Watch {
-    fn start(package: &str, env: &[(&str, String)]) -> Watch {
+    fn start(env: &[(&str, String)]) -> Watch {
         use std::os::unix::process::CommandExt;
-        let log = moto::target_dir().join(format!("cargo-lambda-watch-{package}.log"));
+        let log = moto::target_dir().join(format!("cargo-lambda-watch-{}.log", std::process::id()));
         let out = std::fs::File::create(&log).unwrap();
         let port = moto::free_port();
         let mut cmd = Command::new(cargo_lambda());
-        cmd.args(["lambda", "watch", "--package", package, "--ignore-changes"])
+        cmd.args(["lambda", "watch", "--ignore-changes"])
             .args(["--invoke-address", "127.0.0.1", "--invoke-port"])
             .arg(port.to_string());
         for (key, value) in env {
@@ -208,7 +206,7 @@ fn an_uploaded_archive_registers_and_serves_under_cargo_lambda_watch() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let store = ObjectStore::from_env();
-        moto::new_bucket(&store, &bucket).await;
+        moto::new_bucket(&bucket).await;
         let at: Location = format!("s3://{bucket}/archives/classifier.mar")
             .parse()
             .unwrap();
@@ -219,13 +217,17 @@ fn an_uploaded_archive_registers_and_serves_under_cargo_lambda_watch() {
     });
     let registry = format!("s3://{bucket}/registry");
 
+    // One watch serves both functions; the model function's settings are the registrar's
+    // plus its own (the registrar ignores them).
+    let mut watch = Watch::start(&[
+        ("TORCHFN_REGISTRY", registry),
+        ("TORCHFN_MODEL_NAME", "classifier".into()),
+        ("TORCHFN_HANDLER", "classifier".into()),
+    ]);
+
     // The registrar, fed the upload's notification by `cargo lambda invoke`.
-    let registrar = Watch::start(
-        "torchfn-registrar",
-        &[("TORCHFN_REGISTRY", registry.clone())],
-    );
     let answer = invoke(
-        &registrar,
+        &watch,
         "torchfn-registrar",
         &s3_event(&bucket, "archives/classifier.mar"),
     );
@@ -234,17 +236,8 @@ fn an_uploaded_archive_registers_and_serves_under_cargo_lambda_watch() {
         json!([{"outcome": "registered", "model": "classifier", "version": "1.0", "default": true}]),
         "{answer}"
     );
-    drop(registrar);
 
     // The model function follows the registry's default: the version just registered.
-    let mut function = Watch::start(
-        "torchfn-model",
-        &[
-            ("TORCHFN_REGISTRY", registry),
-            ("TORCHFN_MODEL_NAME", "classifier".into()),
-            ("TORCHFN_HANDLER", "classifier".into()),
-        ],
-    );
     let emulator = Server::start(&[
         "--models",
         &format!("classifier={}", archive.display()),
@@ -276,7 +269,7 @@ fn an_uploaded_archive_registers_and_serves_under_cargo_lambda_watch() {
         let (status, got) = call(
             &client,
             method.clone(),
-            &function.url("torchfn-model", path),
+            &watch.url("torchfn-model", path),
             body,
         );
         let (want_status, want) = call(
@@ -289,7 +282,7 @@ fn an_uploaded_archive_registers_and_serves_under_cargo_lambda_watch() {
             status,
             want_status,
             "{path}: {got} vs the emulator's {want}\n{}",
-            function.log()
+            watch.log()
         );
         assert_json_close(&got, &want, 1e-6, path);
     }
@@ -297,14 +290,14 @@ fn an_uploaded_archive_registers_and_serves_under_cargo_lambda_watch() {
     let (_, got) = call(
         &client,
         reqwest::Method::POST,
-        &function.url("torchfn-model", "/predictions/classifier"),
+        &watch.url("torchfn-model", "/predictions/classifier"),
         Some(&single),
     );
     assert_json_close(&got, &reference["classifier_single"], 1e-5, "python");
 
     // cargo-lambda's Runtime API takes the function's shutdown extension, and stopping the
     // watch runs the function's SHUTDOWN (the unpacked model removed).
-    let log = function.stop();
+    let log = watch.stop();
     assert!(!log.contains("shutdown extension"), "{log}");
     let done = log
         .lines()

@@ -5,9 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-#[path = "common/server.rs"]
-mod server;
+use torchfn_test_support::{self as common, server};
 
 use std::ffi::OsStr;
 use std::fs::File;

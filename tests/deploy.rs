@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use torchfn_test_support as common;
 
 use std::path::Path;
 use std::process::Command;
@@ -372,11 +372,14 @@ fn sam_and_cargo_lambda_build_both_functions() {
         ),
     ] {
         assert!(bootstrap.exists(), "{} missing", bootstrap.display());
-        // Started outside Lambda without configuration, each says what is missing and stops
-        // (so it loads and runs).
+        // Started under a (dead) Runtime API with Lambda's variables but no configuration,
+        // each says what is missing and stops (so it loads and runs).
         let run = Command::new(&bootstrap)
             .env_clear()
             .env("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9")
+            .env("AWS_LAMBDA_FUNCTION_NAME", package)
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
             .output()
             .unwrap();
         let said = String::from_utf8_lossy(&run.stderr).to_string();

@@ -3,11 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::field_reassign_with_default)]
 
-mod common;
-#[path = "common/moto.rs"]
-mod moto;
-#[path = "common/server.rs"]
-mod server;
+use torchfn_test_support::{self as common, moto, server};
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -441,7 +437,7 @@ fn serves_archives_from_an_s3_model_store() {
     let archive = std::fs::read(fixtures().join("store/classifier.mar")).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        moto::new_bucket(&store, &bucket).await;
+        moto::new_bucket(&bucket).await;
         let at = format!("s3://{bucket}/store/classifier.mar")
             .parse()
             .unwrap();

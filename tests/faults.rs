@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use torchfn_test_support as common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

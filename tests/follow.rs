@@ -4,11 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-#[path = "common/moto.rs"]
-mod moto;
-#[path = "common/server.rs"]
-mod server;
+use torchfn_test_support::{self as common, moto, server};
 
 use std::time::{Duration, Instant};
 
@@ -67,7 +63,7 @@ fn registered_versions_appear_without_a_restart() {
     let store = ObjectStore::from_env();
     let root: Location = format!("s3://{bucket}/registry").parse().unwrap();
     let registry = Registry::new(store.clone(), root.clone());
-    rt.block_on(moto::new_bucket(&store, &bucket));
+    rt.block_on(moto::new_bucket(&bucket));
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.properties");

@@ -5,9 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-#[path = "common/moto.rs"]
-mod moto;
+use torchfn_test_support::{self as common, moto};
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -76,6 +74,12 @@ fn start(envs: &[(&str, String)]) -> (Child, Option<String>) {
         .env("PORT", "0")
         .env("TORCHFN_HOST", "127.0.0.1")
         .env("TORCHFN_HANDLER", "classifier")
+        // Blank settings count as unset (Lambda's console leaves variables empty): no archive
+        // URI, no pinned version (the registry's default is served and followed), the
+        // default batch size.
+        .env("TORCHFN_MODEL_URI", "")
+        .env("TORCHFN_MODEL_VERSION", " ")
+        .env("TORCHFN_BATCH_SIZE", "")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (k, v) in envs {
@@ -98,7 +102,7 @@ fn serves_the_registry_default_and_refuses_a_mismatched_archive() {
     let bucket = format!("functions-{}", std::process::id());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        moto::new_bucket(&store, &bucket).await;
+        moto::new_bucket(&bucket).await;
         publish(&store, &bucket, "1.0", None).await;
     });
     let registry = format!("s3://{bucket}/registry");
@@ -156,7 +160,7 @@ fn a_warm_function_swaps_to_a_new_default_without_dropping_requests() {
     let bucket = format!("swap-{}", std::process::id());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        moto::new_bucket(&store, &bucket).await;
+        moto::new_bucket(&bucket).await;
         publish(&store, &bucket, "1.0", None).await;
     });
     let (mut child, addr) = start(&[

@@ -6,9 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-#[path = "common/server.rs"]
-mod server;
+use torchfn_test_support::{self as common, server};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

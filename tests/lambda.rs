@@ -6,9 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-#[path = "common/runtime_api.rs"]
-mod runtime_api;
+use torchfn_test_support::{self as common, runtime_api};
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -331,7 +329,7 @@ async fn shutdown_phase_answers_the_invocation_in_flight_and_cleans_up() {
         .env("AWS_LAMBDA_MAX_CONCURRENCY", "2")
         .env("TORCHFN_SHUTDOWN_BUDGET_MS", budget_ms.to_string())
         .env("TMPDIR", tmp.path())
-        .env("RUST_LOG", "info,torchfn_model::shutdown=debug")
+        .env("RUST_LOG", "info,torchfn_lambda::shutdown=debug")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -481,4 +479,33 @@ async fn without_the_extensions_api_the_function_still_serves() {
         log.contains("threads_per_worker=3"),
         "OMP_NUM_THREADS=3 not honoured: {log}"
     );
+}
+
+/// `--help` lists the settings with their environment variables, without starting anything.
+#[test]
+fn help_lists_the_settings() {
+    let help = Command::new(env!("CARGO_BIN_EXE_torchfn-model"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8(help.stdout).unwrap();
+    for name in [
+        "TORCHFN_MODEL_URI",
+        "TORCHFN_MODEL_SHA256",
+        "TORCHFN_REGISTRY",
+        "TORCHFN_MODEL_NAME",
+        "TORCHFN_MODEL_VERSION",
+        "TORCHFN_HANDLER",
+        "TORCHFN_BATCH_SIZE",
+        "TORCHFN_MAX_BATCH_DELAY_MS",
+        "TORCHFN_JOB_QUEUE_SIZE",
+        "TORCHFN_DEVICE",
+        "TORCHFN_SHUTDOWN_BUDGET_MS",
+        "TORCHFN_POLL_SECONDS",
+        "TORCHFN_HOST",
+        "PORT",
+    ] {
+        assert!(text.contains(name), "{name} not in:\n{text}");
+    }
 }

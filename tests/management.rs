@@ -5,11 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "common/archive.rs"]
-mod archive;
-mod common;
-#[path = "common/server.rs"]
-mod server;
+use torchfn_test_support::{self as common, archive, server};
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use torchfn_test_support as common;
 
 use std::collections::BTreeSet;
 use std::fs;

@@ -5,11 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-#[path = "common/moto.rs"]
-mod moto;
-#[path = "common/runtime_api.rs"]
-mod runtime_api;
+use torchfn_test_support::{self as common, moto, runtime_api};
 
 use std::process::{Child, Command, Stdio};
 
@@ -40,7 +36,7 @@ async fn an_upload_notification_registers_its_version() {
     moto::env();
     let store = ObjectStore::from_env();
     let bucket = format!("registrar-fn-{}", std::process::id());
-    moto::new_bucket(&store, &bucket).await;
+    moto::new_bucket(&bucket).await;
     let archive = std::fs::read(common::fixtures().join("store/classifier.mar")).unwrap();
     let at: Location = format!("s3://{bucket}/archives/classifier.mar")
         .parse()
@@ -54,6 +50,9 @@ async fn an_upload_notification_registers_its_version() {
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
         .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
         .env("TORCHFN_REGISTRY", format!("s3://{bucket}/registry"))
+        // Blank settings count as unset: the default prefix and size limit.
+        .env("TORCHFN_ARCHIVE_PREFIX", "")
+        .env("TORCHFN_MAX_ARCHIVE_BYTES", " ")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -88,4 +87,51 @@ async fn an_upload_notification_registers_its_version() {
         "{answer}"
     );
     assert!(api.init_errors.lock().unwrap().is_empty());
+}
+
+/// `--help` lists the settings with their environment variables; a setting that does not
+/// parse fails the start, naming it.
+#[test]
+fn help_lists_the_settings_and_a_bad_one_fails_the_start() {
+    let help = Command::new(env!("CARGO_BIN_EXE_torchfn-registrar"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8(help.stdout).unwrap();
+    for name in [
+        "TORCHFN_REGISTRY",
+        "TORCHFN_ARCHIVE_PREFIX",
+        "TORCHFN_MAX_ARCHIVE_BYTES",
+    ] {
+        assert!(text.contains(name), "{name} not in:\n{text}");
+    }
+    let bad = Command::new(env!("CARGO_BIN_EXE_torchfn-registrar"))
+        .env_remove("AWS_LAMBDA_RUNTIME_API")
+        .env("TORCHFN_REGISTRY", "s3://bucket/registry")
+        .env("TORCHFN_MAX_ARCHIVE_BYTES", "lots")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let log = String::from_utf8_lossy(&bad.stderr);
+    assert!(log.contains("lots"), "{log}");
+}
+
+/// The registrar binary links no libtorch, even when built with the whole workspace (this
+/// test binary is: `cargo test --workspace` builds every package together).
+#[test]
+fn the_registrar_links_no_libtorch() {
+    let bin = env!("CARGO_BIN_EXE_torchfn-registrar");
+    let ldd = Command::new("ldd").arg(bin).output().unwrap();
+    let libraries = String::from_utf8_lossy(&ldd.stdout);
+    assert!(ldd.status.success(), "ldd {bin} failed: {libraries}");
+    for torch in ["libtorch", "libc10"] {
+        assert!(
+            !libraries.contains(torch),
+            "{bin} links {torch}:\n{libraries}"
+        );
+    }
+    // What it does link: the C library, and nothing of CUDA either.
+    assert!(libraries.contains("libc.so"), "{libraries}");
+    assert!(!libraries.contains("libcuda"), "{libraries}");
 }

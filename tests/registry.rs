@@ -4,9 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-#[path = "common/moto.rs"]
-mod moto;
+use torchfn_test_support::moto;
 
 use std::sync::Arc;
 
@@ -38,7 +36,7 @@ async fn registries() -> Vec<(Registry, Option<tempfile::TempDir>)> {
     let store = ObjectStore::from_env();
     let file = Registry::new(store.clone(), Location::File(dir.path().to_path_buf()));
     let bucket = format!("registry-{}", std::process::id());
-    moto::new_bucket(&store, &bucket).await;
+    moto::new_bucket(&bucket).await;
     let s3: Location = format!("s3://{bucket}/registry").parse().unwrap();
     vec![(file, Some(dir)), (Registry::new(store, s3), None)]
 }

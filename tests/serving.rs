@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::field_reassign_with_default)]
 
-mod common;
+use torchfn_test_support as common;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use torchfn_archive::settings::Settings;
 use torchfn_engine::error::ErrorKind;
-use torchfn_engine::manager::{LoadSpec, Manager};
+use torchfn_engine::manager::{retire, LoadSpec, Manager};
 use torchfn_engine::metrics::Metrics;
 use torchfn_http::{self as api, AppState};
 use torchfn_store::store::Location;
@@ -118,6 +118,39 @@ fn a_serialized_file_that_is_not_torchscript_is_refused() {
         err.message
     );
     assert!(m.get("bad", None).is_err());
+}
+
+/// Retiring a version frees it when the last request holding it lets go, and not before:
+/// while a request holds it, its workers run and its unpacked archive stays; once that request
+/// drops it, the clean-up (started by the version's drop, no polling) stops the workers and
+/// removes the archive, and says so.
+#[tokio::test]
+async fn a_retired_version_is_freed_when_its_last_holder_lets_go() {
+    let m = manager(Settings::default());
+    let path = fixtures().join("store/scripted.mar");
+    let loader = m.clone();
+    let in_flight = tokio::task::spawn_blocking(move || loader.load(&spec(path, None)))
+        .await
+        .unwrap()
+        .unwrap();
+    let unpacked = in_flight.archive.dir().to_path_buf();
+    assert!(unpacked.is_dir(), "{}", unpacked.display());
+    let (name, version) = (in_flight.name.clone(), in_flight.version.clone());
+
+    let retired = retire(m.unload(&name, &version).unwrap());
+    assert!(
+        m.get(&name, None).is_err(),
+        "unloaded versions take no new requests"
+    );
+    // A request still holds the version: nothing of it is freed.
+    assert!(unpacked.is_dir());
+    assert!(in_flight.batcher.workers() > 0);
+
+    drop(in_flight);
+    tokio::time::timeout(std::time::Duration::from_secs(60), retired.finished())
+        .await
+        .expect("the retired version is cleaned up once its last holder lets go");
+    assert!(!unpacked.exists(), "{}", unpacked.display());
 }
 
 async fn call(router: axum::Router, req: Request<Body>) -> (StatusCode, Value) {

@@ -7,9 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-#[path = "common/moto.rs"]
-mod moto;
+use torchfn_test_support::{self as common, moto};
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -27,7 +25,7 @@ use torchfn_store::store::{DownloadOptions, Expect, Location, ObjectStore, Store
 async fn store_with_bucket(bucket: &str) -> ObjectStore {
     env();
     let store = ObjectStore::from_env();
-    moto::new_bucket(&store, bucket).await;
+    moto::new_bucket(&bucket).await;
     store
 }
 

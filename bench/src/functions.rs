@@ -23,7 +23,7 @@ use torchfn_store::store::{DownloadOptions, Expect, Location, ObjectStore};
 
 use crate::load;
 use crate::process::Spawned;
-use crate::report::median;
+use crate::stats::median;
 use crate::workload::Workload;
 
 const BUCKET: &str = "torchfn-bench";

@@ -17,6 +17,7 @@ mod load;
 mod machine;
 mod process;
 mod report;
+mod stats;
 mod torchfn;
 mod torchserve;
 mod workload;

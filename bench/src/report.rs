@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::floor::FloorResult;
 use crate::load::LoadResult;
 use crate::machine::Machine;
+use crate::stats::median;
 use crate::torchfn::{Batching, ColdStart};
 use crate::torchserve::{self, ProcessRss};
 
@@ -140,19 +141,6 @@ pub struct Results {
     pub cpu_busy_after_pct: Option<f64>,
     pub ratios: Vec<Ratio>,
     pub targets: Vec<TargetCheck>,
-}
-
-pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
 }
 
 fn find<'a>(points: &'a [Point], model: &str, batching: &str, c: usize) -> Option<&'a LoadResult> {

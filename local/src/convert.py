@@ -9,12 +9,14 @@ the real torch-model-archiver: same name, version, handler, extra files and mode
 YAML, `--serialized-file model.pt` and no `--model-file`.
 
 `torchfn-local convert` runs it with the project venv's Python (torch and
-torch-model-archiver, installed by scripts/setup). It also runs on its own:
-    python convert.py IN_ARCHIVE OUT_DIR [--trace] [--example-input JSON|@FILE]
-        [--model-name NAME] [--version V] [--force]
+torch-model-archiver, installed by scripts/setup), after unpacking the archive itself
+(torchfn-archive is the one reader of the MAR layout):
+    python convert.py IN_ARCHIVE OUT_DIR --unpacked DIR --named-handlers A,B,...
+        [--trace] [--example-input JSON|@FILE] [--model-name NAME] [--version V] [--force]
 
-IN_ARCHIVE is a .mar (zip), a .tar.gz (--archive-format tgz) or a no-archive folder. The new
-archive is OUT_DIR/<model-name>.mar. On success stdout is one JSON line:
+IN_ARCHIVE names the original (.mar, .tar.gz or no-archive folder) in messages and for the
+default model name; DIR is it unpacked (the folder holding MAR-INF/). The new archive is
+OUT_DIR/<model-name>.mar. On success stdout is one JSON line:
     {"archive": "...", "method": "script"|"trace", "model": "...", "version": "..."}
 Anything else the model code or torch prints goes to stderr. A failure is one line on
 stderr starting `convert: `. Exit status: 0 converted, 1 conversion failed, 2 bad command
@@ -32,10 +34,8 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import warnings
-import zipfile
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -48,13 +48,6 @@ SERIALIZED = "model.pt"
 TOLERANCE = 1e-5
 # torch-model-archiver 0.12's rule for model names.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
-# Handlers torch-model-archiver 0.12 knows by name (it copies no file for them).
-BUILTIN_HANDLERS = {
-    "base_handler", "text_classifier", "image_classifier", "object_detector",
-    "image_segmenter", "dali_image_classifier", "vllm_handler", "trt_llm_handler",
-}
-
-
 class Fail(Exception):
     """Ends the conversion: `message` on stderr, `code` as the exit status."""
 
@@ -93,6 +86,11 @@ def parse_args(argv):
     p.add_argument("--version", help="version of the new archive (default: the original's)")
     p.add_argument("--force", action="store_true",
                    help="overwrite OUT_DIR/<model-name>.mar when it exists")
+    p.add_argument("--unpacked", required=True,
+                   help="the archive as torchfn-local unpacked it (the folder holding MAR-INF/)")
+    p.add_argument("--named-handlers", required=True,
+                   help="comma-separated handler names torch-model-archiver knows by name "
+                        "(the archive holds no file for them)")
     return p.parse_args(argv)
 
 
@@ -165,95 +163,6 @@ def safe_relative(name):
     return parts
 
 
-def target_path(dest, parts, name):
-    path = os.path.join(dest, *parts)
-    root = os.path.realpath(dest)
-    if not os.path.realpath(path).startswith(root + os.sep):
-        raise Fail(f"archive entry {name} lands outside the extraction folder; refused")
-    return path
-
-
-def extract_zip(path, dest):
-    seen = set()
-    with zipfile.ZipFile(path) as zf:
-        for info in zf.infolist():
-            name = info.filename
-            mode = (info.external_attr >> 16) & 0o170000
-            if mode == 0o120000:
-                raise Fail(f"archive entry {name} is a symbolic link; refused")
-            parts = safe_relative(name)
-            if not parts:
-                continue
-            key = "/".join(parts)
-            if key in seen:
-                raise Fail(f"archive entry {name} appears twice; refused")
-            seen.add(key)
-            target = target_path(dest, parts, name)
-            if info.is_dir():
-                os.makedirs(target, exist_ok=True)
-                continue
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with zf.open(info) as src, open(target, "xb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-
-
-def extract_tgz(path, dest):
-    with tarfile.open(path, "r:*") as tf:
-        members = tf.getmembers()
-        named = [(m, safe_relative(m.name)) for m in members]
-        # torch-model-archiver puts every entry under `<model-name>/`; TorchServe strips it.
-        tops = {parts[0] for _, parts in named if parts}
-        strip = len(tops) == 1 and all(len(p) > 1 or m.isdir() for m, p in named if p)
-        seen = set()
-        for m, parts in named:
-            if m.issym() or m.islnk():
-                raise Fail(f"archive entry {m.name} is a link; refused")
-            if not (m.isreg() or m.isdir()):
-                raise Fail(f"archive entry {m.name} is not a regular file or folder; refused")
-            if strip:
-                parts = parts[1:]
-            if not parts:
-                continue
-            key = "/".join(parts)
-            if key in seen and not m.isdir():
-                raise Fail(f"archive entry {m.name} appears twice; refused")
-            seen.add(key)
-            target = target_path(dest, parts, m.name)
-            if m.isdir():
-                os.makedirs(target, exist_ok=True)
-                continue
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            src = tf.extractfile(m)
-            if src is None:
-                raise Fail(f"archive entry {m.name} could not be read")
-            with src, open(target, "xb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-
-
-def open_archive(path, dest):
-    """Unpacks (or copies) the archive into `dest`; returns the folder holding MAR-INF/."""
-    try:
-        if os.path.isdir(path):
-            shutil.copytree(path, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        elif zipfile.is_zipfile(path):
-            os.makedirs(dest)
-            extract_zip(path, dest)
-        elif tarfile.is_tarfile(path):
-            os.makedirs(dest)
-            extract_tgz(path, dest)
-        else:
-            raise Fail(f"{path} is not a model archive: neither a .mar (zip), a .tar.gz nor a folder")
-    except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
-        raise Fail(f"could not unpack {path}: {describe(e)}")
-    if os.path.isfile(os.path.join(dest, MANIFEST)):
-        return dest
-    # A folder (or tar) holding one model folder.
-    entries = os.listdir(dest)
-    if len(entries) == 1 and os.path.isfile(os.path.join(dest, entries[0], MANIFEST)):
-        return os.path.join(dest, entries[0])
-    raise Fail(f"{path} has no {MANIFEST}: it is not a TorchServe model archive")
-
-
 def read_manifest(root, archive):
     try:
         with open(os.path.join(root, MANIFEST), encoding="utf-8") as f:
@@ -288,9 +197,9 @@ def default_name(archive):
     return re.sub(r"\W", "_", base)
 
 
-def handler_file(root, handler, archive):
-    """The handler's file in the archive (None for a built-in handler name)."""
-    if handler in BUILTIN_HANDLERS:
+def handler_file(root, handler, archive, named_handlers):
+    """The handler's file in the archive (None for a handler the archiver knows by name)."""
+    if handler in named_handlers:
         return None
     # As torch-model-archiver stores it: `x.py` as is, `x` and `x:fn` as `x.py`.
     name = handler if ".py" in handler else handler.split(":")[0] + ".py"
@@ -503,7 +412,7 @@ def convert(args):
         raise Fail(f"{args.out_dir} is not a folder", EXIT_USAGE)
 
     with tempfile.TemporaryDirectory(prefix="torchfn-convert-") as tmp:
-        root = open_archive(archive, os.path.join(tmp, "archive"))
+        root = args.unpacked
         manifest, model = read_manifest(root, archive)
         if not model.get("modelFile"):
             raise Fail(f"{archive} is already TorchScript; nothing to convert (its manifest "
@@ -529,7 +438,7 @@ def convert(args):
         weights_path = archive_file(root, model, "serializedFile", archive)
         config_path = archive_file(root, model, "configFile", archive)
         requirements_path = archive_file(root, model, "requirementsFile", archive)
-        handler_path = handler_file(root, handler, archive)
+        handler_path = handler_file(root, handler, archive, set(args.named_handlers.split(",")))
         extras = os.path.join(tmp, "extra")
         os.makedirs(extras)
         n_extras = stage_extras(

@@ -1,7 +1,8 @@
 //! `torchfn-local convert`: turns an eager-mode archive (`--model-file` with a state_dict),
 //! which torchfn refuses, into a TorchScript archive it serves.
 //!
-//! The work is done in Python by `convert.py`, embedded in the binary and run with the
+//! The archive is unpacked here, by torchfn-archive (the one reader of the MAR layout, with
+//! its safety checks); the rest is done in Python by `convert.py`, embedded in the binary and run with the
 //! project venv's interpreter (torch and torch-model-archiver, from `scripts/setup`): it
 //! builds the model as TorchServe's base handler does, scripts it (or traces it with an
 //! example input), checks it against the eager model and writes `<out>/<model-name>.mar`
@@ -14,7 +15,7 @@ use std::process::Command;
 
 use anyhow::{anyhow, bail, Context};
 
-/// The converter, run as `python convert.py ARCHIVE OUT [flags]`.
+/// The converter, run as `python convert.py ARCHIVE OUT --unpacked DIR [flags]`.
 const SCRIPT: &str = include_str!("convert.py");
 
 /// The venv `scripts/setup` makes, under torchfn's cache folder.
@@ -75,9 +76,25 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     let script = dir.path().join("convert.py");
     std::fs::write(&script, SCRIPT)
         .with_context(|| format!("could not write {}", script.display()))?;
+    if !args.archive.exists() {
+        bail!("{} does not exist", args.archive.display());
+    }
+    let archive = torchfn_archive::mar::open(
+        &args.archive,
+        &dir.path().join("unpacked"),
+        &torchfn_archive::mar::Limits::default(),
+    )
+    .with_context(|| format!("could not read {}", args.archive.display()))?;
 
     let mut cmd = Command::new(&interpreter);
-    cmd.arg(&script).arg(&args.archive).arg(&args.out);
+    cmd.arg(&script)
+        .arg(&args.archive)
+        .arg(&args.out)
+        .arg("--unpacked")
+        .arg(archive.dir())
+        // Handlers torch-model-archiver knows by name: the archive holds no file for them.
+        .arg("--named-handlers")
+        .arg(torchfn_archive::handlers::TORCHSERVE.join(","));
     if args.trace {
         cmd.arg("--trace");
     }

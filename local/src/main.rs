@@ -54,10 +54,9 @@ struct Args {
     #[arg(long = "ts-config")]
     ts_config: Option<PathBuf>,
 
-    /// Built-in handler for a model whose manifest names a Python handler file:
-    /// `--handler classifier=classifier`. Repeatable. Built-ins: tensor, classifier.
     #[arg(
         long = "handler",
+        help = handler_help(),
         value_name = "MODEL=HANDLER",
         env = "TORCHFN_HANDLERS",
         value_delimiter = ','
@@ -97,6 +96,15 @@ struct Args {
     foreground: bool,
     #[arg(long = "ncs", alias = "no-config-snapshots", hide = true)]
     ncs: bool,
+}
+
+/// `--handler`'s help, listing every built-in handler (torchfn_archive::handlers).
+fn handler_help() -> String {
+    format!(
+        "Built-in handler for a model whose manifest names a Python handler file: \
+         `--handler classifier=classifier`. Repeatable. Built-ins: {}",
+        torchfn_archive::handlers::names_line()
+    )
 }
 
 /// Tools besides the server.

@@ -5,6 +5,8 @@
 //! `properties` ← `settings`.
 
 pub mod error;
+pub mod handlers;
+pub mod inspect;
 pub mod manifest;
 pub mod mar;
 pub mod model_config;

@@ -10,18 +10,6 @@ use serde_json::{Map, Value};
 
 use crate::error::MarError;
 
-/// Names of torchfn's built-in handlers, as a manifest or `--handler` may give them
-/// (TorchServe's names and torchfn's own).
-pub const BUILTIN_HANDLERS: &[&str] = &[
-    "tensor",
-    "base_handler",
-    "classifier",
-    "image_classifier",
-    "image_segmenter",
-    "object_detector",
-    "text_classifier",
-];
-
 /// The model version the frontend assumes when the manifest gives none.
 pub const DEFAULT_MODEL_VERSION: &str = "1.0";
 

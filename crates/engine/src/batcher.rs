@@ -323,26 +323,46 @@ impl Batcher {
 
     /// Stops taking requests, lets the workers finish what is queued, and joins them.
     pub fn shutdown(&self) {
+        self.close().join();
+    }
+
+    /// Stops taking requests and hands over the workers, which finish what is queued and
+    /// then stop; [`Closing::join`] waits for that. Nothing here blocks, so a version can be
+    /// closed wherever its last reference goes and joined on a thread of its own.
+    pub fn close(&self) -> Closing {
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }
         // The workers drain the queue (its sender is gone), then stop; their stop senders
-        // live until they are joined, so none stops with requests still queued.
+        // live in `Closing` until they are joined, so none stops with requests still queued.
         let workers = self
             .workers
             .lock()
             .map(|mut w| std::mem::take(&mut *w))
             .unwrap_or_default();
-        for w in workers {
-            let _ = w.thread.join();
-        }
         self.running.store(0, Ordering::Relaxed);
         let stopping = self
             .stopping
             .lock()
             .map(|mut s| std::mem::take(&mut *s))
             .unwrap_or_default();
-        for h in stopping {
+        Closing { workers, stopping }
+    }
+}
+
+/// A closed batcher's workers, still finishing what was queued.
+pub struct Closing {
+    workers: Vec<WorkerHandle>,
+    stopping: Vec<JoinHandle<()>>,
+}
+
+impl Closing {
+    /// Waits for the workers to finish what was queued and stop. Blocking.
+    pub fn join(self) {
+        for w in self.workers {
+            let _ = w.thread.join();
+        }
+        for h in self.stopping {
             let _ = h.join();
         }
     }
@@ -562,7 +582,11 @@ impl Worker {
                     })
                     .collect()
             }
-            Err(e) => vec![Err(self.classify(&e, items[0]))],
+            Err(e) => items
+                .first()
+                .map(|item| Err(self.classify(&e, item)))
+                .into_iter()
+                .collect(),
         }
     }
 

@@ -63,7 +63,8 @@ pub struct ModelVersion {
     pub name: String,
     pub version: String,
     pub url: String,
-    pub archive: ModelArchive,
+    /// Shared only so that a retired version's clean-up thread can be the one to free it.
+    pub archive: Arc<ModelArchive>,
     pub handler: Arc<dyn Handler>,
     pub session: Arc<Session>,
     pub batcher: Batcher,
@@ -75,6 +76,76 @@ pub struct ModelVersion {
     pub load_time: Duration,
     /// `minWorkers` and `maxWorkers` now (the scale API changes them).
     pub worker_range: std::sync::Mutex<(usize, usize)>,
+    /// Set by [`retire`]. The last field, so the last dropped (see `Drop`).
+    retirement: Retirement,
+}
+
+/// A version's retirement: who to tell when its clean-up is done, and the signal that the
+/// version's own fields are gone.
+#[derive(Default)]
+struct Retirement {
+    /// Set by [`retire`]; told once the clean-up is done.
+    done: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Set when a retired version drops; dropping it (with this field, the version's last)
+    /// tells the clean-up thread that only its own references remain.
+    fields_gone: Option<crossbeam_channel::Sender<()>>,
+}
+
+impl Drop for ModelVersion {
+    /// A retired version is cleaned up where nothing waits on it: wherever its last
+    /// reference goes (an async worker answering the last request, say), its workers are
+    /// only told to stop, and a thread of its own joins them and frees the session, the
+    /// handler and the unpacked archive. A version that was not retired (the manager shutting
+    /// down, a failed load) is dropped in place, as any value.
+    fn drop(&mut self) {
+        let done = self
+            .retirement
+            .done
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(done) = done else {
+            return;
+        };
+        let closing = self.batcher.close();
+        // These clones outlive the version's own fields (which drop after this function),
+        // so the clean-up thread is where the model's memory and files are freed.
+        let kept = (
+            self.session.clone(),
+            self.handler.clone(),
+            self.archive.clone(),
+        );
+        let (gone_tx, gone_rx) = crossbeam_channel::bounded::<()>(0);
+        self.retirement.fields_gone = Some(gone_tx);
+        let (name, version) = (self.name.clone(), self.version.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("{name}-retire"))
+            .spawn(move || {
+                closing.join();
+                // Disconnected once the version's last field has dropped.
+                let _ = gone_rx.recv();
+                drop(kept);
+                tracing::info!(model = %name, version = %version, "model version retired");
+                let _ = done.send(());
+            });
+        if let Err(e) = spawned {
+            tracing::error!(model = %self.name, version = %self.version, error = %e,
+                "cannot start the thread that retires a model version; it is freed here");
+        }
+    }
+}
+
+/// Tells when a retired version has been cleaned up (see [`retire`]). Dropping it changes
+/// nothing.
+#[derive(Debug)]
+pub struct Retired(tokio::sync::oneshot::Receiver<()>);
+
+impl Retired {
+    /// Waits until the version's workers have stopped and its session, handler and unpacked
+    /// archive are freed.
+    pub async fn finished(self) {
+        let _ = self.0.await;
+    }
 }
 
 impl ModelVersion {
@@ -231,8 +302,20 @@ impl Manager {
         self.unpack_root.path()
     }
 
+    /// [`Manager::startup_specs`] for async callers: it runs on a blocking thread.
+    pub async fn startup_specs_async(self: &Arc<Self>) -> Result<Vec<LoadSpec>, ServeError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.startup_specs())
+            .await
+            .map_err(|e| {
+                ServeError::internal(format!("listing the start-up models stopped: {e}"))
+            })?
+    }
+
     /// The archives named by `load_models` / `--models`, resolved against the model store
-    /// (a folder or an `s3://bucket/prefix`).
+    /// (a folder or an `s3://bucket/prefix`). Blocking (it lists the store): call it from a
+    /// blocking thread or outside a tokio runtime; async callers use
+    /// [`Manager::startup_specs_async`].
     pub fn startup_specs(&self) -> Result<Vec<LoadSpec>, ServeError> {
         let mut specs = Vec::new();
         for entry in &self.settings.load_models {
@@ -256,9 +339,13 @@ impl Manager {
                         found.into_iter().map(Location::File).collect()
                     }
                     Location::S3 { .. } => {
-                        let listed = block_on(self.objects.list(&store))?.map_err(|e| {
-                            ServeError::internal(format!("cannot list model store {store}: {e}"))
-                        })?;
+                        let (objects, prefix) = (self.objects.clone(), store.clone());
+                        let listed = wait_for(async move { objects.list(&prefix).await })?
+                            .map_err(|e| {
+                                ServeError::internal(format!(
+                                    "cannot list model store {store}: {e}"
+                                ))
+                            })?;
                         let mut found: Vec<Location> = listed
                             .into_iter()
                             .map(|(l, _)| l)
@@ -344,13 +431,23 @@ impl Manager {
             .into_temp_path();
         let (root, limits) = (self.unpack_root.path().to_path_buf(), self.limits);
         let label = PathBuf::from(remote.to_string());
-        let downloaded = block_on(self.objects.download_consuming(
-            remote,
-            &dest,
+        let (objects, from, to, expect) = (
+            self.objects.clone(),
+            remote.clone(),
+            dest.to_path_buf(),
             spec.expect.clone(),
-            DownloadOptions::default(),
-            move |reopen| mar::open_archive(&label, &*reopen, &root, &limits),
-        ))?;
+        );
+        let downloaded = wait_for(async move {
+            objects
+                .download_consuming(
+                    &from,
+                    &to,
+                    expect,
+                    DownloadOptions::default(),
+                    move |reopen| mar::open_archive(&label, &*reopen, &root, &limits),
+                )
+                .await
+        })?;
         // The unpacked folder is what serves; the downloaded archive is not needed.
         drop(dest);
         let (report, archive) = downloaded.map_err(|e| {
@@ -378,7 +475,9 @@ impl Manager {
     }
 
     /// Loads one model version: unpacks the archive, loads the TorchScript module and
-    /// starts its workers. Blocking: call from a blocking thread.
+    /// starts its workers. Blocking: call it from a blocking thread (`spawn_blocking`) or
+    /// outside a tokio runtime. An archive in S3 downloads as a task on the runtime (or on a
+    /// small runtime of its own when there is none) while this thread waits for it.
     pub fn load(&self, spec: &LoadSpec) -> Result<Arc<ModelVersion>, ServeError> {
         let started = Instant::now();
         let archive = self.open_archive(spec)?;
@@ -478,7 +577,7 @@ impl Manager {
             name: name.clone(),
             version: version.clone(),
             url: spec.url.clone(),
-            archive,
+            archive: Arc::new(archive),
             handler,
             session,
             batcher,
@@ -491,6 +590,7 @@ impl Manager {
             started_at: SystemTime::now(),
             load_time: started.elapsed(),
             worker_range: std::sync::Mutex::new(worker_range),
+            retirement: Retirement::default(),
         });
         let mut models = self
             .models
@@ -760,11 +860,24 @@ fn file_name(path: &str) -> &str {
         .unwrap_or(path)
 }
 
-/// Runs a future from a blocking thread: on the current tokio runtime when there is one,
-/// else on a small runtime of its own.
-fn block_on<F: std::future::Future>(fut: F) -> Result<F::Output, ServeError> {
+/// Runs a future for a blocking thread and waits for its output: as a task on the current
+/// tokio runtime when there is one (the calling thread only waits on a channel; it never
+/// drives the runtime), else on a small runtime of its own. Never call it from an async
+/// worker thread: the wait would block it.
+fn wait_for<F>(fut: F) -> Result<F::Output, ServeError>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
     match tokio::runtime::Handle::try_current() {
-        Ok(handle) => Ok(handle.block_on(fut)),
+        Ok(handle) => {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            handle.spawn(async move {
+                let _ = tx.send(fut.await);
+            });
+            rx.recv()
+                .map_err(|_| ServeError::internal("the runtime stopped before the store answered"))
+        }
         Err(_) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -814,16 +927,20 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
-/// Waits (on a blocking thread) until no request holds `model` any more, then drops it,
-/// which stops its workers after they finish what is queued.
-pub fn retire(model: Arc<ModelVersion>) {
-    std::thread::spawn(move || {
-        while Arc::strong_count(&model) > 1 {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        tracing::info!(model = %model.name, version = %model.version, "model version retired");
-        drop(model);
-    });
+/// Retires a version taken out of the manager ([`Manager::unload`]): requests already holding
+/// it finish; when the last of them lets go, its workers finish what is queued and stop, and
+/// its session and unpacked archive are freed, on a thread of its own. Nothing waits or polls
+/// until then: the clean-up starts from the version's `Drop`. The returned [`Retired`] tells
+/// when it is done; callers may drop it.
+pub fn retire(model: Arc<ModelVersion>) -> Retired {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    *model
+        .retirement
+        .done
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    drop(model);
+    Retired(rx)
 }
 
 #[cfg(test)]

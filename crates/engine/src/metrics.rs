@@ -3,6 +3,8 @@
 //! and torchfn's batch-size histogram.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus::{
     CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
@@ -39,7 +41,12 @@ pub struct Metrics {
     pub stuck_workers: IntCounterVec,
     pub gpu_memory_used_bytes: GaugeVec,
     gpu_enabled: AtomicBool,
+    /// An nvidia-smi query is running (on a blocking thread).
+    gpu_query_running: Arc<AtomicBool>,
 }
+
+/// How long a scrape waits for nvidia-smi.
+pub const GPU_QUERY_WAIT: Duration = Duration::from_secs(2);
 
 fn help(kind: &str, unit: &str) -> String {
     format!("Torchserve prometheus {kind} metric with unit: {unit}")
@@ -136,6 +143,7 @@ impl Metrics {
                 &["device_id"],
             )?,
             gpu_enabled: AtomicBool::new(false),
+            gpu_query_running: Arc::new(AtomicBool::new(false)),
             requests,
             registry,
             hostname,
@@ -186,24 +194,29 @@ impl Metrics {
         }
     }
 
-    /// Reads GPU memory in use from `nvidia-smi` (libtorch has no API for it), at scrape
-    /// time. Without nvidia-smi the gauge keeps its last value.
-    fn refresh_gpu_memory(&self) {
-        let out = std::process::Command::new("nvidia-smi")
-            .args([
-                "--query-gpu=index,memory.used",
-                "--format=csv,noheader,nounits",
-            ])
-            .output();
-        match out {
-            Ok(out) if out.status.success() => {
-                for (id, bytes) in parse_nvidia_smi_memory(&String::from_utf8_lossy(&out.stdout)) {
-                    self.gpu_memory_used_bytes
-                        .with_label_values(&[id.as_str()])
-                        .set(bytes);
-                }
-            }
-            _ => tracing::debug!("nvidia-smi unavailable; ts_gpu_memory_used_bytes not refreshed"),
+    /// Refreshes `ts_gpu_memory_used_bytes` from `nvidia-smi` (libtorch has no API for GPU
+    /// memory in use) when a model runs on a GPU; call it before [`Metrics::render`] at scrape
+    /// time. nvidia-smi runs on a blocking thread, never on an async worker. A scrape waits
+    /// for it at most [`GPU_QUERY_WAIT`], and one query runs at a time (a scrape that finds
+    /// one running does not start another); either way the gauge keeps its last values, as
+    /// it does without nvidia-smi.
+    pub async fn refresh_gpu_memory(&self) {
+        if !self.gpu_enabled.load(Ordering::Acquire)
+            || self.gpu_query_running.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let gauge = self.gpu_memory_used_bytes.clone();
+        let running = self.gpu_query_running.clone();
+        let query = tokio::task::spawn_blocking(move || {
+            query_gpu_memory(&gauge);
+            running.store(false, Ordering::Release);
+        });
+        if tokio::time::timeout(GPU_QUERY_WAIT, query).await.is_err() {
+            tracing::warn!(
+                wait_s = GPU_QUERY_WAIT.as_secs_f64(),
+                "nvidia-smi has not answered; ts_gpu_memory_used_bytes keeps its last values"
+            );
         }
     }
 
@@ -217,11 +230,9 @@ impl Metrics {
         self.requests[i].inc();
     }
 
-    /// The Prometheus text exposition, optionally only the families named in `names`.
+    /// The Prometheus text exposition, optionally only the families named in `names`. The
+    /// GPU gauge holds what [`Metrics::refresh_gpu_memory`] last read.
     pub fn render(&self, names: &[String]) -> String {
-        if self.gpu_enabled.load(Ordering::Acquire) {
-            self.refresh_gpu_memory();
-        }
         let mut families = self.registry.gather();
         if !names.is_empty() {
             families.retain(|f| names.iter().any(|n| n == f.name()));
@@ -229,6 +240,24 @@ impl Metrics {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&families, &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Reads GPU memory in use from `nvidia-smi` into `gauge`. Blocking: it runs a process.
+fn query_gpu_memory(gauge: &GaugeVec) {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=index,memory.used",
+            "--format=csv,noheader,nounits",
+        ])
+        .output();
+    match out {
+        Ok(out) if out.status.success() => {
+            for (id, bytes) in parse_nvidia_smi_memory(&String::from_utf8_lossy(&out.stdout)) {
+                gauge.with_label_values(&[id.as_str()]).set(bytes);
+            }
+        }
+        _ => tracing::debug!("nvidia-smi unavailable; ts_gpu_memory_used_bytes not refreshed"),
     }
 }
 

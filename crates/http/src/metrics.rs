@@ -14,6 +14,8 @@ pub fn routes() -> Router<AppState> {
 
 async fn metrics(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
     let names = filter_names(query.as_deref().unwrap_or(""));
+    // nvidia-smi runs on a blocking thread; the scrape awaits it (briefly) here.
+    state.metrics.refresh_gpu_memory().await;
     let mut resp = state.metrics.render(&names).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -154,7 +154,7 @@ impl Access {
             ));
         };
         let api = lock.lock().unwrap_or_else(|e| e.into_inner()).api.clone();
-        if bearer(req) != Some(api.as_str()) {
+        if !bearer_matches(req, &api) {
             return Err(invalid_key("API"));
         }
         let key = new_key();
@@ -198,7 +198,8 @@ impl Access {
             return Ok(());
         };
         let (key, expires) = keys.management;
-        if SystemTime::now() < expires && bearer(req) == Some(key.as_str()) {
+        // Both are checked whatever the other says (`&`, not `&&`).
+        if bearer_matches(req, &key) & (SystemTime::now() < expires) {
             return Ok(());
         }
         Err(invalid_key("management"))
@@ -214,6 +215,16 @@ fn bearer(req: &Request) -> Option<&str> {
         .filter(|rest| rest.starts_with(char::is_whitespace))
         .map(str::trim)
         .filter(|k| !k.is_empty())
+}
+
+/// Whether the request's `Authorization: Bearer` key is `key`, compared in constant time
+/// (how long the comparison takes says nothing about how much of a guess was right). Slices of
+/// unequal length compare false at once, which tells only the length, and every key torchfn
+/// makes has eight characters.
+fn bearer_matches(req: &Request, key: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    let sent = bearer(req).unwrap_or("");
+    !key.is_empty() && bool::from(sent.as_bytes().ct_eq(key.as_bytes()))
 }
 
 fn invalid_key(which: &str) -> HttpError {
@@ -288,5 +299,27 @@ mod tests {
         assert!(!Access::decide(&s).requires_token());
         s.enable_model_api = Some(false);
         assert!(!Access::decide(&s).model_api);
+    }
+
+    #[test]
+    fn only_the_whole_key_matches() {
+        let with = |auth: Option<&str>| {
+            let mut req = Request::new(axum::body::Body::empty());
+            if let Some(auth) = auth {
+                if let Ok(v) = axum::http::HeaderValue::from_str(auth) {
+                    req.headers_mut()
+                        .insert(axum::http::header::AUTHORIZATION, v);
+                }
+            }
+            req
+        };
+        assert!(bearer_matches(&with(Some("Bearer abcd-_12")), "abcd-_12"));
+        assert!(bearer_matches(&with(Some("Bearer  abcd-_12 ")), "abcd-_12"));
+        assert!(!bearer_matches(&with(Some("Bearer abcd-_13")), "abcd-_12"));
+        assert!(!bearer_matches(&with(Some("Bearer abcd")), "abcd-_12"));
+        assert!(!bearer_matches(&with(Some("Bearer abcd-_123")), "abcd-_12"));
+        assert!(!bearer_matches(&with(Some("abcd-_12")), "abcd-_12"));
+        assert!(!bearer_matches(&with(None), "abcd-_12"));
+        assert!(!bearer_matches(&with(None), ""));
     }
 }

@@ -1,18 +1,17 @@
 //! What the S3-triggered registrar does: S3 `ObjectCreated` / `ObjectRemoved` events (direct,
 //! or wrapped in SQS messages) for archives under a prefix become version records in the
-//! registry. A zip archive's manifest is read with ranged reads (end of central directory,
-//! central directory, one entry) before anything else; a tgz archive is streamed once.
+//! registry. What an archive holds is read by `torchfn_archive::inspect`: a zip through ranged
+//! reads (its end, where the central directory is, then the manifest's entry) before anything
+//! else; a tgz archive is streamed once.
 
-use std::io::Read;
+use std::ops::Range;
 
 use serde_json::Value;
 
 use crate::registry::{now_ms, Registered, Registry, RegistryError, VersionRecord, VersionStatus};
-use crate::store::{DownloadOptions, Expect, Location, ObjectStore, StoreError};
-use torchfn_archive::manifest::Manifest;
-
-/// The most bytes a manifest may take.
-const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+use crate::store::{joined, DownloadOptions, Expect, Location, ObjectStore, StoreError};
+use torchfn_archive::inspect::{self, Contents, RangeReader, ZIP_TAIL_BYTES};
+use torchfn_archive::mar::ArchiveFormat;
 
 /// Why an event could not be handled.
 #[derive(Debug, thiserror::Error)]
@@ -190,15 +189,21 @@ pub async fn handle(
         )));
     }
     let magic = store.get_range(&location, 0..4).await?;
-    let (manifest, names, sha256) = if magic.starts_with(b"PK") {
-        let (manifest, names) = zip_manifest(store, &location, meta.size).await?;
+    let format = inspect::format_of(&magic).map_err(|e| refuse(e.to_string()))?;
+    let (
+        Contents {
+            manifest, names, ..
+        },
+        sha256,
+    ) = if format == ArchiveFormat::Zip {
+        let contents = zip_contents(store, &location, meta.size).await?;
         let sha256 = match meta.sha256.clone() {
             Some(sha) => sha,
             None => streamed_sha256(store, &location).await?,
         };
-        (manifest, names, sha256)
+        (contents, sha256)
     } else {
-        tgz_manifest(store, &location).await?
+        tgz_contents(store, &location).await?
     };
     let model = &manifest.model;
     if model.model_file.is_some() {
@@ -215,7 +220,7 @@ pub async fn handle(
     }
     if let Some(handler) = model.handler.as_deref() {
         let file = handler.split(':').next().unwrap_or(handler);
-        let resolvable = torchfn_archive::manifest::BUILTIN_HANDLERS.contains(&file)
+        let resolvable = torchfn_archive::handlers::is_builtin(file)
             || names
                 .iter()
                 .any(|n| n == file || *n == format!("{file}.py"));
@@ -312,88 +317,51 @@ pub async fn record_removal(registry: &Registry, source: &str) -> Result<Outcome
     })
 }
 
-fn u16_at(b: &[u8], i: usize) -> Option<u64> {
-    Some(u64::from(u16::from_le_bytes(
-        b.get(i..i + 2)?.try_into().ok()?,
-    )))
-}
-
-fn u32_at(b: &[u8], i: usize) -> Option<u64> {
-    Some(u64::from(u32::from_le_bytes(
-        b.get(i..i + 4)?.try_into().ok()?,
-    )))
-}
-
-/// The manifest and entry names of a zip archive, from three ranged reads.
-async fn zip_manifest(
+/// The contents of a zip archive, read through ranged GETs: the end of the archive first
+/// (where the central directory is, zip64 records included), then only the ranges the zip
+/// reader asks for beyond it (usually just the manifest's entry).
+async fn zip_contents(
     store: &ObjectStore,
     location: &Location,
     size: u64,
-) -> Result<(Manifest, Vec<String>), RegistrarError> {
-    let refuse = |reason: &str| RegistrarError::Refused {
-        location: location.to_string(),
-        reason: reason.to_string(),
-    };
-    let tail_len = size.min(65_557);
-    let tail = store.get_range(location, size - tail_len..size).await?;
-    let eocd = (0..tail.len().saturating_sub(21))
-        .rev()
-        .find(|&i| tail[i..i + 4] == [0x50, 0x4b, 0x05, 0x06])
-        .ok_or_else(|| refuse("not a zip archive (no end of central directory)"))?;
-    let (cd_size, cd_offset) = (
-        u32_at(&tail, eocd + 12).ok_or_else(|| refuse("truncated zip"))?,
-        u32_at(&tail, eocd + 16).ok_or_else(|| refuse("truncated zip"))?,
+) -> Result<Contents, RegistrarError> {
+    let handle = tokio::runtime::Handle::current();
+    let (store, at) = (store.clone(), location.clone());
+    // The zip reader is synchronous: it runs on a blocking thread whose reads wait for their
+    // ranges. A store failure is kept, to be reported as itself (and retried) rather than as
+    // a damaged archive.
+    let (inspected, failure, fetches, fetched) = joined(
+        tokio::task::spawn_blocking(move || {
+            let mut failure = None;
+            let fetch = |range: Range<u64>| {
+                handle.block_on(store.get_range(&at, range)).map_err(|e| {
+                    let message = e.to_string();
+                    failure = Some(e);
+                    std::io::Error::other(message)
+                })
+            };
+            let mut reader = RangeReader::new(size, fetch);
+            let inspected = match reader.prefetch_tail(ZIP_TAIL_BYTES) {
+                Ok(()) => inspect::inspect_zip(&mut reader),
+                Err(e) => Err(torchfn_archive::error::MarError::Io {
+                    context: "read the end of the archive".into(),
+                    source: e,
+                }),
+            };
+            let (fetches, fetched) = (reader.fetches(), reader.bytes_fetched());
+            drop(reader);
+            (inspected, failure, fetches, fetched)
+        })
+        .await,
     );
-    if cd_offset == 0xffff_ffff || cd_offset + cd_size > size {
-        return Err(refuse("zip64 or damaged central directory"));
+    tracing::debug!(archive = %location, size, fetches, fetched, "zip inspected");
+    if let Some(e) = failure {
+        return Err(e.into());
     }
-    let cd = store
-        .get_range(location, cd_offset..cd_offset + cd_size)
-        .await?;
-    let mut names = Vec::new();
-    let mut manifest_entry = None;
-    let mut i = 0usize;
-    while i + 46 <= cd.len() && cd[i..i + 4] == [0x50, 0x4b, 0x01, 0x02] {
-        let bad = || refuse("damaged central directory");
-        let method = u16_at(&cd, i + 10).ok_or_else(bad)?;
-        let comp = u32_at(&cd, i + 20).ok_or_else(bad)?;
-        let name_len = u16_at(&cd, i + 28).ok_or_else(bad)? as usize;
-        let extra = u16_at(&cd, i + 30).ok_or_else(bad)? as usize;
-        let comment = u16_at(&cd, i + 32).ok_or_else(bad)? as usize;
-        let local = u32_at(&cd, i + 42).ok_or_else(bad)?;
-        let name = String::from_utf8_lossy(cd.get(i + 46..i + 46 + name_len).ok_or_else(bad)?)
-            .into_owned();
-        if name == torchfn_archive::mar::MANIFEST_PATH {
-            manifest_entry = Some((method, comp, local));
-        }
-        names.push(name);
-        i += 46 + name_len + extra + comment;
-    }
-    let (method, comp, local) =
-        manifest_entry.ok_or_else(|| refuse("the archive has no MAR-INF/MANIFEST.json"))?;
-    if comp > MAX_MANIFEST_BYTES {
-        return Err(refuse("the manifest is too large"));
-    }
-    let header = store.get_range(location, local..local + 30).await?;
-    let start = local + 30 + u16_at(&header, 26).unwrap_or(0) + u16_at(&header, 28).unwrap_or(0);
-    let data = store.get_range(location, start..start + comp).await?;
-    let mut bytes = Vec::new();
-    match method {
-        0 => bytes = data,
-        8 => {
-            flate2::read::DeflateDecoder::new(&data[..])
-                .take(MAX_MANIFEST_BYTES)
-                .read_to_end(&mut bytes)
-                .map_err(|e| refuse(&format!("the manifest does not inflate: {e}")))?;
-        }
-        _ => {
-            return Err(refuse(
-                "the manifest uses an unsupported compression method",
-            ))
-        }
-    }
-    let manifest = Manifest::parse(&bytes).map_err(|e| refuse(&e.to_string()))?;
-    Ok((manifest, names))
+    inspected.map_err(|e| RegistrarError::Refused {
+        location: location.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// A scratch folder for one archive.
@@ -424,11 +392,11 @@ async fn streamed_sha256(
     Ok(report.sha256)
 }
 
-/// A tgz archive streamed once: its SHA-256, entry names (top folder stripped) and manifest.
-async fn tgz_manifest(
+/// A tgz archive streamed once: its SHA-256 and contents.
+async fn tgz_contents(
     store: &ObjectStore,
     location: &Location,
-) -> Result<(Manifest, Vec<String>, String), RegistrarError> {
+) -> Result<(Contents, String), RegistrarError> {
     let dir = scratch()?;
     let path = dir.path().join("archive");
     let report = store
@@ -439,41 +407,23 @@ async fn tgz_manifest(
             DownloadOptions::default(),
         )
         .await?;
-    let refuse = |reason: String| RegistrarError::Refused {
+    let inspected = joined(
+        tokio::task::spawn_blocking(move || {
+            let file =
+                std::fs::File::open(&path).map_err(|e| torchfn_archive::error::MarError::Io {
+                    context: "read the downloaded archive".into(),
+                    source: e,
+                })?;
+            inspect::inspect_tgz(std::io::BufReader::new(file))
+        })
+        .await,
+    );
+    drop(dir);
+    let contents = inspected.map_err(|e| RegistrarError::Refused {
         location: location.to_string(),
-        reason,
-    };
-    let file = std::fs::File::open(&path).map_err(|e| refuse(e.to_string()))?;
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
-    let mut names = Vec::new();
-    let mut manifest = None;
-    for entry in archive
-        .entries()
-        .map_err(|e| refuse(format!("not a tar.gz: {e}")))?
-    {
-        let mut entry = entry.map_err(|e| refuse(format!("damaged tar.gz: {e}")))?;
-        let full = entry
-            .path()
-            .map_err(|e| refuse(e.to_string()))?
-            .to_string_lossy()
-            .into_owned();
-        let name = full
-            .split_once('/')
-            .map_or(full.as_str(), |(_, rest)| rest)
-            .to_string();
-        if name == torchfn_archive::mar::MANIFEST_PATH {
-            let mut bytes = Vec::new();
-            (&mut entry)
-                .take(MAX_MANIFEST_BYTES)
-                .read_to_end(&mut bytes)
-                .map_err(|e| refuse(e.to_string()))?;
-            manifest = Some(Manifest::parse(&bytes).map_err(|e| refuse(e.to_string()))?);
-        }
-        names.push(name);
-    }
-    let manifest =
-        manifest.ok_or_else(|| refuse("the archive has no MAR-INF/MANIFEST.json".into()))?;
-    Ok((manifest, names, report.sha256))
+        reason: e.to_string(),
+    })?;
+    Ok((contents, report.sha256))
 }
 
 #[cfg(test)]

@@ -19,9 +19,10 @@
 //! Other settings: `TORCHFN_MODEL_NAME` (the name served), `TORCHFN_HANDLER` (a built-in
 //! handler, or one the function registered, for archives that name a Python handler),
 //! `TORCHFN_BATCH_SIZE`, `TORCHFN_MAX_BATCH_DELAY_MS`, `TORCHFN_JOB_QUEUE_SIZE`,
-//! `TORCHFN_DEVICE`, `TORCHFN_SHUTDOWN_BUDGET_MS`, `OMP_NUM_THREADS` (libtorch threads per
-//! model thread); logs honour `AWS_LAMBDA_LOG_LEVEL` / `RUST_LOG` and
-//! `AWS_LAMBDA_LOG_FORMAT=JSON`.
+//! `TORCHFN_DEVICE`, `TORCHFN_SHUTDOWN_BUDGET_MS`, `TORCHFN_POLL_SECONDS`, `OMP_NUM_THREADS`
+//! (libtorch threads per model thread); logs honour `AWS_LAMBDA_LOG_LEVEL` / `RUST_LOG` and
+//! `AWS_LAMBDA_LOG_FORMAT=JSON`. `torchfn-model --help` lists the settings ([`Args`]); each
+//! is a flag too, and a blank variable counts as unset.
 //!
 //! This crate is a library and a binary. The `torchfn-model` binary is
 //! `torchfn_model::main_with(|| {})`; a model function of one's own (a crate in `functions/`,
@@ -38,50 +39,108 @@ use torchfn_archive::settings::Settings;
 use torchfn_engine::manager::{LoadSpec, Manager};
 use torchfn_engine::metrics::Metrics;
 use torchfn_http::{self as api, AppState};
+use torchfn_lambda::emf::{self, Metric};
+use torchfn_lambda::shutdown;
 use torchfn_store::registry::{Registry, VersionStatus};
 use torchfn_store::store::{Expect, Location, ObjectStore};
 
-#[path = "../../support/lambda_env.rs"]
-mod lambda_env;
-mod shutdown;
-use lambda_env::env;
+pub mod stage;
 
-fn env_num<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>> {
-    env(name)
-        .map(|v| {
-            v.trim()
-                .parse()
-                .map_err(|_| anyhow::anyhow!("{name}={v} is not a whole number"))
-        })
-        .transpose()
+/// A model function's settings, from flags or the environment (under Lambda, the function's
+/// environment variables); a blank variable counts as unset.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// The archive to serve: `s3://bucket/key.mar` or a path.
+    #[arg(long, env = "TORCHFN_MODEL_URI", value_name = "URI")]
+    pub model_uri: Option<String>,
+    /// The archive's expected SHA-256 (hex), with `--model-uri`.
+    #[arg(long, env = "TORCHFN_MODEL_SHA256", value_name = "HEX")]
+    pub model_sha256: Option<String>,
+    /// The registry to serve a registered model from: `s3://bucket/prefix` or a folder.
+    #[arg(long, env = "TORCHFN_REGISTRY", value_name = "URI")]
+    pub registry: Option<String>,
+    /// The model's name: the one served, and the one looked up in the registry.
+    #[arg(long, env = "TORCHFN_MODEL_NAME", value_name = "NAME")]
+    pub model_name: Option<String>,
+    /// A registered version to serve (pinned); unset, the registry's default is served and
+    /// followed.
+    #[arg(long, env = "TORCHFN_MODEL_VERSION", value_name = "VERSION")]
+    pub model_version: Option<String>,
+    /// The handler for archives that name a Python handler: a built-in one, or one the
+    /// function registered.
+    #[arg(long, env = "TORCHFN_HANDLER", value_name = "NAME")]
+    pub handler: Option<String>,
+    /// The most requests in one forward pass.
+    #[arg(long, env = "TORCHFN_BATCH_SIZE", value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// How long a pass waits to fill its batch, in milliseconds.
+    #[arg(long, env = "TORCHFN_MAX_BATCH_DELAY_MS", value_name = "MS")]
+    pub max_batch_delay_ms: Option<u64>,
+    /// The most requests waiting for a pass.
+    #[arg(long, env = "TORCHFN_JOB_QUEUE_SIZE", value_name = "N")]
+    pub job_queue_size: Option<usize>,
+    /// The device to run on (`cpu`, `cuda`, `cuda:N`, …).
+    #[arg(long, env = "TORCHFN_DEVICE", value_name = "DEVICE")]
+    pub device: Option<String>,
+    /// Lambda's SHUTDOWN phase: milliseconds to answer the invocations in flight and clean
+    /// up (inside Lambda's 500).
+    #[arg(
+        long,
+        env = "TORCHFN_SHUTDOWN_BUDGET_MS",
+        value_name = "MS",
+        default_value_t = 400
+    )]
+    pub shutdown_budget_ms: u64,
+    /// How often a function following the registry's default checks it, in seconds.
+    #[arg(
+        long,
+        env = "TORCHFN_POLL_SECONDS",
+        value_name = "SECONDS",
+        default_value_t = 30
+    )]
+    pub poll_seconds: u64,
+    /// Outside Lambda: the address to serve on.
+    #[arg(
+        long,
+        env = "TORCHFN_HOST",
+        value_name = "HOST",
+        default_value = "0.0.0.0"
+    )]
+    pub host: String,
+    /// Outside Lambda: the port to serve on.
+    #[arg(long, env = "PORT", value_name = "PORT", default_value_t = 8080)]
+    pub port: u16,
 }
 
-fn settings() -> anyhow::Result<Settings> {
+fn settings(args: &Args) -> anyhow::Result<Settings> {
     let mut s = Settings::default();
-    if let Some(n) = env_num("TORCHFN_BATCH_SIZE")? {
+    if let Some(n) = args.batch_size {
         s.batch_size = n;
     }
-    if let Some(ms) = env_num("TORCHFN_MAX_BATCH_DELAY_MS")? {
+    if let Some(ms) = args.max_batch_delay_ms {
         s.max_batch_delay = Duration::from_millis(ms);
     }
-    if let Some(n) = env_num("TORCHFN_JOB_QUEUE_SIZE")? {
+    if let Some(n) = args.job_queue_size {
         s.job_queue_size = n;
     }
-    if let Some(d) = env("TORCHFN_DEVICE") {
-        s.device = d.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    if let Some(d) = &args.device {
+        s.device = d
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("TORCHFN_DEVICE: {e}"))?;
     }
     // Lambda gives each environment /tmp; archives unpack there.
     s.unpack_dir = Some(std::env::temp_dir());
     // Lambda's limit for a synchronous invocation's payload; the plain-HTTP mode keeps it.
     s.max_request_size = 6 * 1024 * 1024;
-    s.default_service_handler = env("TORCHFN_HANDLER");
+    s.default_service_handler = args.handler.clone();
     Ok(s)
 }
 
 /// Which archive to load, from the environment (and the registry when one is named).
-async fn resolve(store: &ObjectStore) -> anyhow::Result<LoadSpec> {
-    let name = env("TORCHFN_MODEL_NAME");
-    if let Some(uri) = env("TORCHFN_MODEL_URI") {
+async fn resolve(args: &Args, store: &ObjectStore) -> anyhow::Result<LoadSpec> {
+    let name = args.model_name.clone();
+    if let Some(uri) = args.model_uri.clone() {
         let source: Location = uri.parse()?;
         return Ok(LoadSpec {
             url: uri,
@@ -91,18 +150,18 @@ async fn resolve(store: &ObjectStore) -> anyhow::Result<LoadSpec> {
             params: Default::default(),
             expect: Expect {
                 size: None,
-                sha256: env("TORCHFN_MODEL_SHA256"),
+                sha256: args.model_sha256.clone(),
             },
         });
     }
-    let (Some(registry), Some(name)) = (env("TORCHFN_REGISTRY"), name) else {
+    let (Some(registry), Some(name)) = (&args.registry, name) else {
         bail!(
             "no model configured: set TORCHFN_MODEL_URI (an archive), or TORCHFN_REGISTRY and \
              TORCHFN_MODEL_NAME (a registered model)"
         );
     };
     let registry = Registry::new(store.clone(), registry.parse()?);
-    let version = match env("TORCHFN_MODEL_VERSION") {
+    let version = match args.model_version.clone() {
         Some(v) => v,
         None => {
             registry
@@ -215,44 +274,48 @@ struct Served {
     manager: Arc<Manager>,
 }
 
-/// One CloudWatch Embedded Metric Format line for a prediction: latency, queue time and
-/// batch size, with the model and version as the only dimensions.
-fn emf_line(served: &Served, latency_us: u128, headers: &axum::http::HeaderMap) -> Option<String> {
+/// A prediction's CloudWatch Embedded Metric Format line: latency, queue time and batch
+/// size, with the model and version as the only dimensions. Nothing for an answer without
+/// the batcher's headers (not a prediction).
+fn write_emf(served: &Served, latency_us: u128, headers: &axum::http::HeaderMap) {
     let header = |name: &str| -> Option<u64> { headers.get(name)?.to_str().ok()?.parse().ok() };
-    let queue_us = header("x-torchfn-queue-us")?;
-    let batch = header("x-torchfn-batch-size")?;
-    let timestamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let line = serde_json::json!({
-        "_aws": {
-            "Timestamp": timestamp,
-            "CloudWatchMetrics": [{
-                "Namespace": "torchfn",
-                "Dimensions": [["model", "version"]],
-                "Metrics": [
-                    {"Name": "Latency", "Unit": "Microseconds"},
-                    {"Name": "QueueTime", "Unit": "Microseconds"},
-                    {"Name": "BatchSize", "Unit": "Count"}
-                ]
-            }]
-        },
-        "model": &*served.model,
-        "version": served
-            .manager
-            .get(&served.model, None)
-            .map(|m| m.version.clone())
-            .unwrap_or_default(),
-        "Latency": latency_us as u64,
-        "QueueTime": queue_us,
-        "BatchSize": batch,
-    });
-    Some(line.to_string())
+    let (Some(queue_us), Some(batch)) =
+        (header("x-torchfn-queue-us"), header("x-torchfn-batch-size"))
+    else {
+        return;
+    };
+    let version = served
+        .manager
+        .get(&served.model, None)
+        .map(|m| m.version.clone())
+        .unwrap_or_default();
+    emf::write(
+        "torchfn",
+        &[("model", &served.model), ("version", &version)],
+        &[
+            Metric {
+                name: "Latency",
+                unit: "Microseconds",
+                value: u64::try_from(latency_us).unwrap_or(u64::MAX),
+            },
+            Metric {
+                name: "QueueTime",
+                unit: "Microseconds",
+                value: queue_us,
+            },
+            Metric {
+                name: "BatchSize",
+                unit: "Count",
+                value: batch,
+            },
+        ],
+    );
 }
 
 /// One Lambda HTTP event through the router; the answer's body is kept as text when it is
-/// UTF-8 (JSON answers) and sent base64-encoded otherwise. A prediction also prints its EMF
-/// line to stdout, where Lambda's log capture turns it into metrics.
+/// UTF-8 (JSON answers) and sent base64-encoded otherwise. API Gateway's stage is taken off
+/// the path first (module [`stage`]). A prediction also prints its EMF line to stdout, where
+/// Lambda's log capture turns it into metrics.
 async fn invoke(
     router: axum::Router,
     served: Served,
@@ -260,11 +323,10 @@ async fn invoke(
 ) -> Result<lambda_http::Response<lambda_http::Body>, lambda_http::Error> {
     use tower::ServiceExt;
     let started = std::time::Instant::now();
+    let req = stage::strip_stage(req);
     let resp = router.oneshot(req.map(axum::body::Body::new)).await?;
     let (parts, body) = resp.into_parts();
-    if let Some(line) = emf_line(&served, started.elapsed().as_micros(), &parts.headers) {
-        println!("{line}");
-    }
+    write_emf(&served, started.elapsed().as_micros(), &parts.headers);
     let bytes = axum::body::to_bytes(body, usize::MAX).await?.to_vec();
     let body = match String::from_utf8(bytes) {
         Ok(text) => lambda_http::Body::Text(text),
@@ -273,11 +335,10 @@ async fn invoke(
     Ok(lambda_http::Response::from_parts(parts, body))
 }
 
-/// Runs a model function: `setup` first, on the calling thread before any other thread
-/// starts (register custom handlers there with `torchfn_engine::handler::register`; it may
-/// also set environment defaults, which the settings below then read), then everything
-/// `torchfn-model` does: settings from the environment, the model loaded, and serving under
-/// Lambda or over plain HTTP until shut down.
+/// Runs a model function: its settings parsed first (`--help` answers there), then `setup`,
+/// on the calling thread before any other thread starts (register custom handlers there with
+/// `torchfn_engine::handler::register`), then everything `torchfn-model` does: the model
+/// loaded, and serving under Lambda or over plain HTTP until shut down.
 ///
 /// ```no_run
 /// fn main() -> anyhow::Result<()> {
@@ -287,34 +348,30 @@ async fn invoke(
 /// }
 /// ```
 pub fn main_with(setup: impl FnOnce()) -> anyhow::Result<()> {
+    // A settings error is reported once logging is up (and, under Lambda, to the Runtime API).
+    let args = torchfn_lambda::settings::parse::<Args>();
     setup();
-    // API Gateway REST APIs (and HTTP APIs with a named stage) put the stage in front of the
-    // path (`/prod/predictions/m`); the routes are the same under every stage. Set before any
-    // thread starts.
-    if std::env::var_os("AWS_LAMBDA_HTTP_IGNORE_STAGE_IN_PATH").is_none() {
-        std::env::set_var("AWS_LAMBDA_HTTP_IGNORE_STAGE_IN_PATH", "true");
-    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("could not start the async runtime")?
-        .block_on(run())
+        .block_on(run(args))
 }
 
 /// Everything done before the first event (Lambda's INIT phase): settings, the archive, the
 /// loaded model, the registry watch.
 struct Ready {
+    args: Args,
     manager: Arc<Manager>,
     model_name: String,
     router: axum::Router,
-    shutdown_budget: Duration,
 }
 
-async fn init() -> anyhow::Result<Ready> {
-    let settings = settings()?;
-    let shutdown_budget = shutdown::budget()?;
+async fn init(args: Result<Args, clap::Error>) -> anyhow::Result<Ready> {
+    let args = args.context("invalid settings")?;
+    let settings = settings(&args)?;
     let store = ObjectStore::from_env();
-    let spec = resolve(&store).await?;
+    let spec = resolve(&args, &store).await?;
     let metrics = Arc::new(Metrics::new().context("could not create metrics")?);
     let manager =
         Arc::new(Manager::new(settings, metrics).context("could not create the unpack folder")?);
@@ -328,8 +385,8 @@ async fn init() -> anyhow::Result<Ready> {
     tracing::info!(model = %model.name, version = %model.version, "model function ready");
     state.set_ready();
     // Following the registry's default (not pinned): notice a new default while warm.
-    if let (Some(root), None) = (env("TORCHFN_REGISTRY"), env("TORCHFN_MODEL_VERSION")) {
-        let every = Duration::from_secs(env_num("TORCHFN_POLL_SECONDS")?.unwrap_or(30));
+    if let (Some(root), None) = (&args.registry, &args.model_version) {
+        let every = Duration::from_secs(args.poll_seconds);
         let registry = Registry::new(store.clone(), root.parse()?);
         tokio::spawn(follow_default(
             registry,
@@ -339,48 +396,33 @@ async fn init() -> anyhow::Result<Ready> {
             every,
         ));
     }
+    // Lambda sets these; the runtime client cannot start without them.
+    torchfn_lambda::check_environment()?;
     Ok(Ready {
+        args,
         manager,
         model_name: model.name.clone(),
         router: api::function_router(state),
-        shutdown_budget,
     })
 }
 
-async fn run() -> anyhow::Result<()> {
-    lambda_env::init_logging();
+async fn run(args: Result<Args, clap::Error>) -> anyhow::Result<()> {
+    torchfn_lambda::init_logging();
     let Ready {
+        args,
         manager,
         model_name,
         router,
-        shutdown_budget,
-    } = match init().await {
+    } = match init(args).await {
         Ok(ready) => ready,
         Err(e) => {
             // Under Lambda the pending invocation then fails at once with this message.
-            lambda_env::report_init_error(&e).await;
+            torchfn_lambda::report_init_error(&e).await;
             return Err(e);
         }
     };
 
-    if env("AWS_LAMBDA_RUNTIME_API").is_some() {
-        // Lambda sets these; the runtime client cannot start without them.
-        let missing: Vec<&str> = [
-            "AWS_LAMBDA_FUNCTION_NAME",
-            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
-            "AWS_LAMBDA_FUNCTION_VERSION",
-        ]
-        .into_iter()
-        .filter(|name| env(name).is_none())
-        .collect();
-        if !missing.is_empty() {
-            let e = anyhow::anyhow!(
-                "AWS_LAMBDA_RUNTIME_API is set but {} not (Lambda sets them all)",
-                missing.join(", ")
-            );
-            lambda_env::report_init_error(&e).await;
-            return Err(e);
-        }
+    if torchfn_lambda::in_lambda() {
         // Each invocation goes through the same router; concurrent invocations of one
         // environment (AWS_LAMBDA_MAX_CONCURRENCY > 1) share the model's micro-batcher.
         let served = Served {
@@ -394,19 +436,28 @@ async fn run() -> anyhow::Result<()> {
         });
         // Lambda's SHUTDOWN phase: the extension registered before the first invocation is
         // asked for. The signal is handled even where no extension could be registered (an
-        // emulator stopping the function still gets a clean exit).
+        // emulator stopping the function still gets a clean exit): the invocations in flight
+        // answered, the model's workers stopped, the unpacked archive removed from /tmp.
         let inflight = Arc::new(shutdown::InFlight::default());
         shutdown::register_extension().await;
-        shutdown::on_signal(manager.clone(), inflight.clone(), shutdown_budget);
+        let stopping = manager.clone();
+        shutdown::on_signal(
+            api::shutdown_signal(),
+            inflight.clone(),
+            Duration::from_millis(args.shutdown_budget_ms),
+            shutdown::Cleanup {
+                stop: Box::new(move || stopping.shutdown()),
+                remove: Some(manager.unpack_root().to_path_buf()),
+            },
+        );
         return lambda_http::lambda_runtime::Runtime::new(lambda_http::Adapter::from(handler))
             .layer(shutdown::CountInvocations::layer(inflight))
             .run_concurrent()
             .await
             .map_err(|e| anyhow::anyhow!("Lambda runtime stopped: {e}"));
     }
-    let host = env("TORCHFN_HOST").unwrap_or_else(|| "0.0.0.0".into());
-    let port: u16 = env_num("PORT")?.unwrap_or(8080);
-    let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+    let (host, port) = (args.host.as_str(), args.port);
+    let listener = tokio::net::TcpListener::bind((host, port))
         .await
         .with_context(|| format!("could not bind {host}:{port}"))?;
     println!("Inference API bind to: http://{}", listener.local_addr()?);

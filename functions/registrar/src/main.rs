@@ -3,24 +3,48 @@
 //! prefix becomes a version record in the registry (and the default when it is the highest
 //! version, unless the model is pinned); each `ObjectRemoved` marks its version removed.
 //!
-//! Environment: `TORCHFN_REGISTRY` (`s3://bucket/prefix`), `TORCHFN_ARCHIVE_PREFIX`
-//! (default `archives/`), `TORCHFN_MAX_ARCHIVE_BYTES` (default 10 GiB); AWS settings from the
-//! standard environment. It links no libtorch.
+//! Settings (`torchfn-registrar --help` lists them): `TORCHFN_REGISTRY` (`s3://bucket/prefix`),
+//! `TORCHFN_ARCHIVE_PREFIX` (default `archives/`), `TORCHFN_MAX_ARCHIVE_BYTES` (default
+//! 10 GiB); AWS settings from the standard environment. It links no libtorch.
 //!
 //! An archive that is refused (not a model archive, eager-mode, missing files) is logged and
 //! not retried; a store or registry failure fails the invocation so that S3 or SQS retries it
 //! (and SQS finally moves it to the dead-letter queue).
 
+mod events;
+
 use anyhow::Context;
 use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::{json, Value};
-use torchfn_store::registrar::{handle, parse_events, Outcome, RegistrarConfig, RegistrarError};
+use torchfn_store::registrar::{handle, Outcome, RegistrarConfig, RegistrarError};
 use torchfn_store::registry::Registry;
 use torchfn_store::store::ObjectStore;
 
-#[path = "../../support/lambda_env.rs"]
-mod lambda_env;
-use lambda_env::env;
+/// The registrar's settings, from flags or (under Lambda) the environment; a blank variable
+/// counts as unset.
+#[derive(Debug, clap::Parser)]
+#[command(name = "torchfn-registrar", version, about)]
+struct Args {
+    /// The registry the versions are recorded in (`s3://bucket/prefix`). Required.
+    #[arg(long, env = "TORCHFN_REGISTRY", value_name = "URI")]
+    registry: Option<String>,
+    /// Only objects under this key prefix are archives.
+    #[arg(
+        long,
+        env = "TORCHFN_ARCHIVE_PREFIX",
+        value_name = "PREFIX",
+        default_value = "archives/"
+    )]
+    archive_prefix: String,
+    /// Larger archives are refused.
+    #[arg(
+        long,
+        env = "TORCHFN_MAX_ARCHIVE_BYTES",
+        value_name = "BYTES",
+        default_value_t = 10 << 30
+    )]
+    max_archive_bytes: u64,
+}
 
 async fn on_event(
     registry: &Registry,
@@ -28,7 +52,7 @@ async fn on_event(
     config: &RegistrarConfig,
     payload: Value,
 ) -> Result<Value, lambda_runtime::Error> {
-    let events = parse_events(&payload)?;
+    let events = events::archive_events(payload)?;
     let mut outcomes = Vec::with_capacity(events.len());
     for event in &events {
         let outcome = match handle(registry, store, config, event).await {
@@ -52,12 +76,14 @@ async fn on_event(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    lambda_env::init_logging();
-    let (registry, store, config) = match setup() {
+    // `--help` and `--version` answer before anything starts.
+    let args = torchfn_lambda::settings::parse::<Args>();
+    torchfn_lambda::init_logging();
+    let (registry, store, config) = match setup(args) {
         Ok(parts) => parts,
         Err(e) => {
             // A bad configuration fails the start, and Lambda is told why.
-            lambda_env::report_init_error(&e).await;
+            torchfn_lambda::report_init_error(&e).await;
             return Err(e);
         }
     };
@@ -69,19 +95,18 @@ async fn main() -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("Lambda runtime stopped: {e}"))
 }
 
-/// The registry, store and settings, from the environment.
-fn setup() -> anyhow::Result<(Registry, ObjectStore, RegistrarConfig)> {
-    let registry_root = env("TORCHFN_REGISTRY")
+/// The registry, store and settings.
+fn setup(
+    args: Result<Args, clap::Error>,
+) -> anyhow::Result<(Registry, ObjectStore, RegistrarConfig)> {
+    let args = args.context("invalid settings")?;
+    torchfn_lambda::check_environment()?;
+    let registry_root = args
+        .registry
         .context("TORCHFN_REGISTRY (s3://bucket/prefix of the registry) is not set")?;
     let config = RegistrarConfig {
-        prefix: env("TORCHFN_ARCHIVE_PREFIX").unwrap_or_else(|| "archives/".into()),
-        max_archive_bytes: env("TORCHFN_MAX_ARCHIVE_BYTES")
-            .map(|v| {
-                v.parse()
-                    .context("TORCHFN_MAX_ARCHIVE_BYTES is not a number")
-            })
-            .transpose()?
-            .unwrap_or(10 << 30),
+        prefix: args.archive_prefix,
+        max_archive_bytes: args.max_archive_bytes,
     };
     let store = ObjectStore::from_env();
     let registry = Registry::new(store.clone(), registry_root.parse()?);

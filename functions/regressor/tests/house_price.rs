@@ -7,8 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../../tests/common/mod.rs"]
-mod common;
+use torchfn_test_support as common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use tch::{Device, IValue, Kind, Tensor};
 
 use super::decode::{decode_list, f32_json, parse_json, tensor_from_json, Decoded, Instance};
+use super::output::{device_of, shape_of};
 use super::{single_tensor, tensors, Handler, Request};
 use crate::error::{ErrorKind, ServeError};
 use crate::session::SessionError;
@@ -134,15 +135,21 @@ pub(super) fn softmax_rows(
     output: &Tensor,
     rows: usize,
 ) -> Result<(Vec<f32>, usize), SessionError> {
-    let size = output.size();
-    if size.len() != 2 || size[0] as usize != rows {
+    let size = shape_of(output)?;
+    let (got, classes) = match size.as_slice() {
+        &[got, classes] => (usize::try_from(got).ok(), usize::try_from(classes).ok()),
+        other => (other.first().and_then(|&n| usize::try_from(n).ok()), None),
+    };
+    let (Some(classes), true) = (classes, got == Some(rows)) else {
         return Err(SessionError::BatchMismatch {
             sent: rows,
-            got: size.first().copied().unwrap_or(0) as usize,
+            got: got.unwrap_or(0),
         });
-    }
-    let classes = size[1] as usize;
-    let logits = if output.device() == Device::Cpu && output.kind() == Kind::Float {
+    };
+    let len = rows.checked_mul(classes).ok_or_else(|| {
+        SessionError::OutputForm(format!("the model returned a tensor of shape {size:?}"))
+    })?;
+    let logits = if device_of(output)? == Device::Cpu && output.f_kind()? == Kind::Float {
         output.f_contiguous()?
     } else {
         output
@@ -150,8 +157,8 @@ pub(super) fn softmax_rows(
             .f_to_kind(Kind::Float)?
             .f_contiguous()?
     };
-    let mut flat = vec![0f32; rows * classes];
-    logits.f_copy_data(&mut flat, rows * classes)?;
+    let mut flat = vec![0f32; len];
+    logits.f_copy_data(&mut flat, len)?;
     for row in flat.chunks_mut(classes.max(1)) {
         softmax(row);
     }

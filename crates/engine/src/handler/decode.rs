@@ -139,102 +139,92 @@ pub fn form_input(request: &super::Request<'_>) -> Result<Option<Vec<u8>>, Serve
         })
 }
 
+/// The longest multipart boundary taken (RFC 2046 allows 70 characters).
+const MAX_BOUNDARY: usize = 200;
+
+/// A `multipart/form-data` body's named fields, parsed by `multer`.
+///
+/// `multer` is asynchronous, and decoding runs on the server's async worker, so it must not
+/// block. The body is already in memory: it is handed over as one ready chunk of a stream, and
+/// the parse is polled once with a waker that does nothing ([`ready_now`]). Every step of it
+/// then completes without waiting; should `multer` ever answer "pending" (it does so, without
+/// arranging a wake-up, on input it cannot continue), that is the client's malformed body,
+/// never a wait.
 fn multipart_fields(request: &super::Request<'_>) -> Result<Vec<(String, Vec<u8>)>, ServeError> {
-    let boundary = request
-        .content_type
-        .unwrap_or("")
-        .split(';')
-        .skip(1)
-        .filter_map(|p| p.trim().strip_prefix("boundary="))
-        .map(|b| b.trim_matches('"').to_string())
-        .next()
-        .filter(|b| !b.is_empty() && b.len() <= 200)
+    let boundary = multer::parse_boundary(request.content_type.unwrap_or(""))
+        .ok()
+        .filter(|b| !b.is_empty() && b.len() <= MAX_BOUNDARY)
         .ok_or_else(|| ServeError::bad_request("multipart/form-data without a boundary"))?;
-    let delimiter = format!("--{boundary}");
-    let body = request.body;
-    let mut fields = Vec::new();
-    let mut starts = find_all(body, delimiter.as_bytes());
-    if starts.is_empty() {
-        return Err(ServeError::bad_request(
-            "the multipart body does not contain its boundary",
-        ));
-    }
-    starts.push(body.len());
-    for pair in starts.windows(2) {
-        let part = &body[pair[0] + delimiter.len()..pair[1]];
-        if part.starts_with(b"--") {
-            break;
+    let chunk: Result<Vec<u8>, std::convert::Infallible> = Ok(request.body.to_vec());
+    let mut multipart = multer::Multipart::new(futures_util::stream::iter([chunk]), boundary);
+    let parse = async move {
+        let mut fields = Vec::new();
+        while let Some(field) = multipart.next_field().await? {
+            let name = field.name().map(str::to_owned);
+            let content = field.bytes().await?;
+            if let Some(name) = name {
+                fields.push((name, content.to_vec()));
+            }
         }
-        let part = part.strip_prefix(b"\r\n").unwrap_or(part);
-        let Some(split) = find_all(part, b"\r\n\r\n").first().copied() else {
-            continue;
-        };
-        let headers = String::from_utf8_lossy(&part[..split]);
-        let content = &part[split + 4..];
-        let content = content.strip_suffix(b"\r\n").unwrap_or(content);
-        let name = headers
-            .lines()
-            .find(|l| l.to_ascii_lowercase().starts_with("content-disposition"))
-            .and_then(|l| {
-                l.split(';')
-                    .filter_map(|p| p.trim().strip_prefix("name="))
-                    .map(|n| n.trim_matches('"').to_string())
-                    .next()
-            });
-        if let Some(name) = name {
-            fields.push((name, content.to_vec()));
-        }
+        Ok::<_, multer::Error>(fields)
+    };
+    match ready_now(parse) {
+        Some(Ok(fields)) => Ok(fields),
+        Some(Err(e)) => Err(ServeError::bad_request(format!(
+            "the multipart/form-data body is not valid: {e}"
+        ))),
+        None => Err(ServeError::bad_request(
+            "the multipart/form-data body is not valid: it cannot be read to its end",
+        )),
     }
-    Ok(fields)
 }
 
-/// Offsets where `needle` starts in `hay` (non-overlapping).
-fn find_all(hay: &[u8], needle: &[u8]) -> Vec<usize> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i + needle.len() <= hay.len() {
-        if &hay[i..i + needle.len()] == needle {
-            out.push(i);
-            i += needle.len();
-        } else {
-            i += 1;
-        }
+/// The output of a future whose every step is ready (it does no I/O and waits on nothing),
+/// from polling it once; `None` if it is not finished then. Never blocks.
+fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
     }
-    out
 }
 
+/// An `application/x-www-form-urlencoded` body's fields. Values stay bytes: TorchServe hands a
+/// handler the raw bytes of a field, and a binary value must arrive intact. `form_urlencoded`
+/// decodes values into UTF-8 strings (replacing invalid sequences), which would corrupt binary
+/// payloads, so values are decoded with `percent-encoding` (after `+` → space, which it leaves
+/// alone). A `%` not followed by two hex digits is the client's error, as in TorchServe.
 fn urlencoded_fields(body: &[u8]) -> Result<Vec<(String, Vec<u8>)>, ServeError> {
     body.split(|b| *b == b'&')
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
-            let mut it = kv.splitn(2, |b| *b == b'=');
-            let k = percent_decode(it.next().unwrap_or_default())?;
-            let v = percent_decode(it.next().unwrap_or_default())?;
+            let (k, v) = match kv.iter().position(|b| *b == b'=') {
+                Some(at) => (&kv[..at], &kv[at + 1..]),
+                None => (kv, &[][..]),
+            };
+            let k = form_decode(k)?;
+            let v = form_decode(v)?;
             Ok((String::from_utf8_lossy(&k).into_owned(), v))
         })
         .collect()
 }
 
-fn percent_decode(s: &[u8]) -> Result<Vec<u8>, ServeError> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        match s[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = s
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| ServeError::bad_request("the form body has a bad %-escape"))?;
-                out.push(hex);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
+/// One urlencoded name or value as bytes.
+fn form_decode(s: &[u8]) -> Result<Vec<u8>, ServeError> {
+    let escapes_ok = s.split(|b| *b == b'%').skip(1).all(|after| {
+        after
+            .get(..2)
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_ok {
+        return Err(ServeError::bad_request("the form body has a bad %-escape"));
     }
-    Ok(out)
+    let spaced: Vec<u8> = s
+        .iter()
+        .map(|b| if *b == b'+' { b' ' } else { *b })
+        .collect();
+    Ok(percent_encoding::percent_decode(&spaced).collect())
 }
 
 /// Standard base64 (padded or not, or the URL-safe alphabet), ignoring line breaks.
@@ -264,6 +254,9 @@ pub fn parse_json(body: &[u8]) -> Result<Value, ServeError> {
         .map_err(|e| ServeError::bad_request(format!("request body is not valid JSON: {e}")))
 }
 
+/// The most values reserved ahead of reading them from a JSON array.
+const MAX_CAPACITY_HINT: usize = 1 << 16;
+
 /// A number or nested array of numbers → an instance. `at` names the place for messages.
 pub fn tensor_from_json(value: &Value, at: &str) -> Result<Instance, ServeError> {
     let mut shape = Vec::new();
@@ -279,7 +272,14 @@ pub fn tensor_from_json(value: &Value, at: &str) -> Result<Instance, ServeError>
     if shape.contains(&0) {
         return Err(ServeError::bad_request(format!("{at} is an empty array")));
     }
-    let mut values = Vec::with_capacity(shape.iter().product::<i64>().max(1) as usize);
+    // The shape comes from the first elements only: a small body can claim a huge product
+    // (its other elements then fail the check), so the capacity is only a hint, bounded.
+    let hint = shape
+        .iter()
+        .try_fold(1usize, |a, d| a.checked_mul(usize::try_from(*d).ok()?))
+        .unwrap_or(0)
+        .min(MAX_CAPACITY_HINT);
+    let mut values = Vec::with_capacity(hint);
     fill(value, &shape, at, &mut values)?;
     Ok(Instance::f32(values, shape))
 }
@@ -309,6 +309,9 @@ fn fill(value: &Value, shape: &[i64], at: &str, out: &mut Vec<f32>) -> Result<()
         ))),
         (Value::Array(_), None) => Err(ServeError::bad_request(format!(
             "{at} is an array where a number was expected: arrays must be rectangular"
+        ))),
+        (Value::Number(_), Some(_)) => Err(ServeError::bad_request(format!(
+            "{at} is a number where an array was expected: arrays must be rectangular"
         ))),
         (other, _) => Err(ServeError::bad_request(format!(
             "{at} must be a number, got {}",
@@ -373,7 +376,10 @@ pub fn stack(items: &[&Instance], device: Device) -> Result<Tensor, SessionError
     let t = match &first.input {
         Input::F32(_) => {
             let mut data = Vec::with_capacity(
-                first.shape.iter().product::<i64>().max(1) as usize * items.len(),
+                items
+                    .iter()
+                    .map(|item| item.as_f32().map_or(0, <[f32]>::len))
+                    .sum(),
             );
             for item in items {
                 data.extend_from_slice(item.as_f32().unwrap_or_default());
@@ -409,7 +415,7 @@ pub fn to_device(t: Tensor, device: Device) -> Result<Tensor, SessionError> {
     if device == Device::Cpu {
         Ok(t)
     } else {
-        let kind = t.kind();
+        let kind = t.f_kind()?;
         Ok(t.f_pin_memory(device)?
             .f_to_device_(device, kind, true, false)?)
     }
@@ -417,15 +423,23 @@ pub fn to_device(t: Tensor, device: Device) -> Result<Tensor, SessionError> {
 
 /// Converts a tensor (any float or integer kind, any device) to nested JSON arrays.
 pub fn tensor_to_json(t: &Tensor) -> Result<Value, SessionError> {
+    // tch's `size`, `numel` and `device` panic where libtorch fails (an undefined tensor, a
+    // nested tensor's sizes): only their fallible forms are used here.
+    if !t.defined() {
+        return Err(SessionError::Output("an undefined tensor"));
+    }
     let t = if t.device() == Device::Cpu {
         t.shallow_clone()
     } else {
         t.f_to_device(Device::Cpu)?
     };
-    let shape = t.size();
+    let shape = shape_of(&t)?;
     let t = t.f_contiguous()?;
-    let n = t.numel();
-    let leaves: Vec<Value> = match t.kind() {
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, d| a.checked_mul(usize::try_from(*d).ok()?))
+        .ok_or_else(|| SessionError::Shape(format!("a tensor of shape {shape:?}")))?;
+    let leaves: Vec<Value> = match t.f_kind()? {
         Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8 | Kind::Bool => {
             let t = t.f_to_kind(Kind::Int64)?;
             let mut v = vec![0i64; n];
@@ -445,6 +459,16 @@ pub fn tensor_to_json(t: &Tensor) -> Result<Value, SessionError> {
         }
     };
     Ok(nest(&mut leaves.into_iter(), &shape))
+}
+
+/// A defined tensor's sizes, through libtorch's fallible `_shape_as_tensor`: tch's `size` has
+/// no fallible form and panics where libtorch cannot give sizes (a nested tensor's).
+fn shape_of(t: &Tensor) -> Result<Vec<i64>, SessionError> {
+    let sizes = t.f_internal_shape_as_tensor()?;
+    let n = t.dim();
+    let mut shape = vec![0i64; n];
+    sizes.f_copy_data(&mut shape, n)?;
+    Ok(shape)
 }
 
 fn nest(leaves: &mut impl Iterator<Item = Value>, shape: &[i64]) -> Value {
@@ -520,6 +544,132 @@ mod tests {
         assert!(form_input(&r).is_err());
         assert_eq!(base64_decode("aGk=", "x").unwrap(), b"hi");
         assert!(base64_decode("!!", "x").is_err());
+    }
+
+    fn form(body: &[u8], content_type: &str) -> Result<Option<Vec<u8>>, ServeError> {
+        form_input(&super::super::Request {
+            body,
+            content_type: Some(content_type),
+            tensor_shape: None,
+        })
+    }
+
+    #[test]
+    fn multipart_bodies_through_multer() {
+        let mp = "multipart/form-data; boundary=XyZ";
+        // Binary content, even holding the boundary text not at a line start, stays intact; a
+        // repeated name: the later part wins; a part without a name is skipped.
+        let body = b"--XyZ\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\nfirst\r\n--XyZ\r\nContent-Disposition: form-data\r\n\r\nnameless\r\n--XyZ\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\n\xff\x00--XyZ\xfe\r\n--XyZ--\r\n";
+        assert_eq!(form(body, mp).unwrap().unwrap(), b"\xff\x00--XyZ\xfe");
+        // A quoted boundary, and "body" when there is no "data".
+        let body =
+            b"--a b\r\nContent-Disposition: form-data; name=\"body\"\r\n\r\nhi\r\n--a b--\r\n";
+        assert_eq!(
+            form(body, "multipart/form-data; boundary=\"a b\"")
+                .unwrap()
+                .unwrap(),
+            b"hi"
+        );
+        // Malformed bodies are the client's error, and never wait: no boundary in the type, none
+        // in the body, a body cut short inside a part or its headers, an empty body.
+        for (body, ct) in [
+            (&b"--XyZ\r\n\r\nx\r\n--XyZ--"[..], "multipart/form-data"),
+            (
+                b"--XyZ\r\n\r\nx\r\n--XyZ--",
+                "multipart/form-data; boundary=",
+            ),
+            (b"no boundary here", mp),
+            (
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\nx",
+                mp,
+            ),
+            (
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"data\"",
+                mp,
+            ),
+            (
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\nx\r\n--XyZ",
+                mp,
+            ),
+            (b"", mp),
+        ] {
+            let e = form(body, ct).unwrap_err();
+            assert_eq!(e.kind, crate::error::ErrorKind::BadRequest, "{e:?}");
+        }
+        let long = format!("multipart/form-data; boundary={}", "b".repeat(201));
+        assert!(form(b"", &long).is_err());
+        // Only data and body count.
+        let body =
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nx\r\n--XyZ--\r\n";
+        assert!(form(body, mp)
+            .unwrap_err()
+            .message
+            .contains("no field named"));
+    }
+
+    #[test]
+    fn urlencoded_values_stay_bytes() {
+        let ue = "application/x-www-form-urlencoded";
+        // Bytes that are not UTF-8 arrive as sent (no replacement characters).
+        assert_eq!(
+            form(b"data=%FF%00%80", ue).unwrap().unwrap(),
+            b"\xff\x00\x80"
+        );
+        assert_eq!(form(b"data=a+b%2Bc%20d", ue).unwrap().unwrap(), b"a b+c d");
+        assert_eq!(form(b"body=x&data", ue).unwrap().unwrap(), b"");
+        assert_eq!(form(b"data=1=2&&", ue).unwrap().unwrap(), b"1=2");
+        assert_eq!(form(b"d%61ta=k", ue).unwrap().unwrap(), b"k");
+        for bad in [
+            &b"data=%"[..],
+            b"data=%4",
+            b"data=%zz",
+            b"data=%%41",
+            b"%g0=1",
+        ] {
+            let e = form(bad, ue).unwrap_err();
+            assert!(e.message.contains("%-escape"), "{e:?}");
+        }
+        assert_eq!(form(b"x", "text/plain").unwrap(), None);
+    }
+
+    #[test]
+    fn hostile_json_shapes_do_not_allocate_or_overflow() {
+        // Seven levels whose first elements claim 1000 each: a product of 10^21 values from a
+        // body of a few kilobytes. It is refused (the rest is not rectangular) without
+        // reserving for the claim.
+        let mut v = json!(vec![0; 1000]);
+        for _ in 0..6 {
+            let mut level = vec![json!(0); 1000];
+            level[0] = v;
+            v = Value::Array(level);
+        }
+        let e = tensor_from_json(&v, "body").unwrap_err();
+        assert!(
+            e.message.contains("arrays must be rectangular"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn tensors_libtorch_cannot_describe_are_errors() {
+        assert!(tensor_to_json(&Tensor::new()).is_err());
+        // A nested tensor has no sizes: tch's `size` would panic.
+        let padded = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu));
+        let shapes = Tensor::from_slice(&[2i64, 3]).view([2, 1]);
+        if let Ok(nested) = Tensor::f_internal_nested_from_padded(&padded, &shapes, false) {
+            assert!(tensor_to_json(&nested).is_err());
+        }
+        let t = Tensor::from_slice(&[1i64, 2, 3, 4]).view([2, 1, 2]);
+        assert_eq!(tensor_to_json(&t).unwrap(), json!([[[1, 2]], [[3, 4]]]));
+        let t = Tensor::from_slice(&[1.5f64]).view([1]);
+        assert_eq!(tensor_to_json(&t).unwrap(), json!([1.5]));
+        let t = Tensor::from_slice(&[0.5f32])
+            .view([1])
+            .to_kind(Kind::BFloat16);
+        assert_eq!(tensor_to_json(&t).unwrap(), json!([0.5]));
+        let empty = Tensor::zeros([0, 2], (Kind::Float, Device::Cpu));
+        assert_eq!(tensor_to_json(&empty).unwrap(), json!([]));
     }
 
     #[test]

@@ -24,6 +24,7 @@ use super::decode::{
     base64_decode, decode_list, form_input, kind_of, parse_json, tensor_from_json, to_device,
     Decoded, Input, Instance,
 };
+use super::output::{numel_of, shape_of};
 use super::tensors::{TensorData, TypedTensor};
 use super::{single_tensor, Handler, Request};
 use crate::error::ServeError;
@@ -132,16 +133,16 @@ impl Handler for ImageSegmenter {
                 })?,
             other => single_tensor(other)?,
         };
-        let size = out.size();
-        if size.len() != 4 {
+        let size = shape_of(&out)?;
+        let &[n, _, _, _] = size.as_slice() else {
             return Err(SessionError::OutputForm(format!(
                 "the segmenter's output has shape {size:?}; image_segmenter needs [N, classes, H, W]"
             )));
-        }
-        if size[0] as usize != rows {
+        };
+        if usize::try_from(n).ok() != Some(rows) {
             return Err(SessionError::BatchMismatch {
                 sent: rows,
-                got: size[0] as usize,
+                got: usize::try_from(n).unwrap_or(0),
             });
         }
         let probs = out.f_to_kind(Kind::Float)?.f_softmax(1, Kind::Float)?;
@@ -261,13 +262,12 @@ impl ObjectDetector {
         let boxes = cpu(get("boxes")?, Kind::Double)?;
         let labels = cpu(get("labels")?, Kind::Int64)?;
         let scores = cpu(get("scores")?, Kind::Double)?;
-        let n = scores.numel();
-        if labels.numel() != n || boxes.numel() != n * 4 {
+        let n = numel_of(&scores)?;
+        let (n_boxes, n_labels) = (numel_of(&boxes)?, numel_of(&labels)?);
+        if n_labels != n || Some(n_boxes) != n.checked_mul(4) {
             return Err(SessionError::OutputForm(format!(
-                "a detection has {} boxes values, {} labels and {n} scores; it needs [K, 4], \
-                 [K] and [K]",
-                boxes.numel(),
-                labels.numel()
+                "a detection has {n_boxes} boxes values, {n_labels} labels and {n} scores; it \
+                 needs [K, 4], [K] and [K]"
             )));
         }
         let mut b = vec![0f64; n * 4];

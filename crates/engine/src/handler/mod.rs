@@ -26,6 +26,7 @@ use tch::{Device, IValue};
 
 use crate::error::ServeError;
 use crate::session::{Session, SessionError};
+use torchfn_archive::handlers;
 use torchfn_archive::mar::ModelArchive;
 
 pub use classifier::ClassifierHandler;
@@ -34,16 +35,10 @@ pub use decode::{
     tensor_to_json, to_device, Decoded, Input, Instance,
 };
 pub use image::{decode_rgb, ImageClassifier, ImageSegmenter, ObjectDetector};
-pub use output::{batch_rows, single_tensor};
+pub use output::{batch_rows, device_of, numel_of, shape_of, single_tensor};
 pub use tensor::TensorHandler;
 pub use tensors::TypedTensor;
 pub use text::TextClassifier;
-
-/// Names of the built-in handlers, as a manifest or `--handler` may give them.
-pub use torchfn_archive::manifest::BUILTIN_HANDLERS as BUILTINS;
-
-/// TorchServe handler names torchfn does not serve.
-const NOT_SERVED: &[&str] = &["dali_image_classifier", "vllm_handler", "trt_llm_handler"];
 
 /// A request as a handler sees it.
 #[derive(Debug, Clone, Copy)]
@@ -130,9 +125,8 @@ pub fn for_archive(
         return Ok(handler);
     }
     let base = chosen.split(':').next().unwrap_or(chosen);
-    let names = "tensor (base_handler), classifier, image_classifier, image_segmenter, \
-                 object_detector, text_classifier";
-    let message = if NOT_SERVED.contains(&base) {
+    let names = handlers::names_line();
+    let message = if handlers::torchserve_only().any(|n| n == base) {
         format!(
             "model {model_name}: TorchServe's `{base}` handler is not served by torchfn; \
              built-in handlers are: {names}"

@@ -7,7 +7,7 @@
 //! model returned.
 
 use serde_json::{Map, Value};
-use tch::{IValue, Tensor};
+use tch::{Device, IValue, TchError, Tensor};
 
 use super::decode::tensor_to_json;
 use crate::session::SessionError;
@@ -90,7 +90,10 @@ pub fn single_tensor(output: IValue) -> Result<Tensor, SessionError> {
 pub fn describe(v: &IValue) -> String {
     match v {
         IValue::None => "None".into(),
-        IValue::Tensor(t) => format!("a tensor of shape {:?}", t.size()),
+        IValue::Tensor(t) => match shape_of(t) {
+            Ok(shape) => format!("a tensor of shape {shape:?}"),
+            Err(_) => "a tensor without a shape (undefined, or of a layout without sizes)".into(),
+        },
         IValue::Double(_) => "a float".into(),
         IValue::Int(_) => "an int".into(),
         IValue::Bool(_) => "a bool".into(),
@@ -112,8 +115,39 @@ pub fn describe(v: &IValue) -> String {
     }
 }
 
+/// A tensor's shape, with libtorch's errors as values: `Tensor::size` panics on an undefined
+/// tensor or one whose layout has no sizes (a nested tensor, say), which a model may return.
+pub fn shape_of(t: &Tensor) -> Result<Vec<i64>, TchError> {
+    if !t.defined() {
+        return Err(TchError::Shape("the tensor is undefined".into()));
+    }
+    // `dim` does not fail on a defined tensor; the sizes may, and come back as a value here.
+    let shape = t.f_internal_shape_as_tensor()?;
+    let rank = t.dim();
+    let mut dims = vec![0i64; rank];
+    shape.f_copy_data(&mut dims, rank)?;
+    Ok(dims)
+}
+
+/// A tensor's element count (see [`shape_of`]).
+pub fn numel_of(t: &Tensor) -> Result<usize, TchError> {
+    shape_of(t)?
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
+        .ok_or_else(|| TchError::Shape("the tensor's element count does not fit".into()))
+}
+
+/// A tensor's device, with libtorch's error as a value (`Tensor::device` panics on an
+/// undefined tensor).
+pub fn device_of(t: &Tensor) -> Result<Device, TchError> {
+    if !t.defined() {
+        return Err(TchError::Shape("the tensor is undefined".into()));
+    }
+    Ok(t.device())
+}
+
 fn tensor_rows(t: &Tensor, rows: usize) -> Result<Vec<Value>, SessionError> {
-    if t.dim() == 0 {
+    if shape_of(t)?.is_empty() {
         return Err(SessionError::OutputForm(
             "the model returned a 0-dimensional tensor, which has no batch dimension".into(),
         ));

@@ -82,9 +82,31 @@ pub fn rows(inputs: Vec<TypedTensor>) -> Result<Decoded, ServeError> {
         } else {
             t.shape[1..].to_vec()
         };
-        let row_bytes = bytes.len() / n as usize;
+        // Every row holds at least one element and the bytes are exactly `n` rows: so the
+        // column has `n` instances, and `n` is bounded by the body.
+        let row_bytes = row_shape.iter().try_fold(kind.elt_size_in_bytes(), |a, d| {
+            a.checked_mul(usize::try_from(*d).ok()?)
+        });
+        let rows = usize::try_from(n).unwrap_or(0);
+        let row_bytes = match row_bytes {
+            Some(0) => {
+                return Err(ServeError::bad_request(format!(
+                    "input \"{}\" has shape {:?}: it holds no elements",
+                    t.name, t.shape
+                )))
+            }
+            Some(r) if r.checked_mul(rows) == Some(bytes.len()) => r,
+            _ => {
+                return Err(ServeError::bad_request(format!(
+                    "input \"{}\" has shape {:?} but {} bytes of data",
+                    t.name,
+                    t.shape,
+                    bytes.len()
+                )))
+            }
+        };
         let column: Vec<Instance> = bytes
-            .chunks(row_bytes.max(1))
+            .chunks_exact(row_bytes)
             .map(|chunk| Instance {
                 input: numeric_input(*kind, chunk),
                 shape: row_shape.clone(),
@@ -95,9 +117,11 @@ pub fn rows(inputs: Vec<TypedTensor>) -> Result<Decoded, ServeError> {
     let instances = if columns.len() == 1 {
         columns.pop().unwrap_or_default()
     } else {
-        (0..n as usize)
-            .map(|i| Instance {
-                input: Input::Many(columns.iter().map(|c| c[i].clone()).collect()),
+        // Every column has `n` instances (checked above): row `i` takes the `i`th of each.
+        let mut columns: Vec<_> = columns.into_iter().map(Vec::into_iter).collect();
+        (0..n)
+            .map(|_| Instance {
+                input: Input::Many(columns.iter_mut().filter_map(Iterator::next).collect()),
                 shape: Vec::new(),
             })
             .collect()
@@ -186,95 +210,70 @@ fn raw_f32(body: &[u8], shape: Option<&str>) -> Result<TypedTensor, ServeError> 
 
 const NPY_MAGIC: &[u8] = b"\x93NUMPY";
 
-/// Parses a `.npy` file (format versions 1 to 3): numbers of kinds bool, (u)int8, int16/32/64,
-/// float16/32/64, either byte order, C or Fortran order.
+/// The most header bytes a `.npy` body may have: NumPy's own reading limit
+/// (`max_header_size`). A real header is one short dict literal.
+const NPY_MAX_HEADER: usize = 10_000;
+
+/// The deepest bracket nesting a `.npy` header may have. A header of a plain dtype nests two
+/// deep (`{... 'shape': (2, 3)}`); the literal parser recurses once per level.
+const NPY_MAX_NESTING: usize = 8;
+
+/// The most dimensions a `.npy` array may have: NumPy's limit.
+const NPY_MAX_DIMS: usize = 64;
+
+/// Parses a `.npy` file (format versions 1 to 3) with `npyz`: numbers of kinds bool, (u)int8,
+/// int16/32/64, float16/32/64, either byte order, C or Fortran order.
+///
+/// What a hostile header could make expensive is checked before `npyz` reads it: the header's
+/// length (at most [`NPY_MAX_HEADER`] bytes, inside the body), its bracket nesting, and its
+/// shape (at most [`NPY_MAX_DIMS`] dimensions, none 0, whose element count the body's data
+/// can hold), so no count or allocation can outgrow the body.
 pub fn parse_npy(body: &[u8]) -> Result<TypedTensor, ServeError> {
     let bad = |why: &str| ServeError::bad_request(format!("the .npy body is not valid: {why}"));
-    if !body.starts_with(NPY_MAGIC) || body.len() < 10 {
-        return Err(bad("it does not start with the \\x93NUMPY magic string"));
-    }
-    let (header_len, start): (usize, usize) = match body[6] {
-        1 => (u16::from_le_bytes([body[8], body[9]]) as usize, 10),
-        2 | 3 if body.len() >= 12 => (
-            u32::from_le_bytes([body[8], body[9], body[10], body[11]]) as usize,
-            12,
-        ),
-        v => return Err(bad(&format!("format version {v} is not 1, 2 or 3"))),
-    };
-    let end = start
-        .checked_add(header_len)
-        .filter(|e| *e <= body.len())
-        .ok_or_else(|| bad("its header runs past the end of the body"))?;
-    let header =
-        std::str::from_utf8(&body[start..end]).map_err(|_| bad("its header is not text"))?;
-    let descr = header_field(header, "descr")
-        .and_then(|v| v.strip_prefix('\'').and_then(|v| v.split('\'').next()))
-        .ok_or_else(|| bad("its header has no 'descr'"))?;
-    let fortran = match header_field(header, "fortran_order") {
-        Some(v) if v.starts_with("True") => true,
-        Some(v) if v.starts_with("False") => false,
-        _ => return Err(bad("its header has no 'fortran_order'")),
-    };
-    let shape_text = header_field(header, "shape")
-        .and_then(|v| v.strip_prefix('('))
-        .and_then(|v| v.split(')').next())
-        .ok_or_else(|| bad("its header has no 'shape'"))?;
-    let shape = shape_text
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .map(|d| {
-            d.parse::<i64>()
-                .map_err(|_| bad("its shape is not a tuple of sizes"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    // The first character is the byte order ('<', '>', '|', '='); a header is any UTF-8.
-    let code = descr
-        .char_indices()
-        .nth(1)
-        .map_or("", |(at, _)| &descr[at..]);
-    let order = &descr[..descr.len() - code.len()];
-    if !matches!(order, "<" | ">" | "|" | "=") {
+    let (header, data_len) = npy_header(body).map_err(|why| bad(&why))?;
+    check_npy_header(header, data_len).map_err(|why| bad(&why))?;
+    let file = npyz::NpyFile::new(body).map_err(|e| bad(&e.to_string()))?;
+    let npyz::DType::Plain(dtype) = file.dtype() else {
         return Err(bad(&format!(
-            "dtype '{descr}' does not start with a byte order ('<', '>', '|' or '=')"
+            "dtype {} is not a number type torchfn takes (bool, uint8, int8/16/32/64, \
+             float16/32/64)",
+            file.dtype().descr()
         )));
-    }
-    let kind = match code {
-        "b1" => Kind::Bool,
-        "u1" => Kind::Uint8,
-        "i1" => Kind::Int8,
-        "i2" => Kind::Int16,
-        "i4" => Kind::Int,
-        "i8" => Kind::Int64,
-        "f2" => Kind::Half,
-        "f4" => Kind::Float,
-        "f8" => Kind::Double,
-        _ => {
-            return Err(bad(&format!(
-                "dtype '{descr}' is not a number type torchfn takes (bool, uint8, int8/16/32/64, \
-                 float16/32/64)"
-            )))
-        }
     };
+    let kind = npy_kind(&dtype).ok_or_else(|| {
+        bad(&format!(
+            "dtype '{dtype}' is not a number type torchfn takes (bool, uint8, int8/16/32/64, \
+             float16/32/64)"
+        ))
+    })?;
     let size = kind.elt_size_in_bytes();
-    let count = shape
+    // The shape was checked against the data's length above: every size fits.
+    let shape = file
+        .shape()
         .iter()
-        .try_fold(1usize, |a, d| a.checked_mul(usize::try_from(*d).ok()?))
-        .ok_or_else(|| bad("its shape is too large"))?;
-    let data = &body[end..];
-    if Some(data.len()) != count.checked_mul(size) {
+        .map(|d| i64::try_from(*d).map_err(|_| bad("its shape is too large")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let count = usize::try_from(file.len()).map_err(|_| bad("its shape is too large"))?;
+    if Some(data_len) != count.checked_mul(size) {
         return Err(bad(&format!(
-            "its shape {shape:?} of '{descr}' needs {} bytes of data, the body has {}",
-            count.saturating_mul(size),
-            data.len()
+            "its shape {shape:?} of '{dtype}' needs {} bytes of data, the body has {data_len}",
+            count.saturating_mul(size)
         )));
     }
-    let mut bytes = data.to_vec();
-    if order == ">" && size > 1 {
-        for chunk in bytes.chunks_exact_mut(size) {
-            chunk.reverse();
-        }
-    }
+    let fortran = file.order() == npyz::Order::Fortran;
+    let read = |e: std::io::Error| bad(&e.to_string());
+    // Elements in storage order, converted from the file's byte order to little-endian.
+    let mut bytes = match kind {
+        Kind::Bool => npy_elements(file, data_len, |x: bool| [u8::from(x)]).map_err(read)?,
+        Kind::Uint8 => npy_elements(file, data_len, |x: u8| [x]).map_err(read)?,
+        Kind::Int8 => npy_elements(file, data_len, i8::to_le_bytes).map_err(read)?,
+        Kind::Int16 => npy_elements(file, data_len, i16::to_le_bytes).map_err(read)?,
+        Kind::Int => npy_elements(file, data_len, i32::to_le_bytes).map_err(read)?,
+        Kind::Int64 => npy_elements(file, data_len, i64::to_le_bytes).map_err(read)?,
+        Kind::Half => npy_elements(file, data_len, half::f16::to_le_bytes).map_err(read)?,
+        Kind::Double => npy_elements(file, data_len, f64::to_le_bytes).map_err(read)?,
+        _ => npy_elements(file, data_len, f32::to_le_bytes).map_err(read)?,
+    };
     if fortran && shape.len() > 1 {
         bytes = fortran_to_c(&bytes, &shape, size);
     }
@@ -285,11 +284,148 @@ pub fn parse_npy(body: &[u8]) -> Result<TypedTensor, ServeError> {
     })
 }
 
-/// The text after `'key':` in a `.npy` header dict.
-fn header_field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
-    let at = header.find(&format!("'{key}'"))?;
-    let rest = &header[at + key.len() + 2..];
-    Some(rest.trim_start().strip_prefix(':')?.trim_start())
+/// The header text of a `.npy` body and the length of the data after it, from the fixed
+/// preamble (magic string, version, header length): what `npyz` would allocate for the header
+/// is checked here first.
+fn npy_header(body: &[u8]) -> Result<(&[u8], usize), String> {
+    if !body.starts_with(NPY_MAGIC) || body.len() < 10 {
+        return Err("it does not start with the \\x93NUMPY magic string".into());
+    }
+    let (header_len, start): (usize, usize) = match (body[6], body.get(8..12)) {
+        (1, _) => (usize::from(u16::from_le_bytes([body[8], body[9]])), 10),
+        (2 | 3, Some(&[a, b, c, d])) => (
+            usize::try_from(u32::from_le_bytes([a, b, c, d])).unwrap_or(usize::MAX),
+            12,
+        ),
+        (v, _) => return Err(format!("format version {v} is not 1, 2 or 3")),
+    };
+    if header_len > NPY_MAX_HEADER {
+        return Err(format!(
+            "its header is {header_len} bytes, more than the {NPY_MAX_HEADER} torchfn reads"
+        ));
+    }
+    let end = start
+        .checked_add(header_len)
+        .filter(|e| *e <= body.len())
+        .ok_or("its header runs past the end of the body")?;
+    Ok((&body[start..end], body.len() - end))
+}
+
+/// Checks a `.npy` header before `npyz` interprets it: bracket nesting at most
+/// [`NPY_MAX_NESTING`] deep, and every `'shape'` a tuple of at most [`NPY_MAX_DIMS`] sizes of
+/// at least 1 whose product is at most `data_len` (each element takes at least one byte), so
+/// the element count and the strides `npyz` computes cannot overflow and what it reads is
+/// bounded by the body. A plain dtype must start with its byte order.
+fn check_npy_header(header: &[u8], data_len: usize) -> Result<(), String> {
+    let mut depth = 0usize;
+    for b in header {
+        match b {
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                if depth > NPY_MAX_NESTING {
+                    return Err(format!(
+                        "its header nests deeper than {NPY_MAX_NESTING} brackets"
+                    ));
+                }
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    let text = std::str::from_utf8(header).map_err(|_| "its header is not text".to_string())?;
+    let literal: py_literal::Value = text
+        .trim_end()
+        .parse()
+        .map_err(|e| format!("its header is not a Python literal: {e}"))?;
+    let py_literal::Value::Dict(entries) = literal else {
+        return Err("its header is not a dict".into());
+    };
+    for (_, descr) in entries
+        .iter()
+        .filter(|(k, _)| matches!(k, py_literal::Value::String(k) if k == "descr"))
+    {
+        if let py_literal::Value::String(descr) = descr {
+            if !descr.starts_with(['<', '>', '|']) {
+                return Err(format!(
+                    "dtype '{descr}' does not start with a byte order ('<', '>' or '|')"
+                ));
+            }
+        }
+    }
+    let shapes = entries
+        .iter()
+        .filter(|(k, _)| matches!(k, py_literal::Value::String(k) if k == "shape"))
+        .map(|(_, v)| v);
+    for shape in shapes {
+        let dims = match shape {
+            py_literal::Value::Tuple(dims) | py_literal::Value::List(dims) => dims,
+            _ => return Err("its shape is not a tuple of sizes".into()),
+        };
+        if dims.len() > NPY_MAX_DIMS {
+            return Err(format!(
+                "its shape has {} dimensions, more than {NPY_MAX_DIMS}",
+                dims.len()
+            ));
+        }
+        let mut count = 1usize;
+        for d in dims {
+            let py_literal::Value::Integer(d) = d else {
+                return Err("its shape is not a tuple of sizes".into());
+            };
+            let d = usize::try_from(d)
+                .map_err(|_| format!("its shape has the size {d}, not a count of elements"))?;
+            if d == 0 {
+                return Err("its shape has a size of 0: the array holds no elements".into());
+            }
+            count = count
+                .checked_mul(d)
+                .filter(|c| *c <= data_len)
+                .ok_or_else(|| {
+                    format!(
+                        "its shape holds more elements than the body's {data_len} bytes of \
+                         data can"
+                    )
+                })?;
+        }
+    }
+    Ok(())
+}
+
+/// The libtorch kind of a `.npy` dtype torchfn takes.
+fn npy_kind(dtype: &npyz::TypeStr) -> Option<Kind> {
+    use npyz::TypeChar;
+    if dtype.time_units().is_some() {
+        return None;
+    }
+    Some(match (dtype.type_char(), dtype.size_field()) {
+        (TypeChar::Bool, 1) => Kind::Bool,
+        (TypeChar::Uint, 1) => Kind::Uint8,
+        (TypeChar::Int, 1) => Kind::Int8,
+        (TypeChar::Int, 2) => Kind::Int16,
+        (TypeChar::Int, 4) => Kind::Int,
+        (TypeChar::Int, 8) => Kind::Int64,
+        (TypeChar::Float, 2) => Kind::Half,
+        (TypeChar::Float, 4) => Kind::Float,
+        (TypeChar::Float, 8) => Kind::Double,
+        _ => return None,
+    })
+}
+
+/// A `.npy` file's elements, read by `npyz` (which applies the file's byte order), as
+/// little-endian bytes. `data_len` is the data's length, checked against the shape.
+fn npy_elements<T: npyz::Deserialize, const N: usize>(
+    file: npyz::NpyFile<&[u8]>,
+    data_len: usize,
+    le: impl Fn(T) -> [u8; N],
+) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(data_len);
+    let elements = file
+        .data::<T>()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    for x in elements {
+        out.extend_from_slice(&le(x?));
+    }
+    Ok(out)
 }
 
 /// Column-major elements → row-major.
@@ -517,7 +653,7 @@ fn push_element(out: &mut Vec<u8>, kind: Kind, v: &Value) -> Result<(), String> 
         ),
         Kind::Half => {
             let x = v.as_f64().ok_or_else(|| format!("{v} is not a number"))?;
-            out.extend_from_slice(&f32_to_f16_bits(x as f32).to_le_bytes())
+            out.extend_from_slice(&half::f16::from_f32(x as f32).to_le_bytes())
         }
         _ => {
             let x = v.as_f64().ok_or_else(|| format!("{v} is not a number"))?;
@@ -529,32 +665,6 @@ fn push_element(out: &mut Vec<u8>, kind: Kind, v: &Value) -> Result<(), String> 
         }
     }
     Ok(())
-}
-
-/// IEEE half-precision bits of `x`, rounded to nearest even.
-fn f32_to_f16_bits(x: f32) -> u16 {
-    let bits = x.to_bits();
-    let sign = ((bits >> 16) & 0x8000) as u16;
-    let exp = ((bits >> 23) & 0xff) as i32;
-    let mant = bits & 0x7f_ffff;
-    if exp == 0xff {
-        return sign | 0x7c00 | if mant != 0 { 0x200 } else { 0 };
-    }
-    let e = exp - 127 + 15;
-    if e >= 0x1f {
-        return sign | 0x7c00;
-    }
-    if e <= 0 {
-        if e < -10 {
-            return sign;
-        }
-        let m = (mant | 0x80_0000) >> (1 - e);
-        let round = (m & 0x1fff) > 0x1000 || ((m & 0x1fff) == 0x1000 && (m & 0x2000) != 0);
-        return sign | ((m >> 13) as u16 + u16::from(round));
-    }
-    let round = (mant & 0x1fff) > 0x1000 || ((mant & 0x1fff) == 0x1000 && (mant & 0x2000) != 0);
-    let h = ((e as u32) << 10 | (mant >> 13)) + u32::from(round);
-    sign | h as u16
 }
 
 /// Per-instance answers as the protocol's `outputs`: numeric answers of one shape become one
@@ -618,6 +728,187 @@ fn flatten_numbers(values: &[Value], out: &mut Vec<Value>) {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A `.npy` file of any header text (version 1, or 2 when `v2`) and data.
+    fn npy(header: &str, data: &[u8], v2: bool) -> Vec<u8> {
+        let mut out = NPY_MAGIC.to_vec();
+        if v2 {
+            out.extend_from_slice(&[2, 0]);
+            out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        } else {
+            out.extend_from_slice(&[1, 0]);
+            out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        }
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    fn npy_error(file: &[u8]) -> String {
+        let e = parse_npy(file).unwrap_err();
+        assert_eq!(e.kind, crate::error::ErrorKind::BadRequest);
+        assert!(
+            e.message.starts_with("the .npy body is not valid: "),
+            "{e:?}"
+        );
+        e.message
+    }
+
+    #[test]
+    fn npy_kinds_and_byte_orders() {
+        let h = |descr: &str, shape: &str| {
+            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}\n")
+        };
+        let numeric = |t: TypedTensor| match t.data {
+            TensorData::Numeric { kind, bytes } => (kind, t.shape, bytes),
+            other => panic!("{other:?}"),
+        };
+        // Big-endian float32 and int16 come out little-endian.
+        let be: Vec<u8> = [1.0f32, -0.5]
+            .iter()
+            .flat_map(|x| x.to_be_bytes())
+            .collect();
+        let (kind, shape, bytes) = numeric(parse_npy(&npy(&h(">f4", "(2,)"), &be, false)).unwrap());
+        assert_eq!((kind, shape), (Kind::Float, vec![2]));
+        assert_eq!(
+            bytes,
+            [1.0f32, -0.5]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<_>>()
+        );
+        let (kind, _, bytes) =
+            numeric(parse_npy(&npy(&h(">i2", "(2,)"), &[0x01, 0x02, 0xff, 0xfe], true)).unwrap());
+        assert_eq!((kind, bytes), (Kind::Int16, vec![0x02, 0x01, 0xfe, 0xff]));
+        // float16 (through `half`), bool, uint8, int8, int32/64, float64.
+        let (kind, _, bytes) =
+            numeric(parse_npy(&npy(&h("<f2", "(1, 1)"), &[0x00, 0x3c], false)).unwrap());
+        assert_eq!((kind, bytes), (Kind::Half, vec![0x00, 0x3c]));
+        for (descr, data, want) in [
+            ("|b1", vec![1u8, 0], Kind::Bool),
+            ("|u1", vec![7, 255], Kind::Uint8),
+            ("|i1", vec![7, 255], Kind::Int8),
+            ("<i4", vec![1; 8], Kind::Int),
+            ("<i8", vec![1; 16], Kind::Int64),
+            ("<f8", vec![0; 16], Kind::Double),
+        ] {
+            let (kind, shape, bytes) =
+                numeric(parse_npy(&npy(&h(descr, "(2,)"), &data, false)).unwrap());
+            assert_eq!((kind, shape, bytes), (want, vec![2], data), "{descr}");
+        }
+        // Kinds torchfn does not take, and a bool byte that is neither 0 nor 1.
+        for descr in ["<u2", "<c8", "|S4", "<M8[s]", "|O"] {
+            let m = npy_error(&npy(&h(descr, "(1,)"), &[0; 8], false));
+            assert!(
+                m.contains("not a number type") || m.contains("needs"),
+                "{descr}: {m}"
+            );
+        }
+        let m = npy_error(&npy(
+            "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,)}",
+            &[0; 4],
+            false,
+        ));
+        assert!(m.contains("not a number type"), "{m}");
+        npy_error(&npy(&h("|b1", "(1,)"), &[2], false));
+        // '=' (native order) is not a byte order a .npy file carries.
+        let m = npy_error(&npy(&h("=f4", "(1,)"), &[0; 4], false));
+        assert!(m.contains("byte order"), "{m}");
+        // Data longer or shorter than the shape needs.
+        let m = npy_error(&npy(&h("<f4", "(2,)"), &[0; 12], false));
+        assert!(m.contains("needs 8 bytes of data, the body has 12"), "{m}");
+        npy_error(&npy(&h("<f4", "(2,)"), &[0; 4], false));
+    }
+
+    #[test]
+    fn hostile_npy_headers_are_refused_cheaply() {
+        let h = |shape: &str| {
+            format!("{{'descr': '<f4', 'fortran_order': True, 'shape': {shape}, }}\n")
+        };
+        // A header length of 4 GiB, and one past the body: refused before any allocation.
+        let mut huge = NPY_MAGIC.to_vec();
+        huge.extend_from_slice(&[2, 0, 0xff, 0xff, 0xff, 0xff]);
+        huge.extend_from_slice(b"{}");
+        assert!(npy_error(&huge).contains("more than the 10000"));
+        let mut short = NPY_MAGIC.to_vec();
+        short.extend_from_slice(&[1, 0, 0x00, 0x10, b'{']);
+        assert!(npy_error(&short).contains("runs past the end"));
+        npy_error(b"\x93NUMPY\x02\x00\x01");
+        npy_error(b"\x93NUMPY\x07\x00\x00\x00");
+        // Deep nesting, which the literal parser would recurse into.
+        let deep = format!("{}{}", "(".repeat(4000), ")".repeat(4000));
+        assert!(npy_error(&npy(&h(&deep), &[], false)).contains("nests deeper"));
+        // Shapes whose element count overflows, or outgrows the data, or has no elements.
+        for shape in [
+            "(1099511627776, 1099511627776)",
+            "(4294967296, 4294967296, 4294967296, 0)",
+            "(18446744073709551616,)",
+            "(1000000,)",
+            "(0,)",
+            "(2, 0)",
+            "(-1,)",
+            "(1.5,)",
+            "'x'",
+        ] {
+            let m = npy_error(&npy(&h(shape), &[0; 4], false));
+            assert!(m.contains("shape"), "{shape}: {m}");
+        }
+        let many = format!("({})", vec!["1"; 65].join(", "));
+        assert!(npy_error(&npy(&h(&many), &[0; 4], false)).contains("65 dimensions"));
+        // Not a dict literal, and text that is not UTF-8.
+        npy_error(&npy("[1, 2]", &[], false));
+        npy_error(&npy(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1,)",
+            &[0; 4],
+            false,
+        ));
+        let mut latin = npy(&h("(1,)"), &[0; 4], false);
+        latin[12] = 0xff;
+        npy_error(&latin);
+        // A duplicate 'shape' key cannot slip a huge shape past the check.
+        let dup = "{'descr': '<f4', 'fortran_order': False, 'shape': (1,), 'shape': (4294967296, 4294967296)}";
+        npy_error(&npy(dup, &[0; 4], false));
+    }
+
+    #[test]
+    fn rows_need_elements_and_matching_bytes() {
+        let t = |name: &str, shape: Vec<i64>, bytes: Vec<u8>| TypedTensor {
+            name: name.into(),
+            shape,
+            data: TensorData::Numeric {
+                kind: Kind::Float,
+                bytes,
+            },
+        };
+        // An input with no elements next to one with some: a client error, not a panic.
+        let e = rows(vec![
+            t("a", vec![2, 0], vec![]),
+            t("b", vec![2, 1], vec![0; 8]),
+        ])
+        .unwrap_err();
+        assert!(e.message.contains("holds no elements"), "{}", e.message);
+        // A huge batch of empty rows is refused without making its instances.
+        let e = rows(vec![t("a", vec![1 << 40, 0], vec![])]).unwrap_err();
+        assert!(e.message.contains("holds no elements"), "{}", e.message);
+        // Bytes that do not fill the shape.
+        let e = rows(vec![t("a", vec![2, 2], vec![0; 12])]).unwrap_err();
+        assert!(e.message.contains("12 bytes"), "{}", e.message);
+        let e = rows(vec![t("a", vec![2, i64::MAX], vec![0; 8])]).unwrap_err();
+        assert!(e.message.contains("8 bytes"), "{}", e.message);
+        // Two inputs: instance i takes row i of each.
+        let d = rows(vec![
+            t("a", vec![2, 1], vec![0; 8]),
+            t("b", vec![2], vec![1; 8]),
+        ])
+        .unwrap();
+        assert_eq!(d.instances.len(), 2);
+        assert!(matches!(&d.instances[1].input, Input::Many(p) if p.len() == 2));
+        let d = parse_v2_inputs(
+            &json!({"inputs": [{"name": "x", "shape": [2, 0], "datatype": "FP32", "data": []}]}),
+        )
+        .and_then(rows);
+        assert!(d.is_err());
+    }
 
     #[test]
     fn npy_round_trip_and_orders() {
@@ -693,8 +984,19 @@ mod tests {
             let e = parse_v2_inputs(&body).unwrap_err();
             assert!(e.message.contains(needle), "{}: {}", body, e.message);
         }
-        assert_eq!(f32_to_f16_bits(1.0), 0x3c00);
-        assert_eq!(f32_to_f16_bits(-2.5), 0xc100);
+        // FP16 values are IEEE half precision, little-endian.
+        let half = json!({"inputs": [{"name": "h", "shape": [3], "datatype": "FP16", "data": [1.0, -2.5, 1e6]}]});
+        let t = parse_v2_inputs(&half).unwrap();
+        assert_eq!(
+            t[0].data,
+            TensorData::Numeric {
+                kind: Kind::Half,
+                bytes: [0x3c00u16, 0xc100, 0x7c00]
+                    .iter()
+                    .flat_map(|b| b.to_le_bytes())
+                    .collect()
+            }
+        );
     }
 
     #[test]

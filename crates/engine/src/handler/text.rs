@@ -197,8 +197,11 @@ impl Handler for TextClassifier {
     }
 
     fn inference(&self, session: &Session, inputs: &[IValue]) -> Result<IValue, SessionError> {
+        let ids_only = inputs
+            .get(..1)
+            .ok_or_else(|| SessionError::Shape("the text model got no input ids".into()))?;
         match self.arity.load(Ordering::Relaxed) {
-            1 => session.run(&inputs[..1]),
+            1 => session.run(ids_only),
             2 => session.run(inputs),
             _ => match session.run(inputs) {
                 Ok(out) => {
@@ -207,7 +210,7 @@ impl Handler for TextClassifier {
                 }
                 // A forward that takes only the ids refuses a second argument.
                 Err(e) if e.to_string().contains("argument") => {
-                    let out = session.run(&inputs[..1])?;
+                    let out = session.run(ids_only)?;
                     self.arity.store(1, Ordering::Relaxed);
                     tracing::info!("the text model takes input_ids only");
                     Ok(out)

@@ -1,14 +1,30 @@
 //! A `torchfn-local` process for tests: started with flags, its printed addresses read,
 //! its stderr kept in a file (printed when a test fails), killed on drop.
 
-#![allow(dead_code, clippy::unwrap_used)]
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+
+/// The `torchfn-local` binary cargo built beside the running test binary (tests of the
+/// `torchfn-local` package, or a `--workspace` run, have it built first).
+pub fn local_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // <target>/<profile>/deps/<test>-<hash>
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap()
+        .join("torchfn-local");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the test through `cargo test -p torchfn-local`",
+        bin.display()
+    );
+    bin
+}
 
 /// A running emulator, killed on drop.
 pub struct Server {
@@ -29,7 +45,7 @@ impl Server {
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let logdir = tempfile::tempdir().unwrap();
         let log = logdir.path().join("stderr.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_torchfn-local"));
+        let mut cmd = Command::new(local_bin());
         // Its working folder is its own (key_file.json lands there, not in the repository).
         cmd.args(args)
             .current_dir(logdir.path())

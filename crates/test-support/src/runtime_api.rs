@@ -4,8 +4,6 @@
 //! The Extensions API's registration and next-event endpoints are served too (as Lambda
 //! does; `start_without_extensions` leaves them out, as some emulators do).
 
-#![allow(dead_code, clippy::unwrap_used)]
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

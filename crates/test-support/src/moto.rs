@@ -5,16 +5,12 @@
 //! A counting listener stands in for the EC2 instance-metadata service, which nothing should
 //! contact.
 
-#![allow(dead_code, clippy::unwrap_used)]
-
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-
-use super::common;
 
 /// The moto server and the fake instance-metadata endpoint shared by every test here.
 pub struct Env {
@@ -76,12 +72,12 @@ pub fn env() -> &'static Env {
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| common::repo_root().join("target"))
+        .unwrap_or_else(|| crate::repo_root().join("target"))
 }
 
 /// `<venv>/bin/moto_server`, as `scripts/setup` installs it.
 fn moto_server() -> PathBuf {
-    common::venv_python().parent().unwrap().join("moto_server")
+    crate::venv_python().parent().unwrap().join("moto_server")
 }
 
 /// A loopback port nothing listens on right now.
@@ -106,7 +102,7 @@ fn start_moto() -> (Child, u16) {
     let log = std::fs::File::create(target_dir().join("moto-server.log")).unwrap();
     for _ in 0..5 {
         let port = free_port();
-        let mut child = Command::new(common::venv_python())
+        let mut child = Command::new(crate::venv_python())
             .arg("-c")
             .arg(
                 "import os, runpy, sys, threading\n\
@@ -165,15 +161,16 @@ fn start_counting_listener(count: Arc<AtomicUsize>) -> u16 {
     port
 }
 
-/// Creates `bucket` on the server (valid S3 names only).
-pub async fn new_bucket(store: &torchfn_store::store::ObjectStore, bucket: &str) {
-    store
-        .s3_client()
-        .await
-        .unwrap()
-        .create_bucket()
-        .bucket(bucket)
+/// Creates `bucket` on the server (valid S3 names only), with S3's `CreateBucket` (an
+/// unsigned `PUT /{bucket}`, which moto takes).
+pub async fn new_bucket(bucket: &str) {
+    let url = format!("{}/{bucket}", env().endpoint);
+    let response = reqwest::Client::new()
+        .put(&url)
         .send()
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("PUT {url}: {e}"));
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    assert!(status.is_success(), "PUT {url}: {status}: {text}");
 }

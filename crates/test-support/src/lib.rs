@@ -1,9 +1,14 @@
-//! Shared by torchfn's integration tests: the fixtures made by real PyTorch and the real
-//! torch-model-archiver (`tests/fixtures/make_fixtures.py`, and for the built-in handlers
+//! Shared by torchfn's integration tests (a dev-dependency of every package that has some):
+//! the fixtures made by real PyTorch and the real torch-model-archiver (`tests/fixtures/make_fixtures.py`, and for the built-in handlers
 //! `tests/fixtures/make_handler_fixtures.py`), each built once per script version into
 //! `target/fixtures-<hash>` / `target/handler-fixtures-<hash>` and reused by every test binary.
 
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+pub mod archive;
+pub mod moto;
+pub mod runtime_api;
+pub mod server;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -11,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The repository root: the first folder above the testing crate that holds `scripts/setup`.
+/// The repository root: the first folder above this crate that holds `scripts/setup`.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .ancestors()
