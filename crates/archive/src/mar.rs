@@ -268,18 +268,7 @@ fn detect_format(
             Err(e) => return Err(MarError::io("read the model archive", e)),
         }
     }
-    let head = &head[..got];
-    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
-        Ok(ArchiveFormat::Zip)
-    } else if head.starts_with(&[0x1f, 0x8b]) {
-        Ok(ArchiveFormat::Tgz)
-    } else if head.is_empty() {
-        Err(MarError::Corrupt("the file is empty".into()))
-    } else {
-        Err(MarError::Corrupt(
-            "the file is neither a zip nor a gzip-compressed tar".into(),
-        ))
-    }
+    crate::inspect::format_of(&head[..got])
 }
 
 /// Moves a fully unpacked and checked temporary folder to its final, unique name
