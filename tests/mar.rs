@@ -3,8 +3,8 @@
 //! damaged archives are refused without writing anything outside (or leaving anything in)
 //! the unpack folder.
 //!
-//! Run: `cargo test -p torchfn-archive --test mar` (no libtorch needed;
-//! the fixtures are made once by `tests/fixtures/make_fixtures.py`).
+//! Run: `cargo test -p torchfn-archive --test mar` (neither libtorch nor the Python venv is
+//! needed: the archives are the checked-in ones of `tests/fixtures/small`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -187,8 +187,9 @@ fn find(haystack: &[u8], needle: &[u8]) -> usize {
         .unwrap()
 }
 
+/// A checked-in fixture (no venv or libtorch needed).
 fn fixture(rel: &str) -> PathBuf {
-    common::fixtures().join(rel)
+    common::small_fixtures().join(rel)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ async fn archives_become_versions() {
     let store = ObjectStore::from_env();
     let bucket = format!("registrar-{}", std::process::id());
     moto::new_bucket(&bucket).await;
-    let fx = common::fixtures();
+    let fx = common::small_fixtures();
     let upload = |key: &str, fixture: &str| {
         let store = store.clone();
         let at: Location = format!("s3://{bucket}/{key}").parse().unwrap();
@@ -292,7 +292,7 @@ async fn zip64_archives_are_registered_from_ranged_reads() {
         store.clone(),
         format!("s3://{bucket}/registry").parse().unwrap(),
     );
-    let fx = common::fixtures();
+    let fx = common::small_fixtures();
     let bytes = as_zip64(
         &std::fs::read(fx.join("store/classifier.mar")).unwrap(),
         4 << 20,

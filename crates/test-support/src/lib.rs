@@ -39,6 +39,15 @@ pub fn read_request_head(client: &mut impl std::io::Read) -> Option<Vec<u8>> {
     Some(head)
 }
 
+/// `tests/fixtures/small`: the few tiny archives checked in (made by
+/// `tests/fixtures/make_small_fixtures` from one run of `make_fixtures.py`), for tests that
+/// should run without the Python venv or libtorch: the same layout as [`fixtures`]
+/// (`formats/…`, `store/classifier.mar`, `store/scripted.mar`, `store/conv.mar`,
+/// `v2/classifier.mar`, `eager/eager.mar`, `models/model_scripted.pt`).
+pub fn small_fixtures() -> PathBuf {
+    repo_root().join("tests/fixtures/small")
+}
+
 /// The folder holding the fixtures, made on first use.
 pub fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();

@@ -1,5 +1,5 @@
-//! A real S3 server for tests: `moto_server` from the project venv (PyPI `moto[server]`,
-//! installed by scripts/setup), started once per test binary on a free loopback port, with
+//! A real S3 server for tests: `moto_server` from a small venv of its own (PyPI
+//! `moto[server]`, installed by `scripts/setup --s3-server`; no torch), started once per test binary on a free loopback port, with
 //! the AWS environment pointed at it and isolated from the user's own AWS configuration. It
 //! runs under a wrapper that exits when its stdin closes, that is when the test process ends.
 //! A counting listener stands in for the EC2 instance-metadata service, which nothing should
@@ -77,7 +77,33 @@ pub fn target_dir() -> PathBuf {
 
 /// `<venv>/bin/moto_server`, as `scripts/setup` installs it.
 fn moto_server() -> PathBuf {
-    crate::venv_python().parent().unwrap().join("moto_server")
+    moto_venv().join("bin/moto_server")
+}
+
+/// The small venv holding only moto's S3 server (`scripts/setup --s3-server` makes it when
+/// missing): the S3 tests need neither torch nor libtorch.
+fn moto_venv() -> PathBuf {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let out = Command::new(crate::repo_root().join("scripts/setup"))
+            .arg("--s3-server")
+            .output()
+            .expect("could not run scripts/setup --s3-server");
+        assert!(
+            out.status.success(),
+            "scripts/setup --s3-server failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        PathBuf::from(
+            stdout
+                .lines()
+                .last()
+                .expect("scripts/setup --s3-server printed no venv path")
+                .trim(),
+        )
+    })
+    .clone()
 }
 
 /// A loopback port nothing listens on right now.
@@ -102,7 +128,7 @@ fn start_moto() -> (Child, u16) {
     let log = std::fs::File::create(target_dir().join("moto-server.log")).unwrap();
     for _ in 0..5 {
         let port = free_port();
-        let mut child = Command::new(crate::venv_python())
+        let mut child = Command::new(moto_venv().join("bin/python"))
             .arg("-c")
             .arg(
                 "import os, runpy, sys, threading\n\
