@@ -484,28 +484,23 @@ async fn without_the_extensions_api_the_function_still_serves() {
 /// `--help` lists the settings with their environment variables, without starting anything.
 #[test]
 fn help_lists_the_settings() {
-    let help = Command::new(env!("CARGO_BIN_EXE_torchfn-model"))
-        .arg("--help")
-        .output()
-        .unwrap();
-    assert!(help.status.success());
-    let text = String::from_utf8(help.stdout).unwrap();
-    for name in [
-        "TORCHFN_MODEL_URI",
-        "TORCHFN_MODEL_SHA256",
-        "TORCHFN_REGISTRY",
-        "TORCHFN_MODEL_NAME",
-        "TORCHFN_MODEL_VERSION",
-        "TORCHFN_HANDLER",
-        "TORCHFN_BATCH_SIZE",
-        "TORCHFN_MAX_BATCH_DELAY_MS",
-        "TORCHFN_JOB_QUEUE_SIZE",
-        "TORCHFN_DEVICE",
-        "TORCHFN_SHUTDOWN_BUDGET_MS",
-        "TORCHFN_POLL_SECONDS",
-        "TORCHFN_HOST",
-        "PORT",
-    ] {
-        assert!(text.contains(name), "{name} not in:\n{text}");
-    }
+    common::assert_help_lists(
+        env!("CARGO_BIN_EXE_torchfn-model"),
+        &[
+            "TORCHFN_MODEL_URI",
+            "TORCHFN_MODEL_SHA256",
+            "TORCHFN_REGISTRY",
+            "TORCHFN_MODEL_NAME",
+            "TORCHFN_MODEL_VERSION",
+            "TORCHFN_HANDLER",
+            "TORCHFN_BATCH_SIZE",
+            "TORCHFN_MAX_BATCH_DELAY_MS",
+            "TORCHFN_JOB_QUEUE_SIZE",
+            "TORCHFN_DEVICE",
+            "TORCHFN_SHUTDOWN_BUDGET_MS",
+            "TORCHFN_POLL_SECONDS",
+            "TORCHFN_HOST",
+            "PORT",
+        ],
+    );
 }

@@ -93,19 +93,14 @@ async fn an_upload_notification_registers_its_version() {
 /// parse fails the start, naming it.
 #[test]
 fn help_lists_the_settings_and_a_bad_one_fails_the_start() {
-    let help = Command::new(env!("CARGO_BIN_EXE_torchfn-registrar"))
-        .arg("--help")
-        .output()
-        .unwrap();
-    assert!(help.status.success());
-    let text = String::from_utf8(help.stdout).unwrap();
-    for name in [
-        "TORCHFN_REGISTRY",
-        "TORCHFN_ARCHIVE_PREFIX",
-        "TORCHFN_MAX_ARCHIVE_BYTES",
-    ] {
-        assert!(text.contains(name), "{name} not in:\n{text}");
-    }
+    common::assert_help_lists(
+        env!("CARGO_BIN_EXE_torchfn-registrar"),
+        &[
+            "TORCHFN_REGISTRY",
+            "TORCHFN_ARCHIVE_PREFIX",
+            "TORCHFN_MAX_ARCHIVE_BYTES",
+        ],
+    );
     let bad = Command::new(env!("CARGO_BIN_EXE_torchfn-registrar"))
         .env_remove("AWS_LAMBDA_RUNTIME_API")
         .env("TORCHFN_REGISTRY", "s3://bucket/registry")

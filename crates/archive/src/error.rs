@@ -94,7 +94,7 @@ impl MarError {
         matches!(self, MarError::NotFound { .. })
     }
 
-    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> MarError {
+    pub fn io(context: impl Into<String>, source: io::Error) -> MarError {
         MarError::Io {
             context: context.into(),
             source,

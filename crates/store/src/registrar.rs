@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::registry::{now_ms, Registered, Registry, RegistryError, VersionRecord, VersionStatus};
 use crate::store::{joined, DownloadOptions, Expect, Location, ObjectStore, StoreError};
+use torchfn_archive::error::MarError;
 use torchfn_archive::inspect::{self, Contents, RangeReader, ZIP_TAIL_BYTES};
 use torchfn_archive::mar::ArchiveFormat;
 
@@ -343,10 +344,7 @@ async fn zip_contents(
             let mut reader = RangeReader::new(size, fetch);
             let inspected = match reader.prefetch_tail(ZIP_TAIL_BYTES) {
                 Ok(()) => inspect::inspect_zip(&mut reader),
-                Err(e) => Err(torchfn_archive::error::MarError::Io {
-                    context: "read the end of the archive".into(),
-                    source: e,
-                }),
+                Err(e) => Err(MarError::io("read the end of the archive", e)),
             };
             let (fetches, fetched) = (reader.fetches(), reader.bytes_fetched());
             drop(reader);
@@ -409,11 +407,8 @@ async fn tgz_contents(
         .await?;
     let inspected = joined(
         tokio::task::spawn_blocking(move || {
-            let file =
-                std::fs::File::open(&path).map_err(|e| torchfn_archive::error::MarError::Io {
-                    context: "read the downloaded archive".into(),
-                    source: e,
-                })?;
+            let file = std::fs::File::open(&path)
+                .map_err(|e| MarError::io("read the downloaded archive", e))?;
             inspect::inspect_tgz(std::io::BufReader::new(file))
         })
         .await,

@@ -48,6 +48,17 @@ pub fn small_fixtures() -> PathBuf {
     repo_root().join("tests/fixtures/small")
 }
 
+/// Runs `bin --help` and asserts that it succeeds and names every one of `names` (a
+/// function's settings and their environment variables).
+pub fn assert_help_lists(bin: &str, names: &[&str]) {
+    let help = Command::new(bin).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8(help.stdout).unwrap();
+    for name in names {
+        assert!(text.contains(name), "{name} not in:\n{text}");
+    }
+}
+
 /// The folder holding the fixtures, made on first use.
 pub fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
