@@ -1,5 +1,7 @@
 //! The libtorch floor: the model's forward pass in this process through torchfn's own
-//! `Session` (no HTTP, no queue, no JSON), timed one call at a time.
+//! `Session` (no HTTP, no queue, no JSON), timed one call at a time. On a GPU each call
+//! includes what serving adds around the pass: the batch's copy from pinned host memory to
+//! the device and the output's copy back, which also waits for the pass to finish.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -7,6 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
+use torchfn_archive::settings::Precision;
+use torchfn_engine::handler::to_device;
 use torchfn_engine::session::{set_threads, warm_up_and_pick_threads, Session};
 
 use crate::load::percentile;
@@ -15,6 +19,10 @@ use crate::load::percentile;
 pub struct FloorResult {
     pub model: String,
     pub batch: usize,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// fp32, or the reduced precision the pass ran in (CUDA only).
+    pub precision: String,
     pub iterations: usize,
     /// The first forward after loading (libtorch's JIT profiles and optimises it).
     pub first_forward_us: f64,
@@ -32,30 +40,35 @@ pub fn measure(
     features: i64,
     batch: usize,
     budget: Duration,
+    device: Device,
+    precision: Precision,
 ) -> anyhow::Result<FloorResult> {
-    let session = Session::load(path, Device::Cpu)
+    let session = Session::load_with(path, device, precision)
         .with_context(|| format!("could not load {}", path.display()))?;
     // The same intra-op thread policy as a model's only worker.
     let (threads, _) = warm_up_and_pick_threads(&session, 1);
     set_threads(threads);
     let input = Tensor::randn([batch as i64, features], (Kind::Float, Device::Cpu));
+    // One pass as a served batch makes it: host batch → device → forward → host.
+    let pass = || -> anyhow::Result<Tensor> {
+        let out = session.forward(&to_device(input.shallow_clone(), device)?)?;
+        Ok(out.f_to_device(Device::Cpu)?)
+    };
     let t = Instant::now();
-    let _first = session
-        .forward(&input)
-        .with_context(|| format!("forward of {model} failed"))?;
+    let _first = pass().with_context(|| format!("forward of {model} failed"))?;
     let first_forward_us = t.elapsed().as_secs_f64() * 1e6;
 
     let warm_until = Instant::now() + budget / 10;
     let mut warm = 0;
     while warm < 5 || Instant::now() < warm_until {
-        let _out = session.forward(&input)?;
+        let _out = pass()?;
         warm += 1;
     }
     let mut times = Vec::new();
     let until = Instant::now() + budget;
     while (times.len() < 20 || Instant::now() < until) && times.len() < 200_000 {
         let t = Instant::now();
-        let out = session.forward(&input)?;
+        let out = pass()?;
         times.push(t.elapsed().as_secs_f64() * 1e6);
         drop(out);
     }
@@ -64,10 +77,20 @@ pub fn measure(
     Ok(FloorResult {
         model: model.to_string(),
         batch,
+        device: device_name(device),
+        precision: format!("{:?}", session.precision()).to_lowercase(),
         iterations: times.len(),
         first_forward_us,
         median_us: median,
         p99_us: percentile(&times, 0.99),
         per_instance_us: median / batch as f64,
     })
+}
+
+/// `cpu` or `cuda:N`, as torchfn's `--device` takes it.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
 }

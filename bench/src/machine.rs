@@ -6,7 +6,7 @@ use serde::Serialize;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Machine {
-    /// Where the models ran (this benchmark runs them on the CPU).
+    /// Where the models ran: `cpu`, or the GPU's index, name, memory and driver.
     pub device: String,
     /// CPUs this process may use (what `nproc` prints).
     pub nproc: usize,
@@ -22,7 +22,7 @@ pub struct Machine {
     pub cpu_busy_before_pct: Option<f64>,
 }
 
-pub fn describe() -> Machine {
+pub fn describe(device: tch::Device) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_model = cpuinfo
         .lines()
@@ -39,10 +39,12 @@ pub fn describe() -> Machine {
         .unwrap_or_default();
     torchfn_engine::session::set_threads(torchfn_engine::session::threads_per_worker(1));
     Machine {
-        device: if tch::Cuda::is_available() {
-            "cpu (a CUDA device is present, but this benchmark runs on the CPU)".into()
-        } else {
-            "cpu".into()
+        device: match device {
+            tch::Device::Cuda(i) => format!("cuda:{i} ({})", gpu_name(i)),
+            _ if torchfn_engine::session::nvidia_gpu_present() => {
+                "cpu (an NVIDIA GPU is present: --device cuda measures on it)".into()
+            }
+            _ => "cpu".into(),
         },
         nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
         cpu_model,
@@ -52,6 +54,23 @@ pub fn describe() -> Machine {
         load_average_at_start: load_average(),
         cpu_busy_before_pct: cpu_busy_pct(std::time::Duration::from_millis(500)),
     }
+}
+
+/// `nvidia-smi`'s name, memory and driver of GPU `index`, or "unnamed" where it does not
+/// answer.
+fn gpu_name(index: usize) -> String {
+    std::process::Command::new("nvidia-smi")
+        .arg(format!("--id={index}"))
+        .args([
+            "--query-gpu=name,memory.total,driver_version",
+            "--format=csv,noheader",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unnamed".into())
 }
 
 /// The 1, 5 and 15 minute load averages.

@@ -28,6 +28,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
+use torchfn_archive::settings::{DevicePreference, Precision};
+
 use crate::load::{Load, Target};
 use crate::report::{Point, Results, Settings};
 use crate::torchfn::{Batching, Torchfn};
@@ -110,6 +112,17 @@ struct Args {
     #[arg(long, env = "TORCHFN_BENCH_VENV")]
     venv: Option<PathBuf>,
 
+    /// Where the models run: `cpu`, or `cuda` / `cuda:N` for a GPU (the libtorch floor, the
+    /// servers and their cold starts; fp16 and bf16 floor rows are added on a GPU). On a
+    /// machine without a usable GPU, `--device cuda` says "no GPU" and exits 0.
+    #[arg(long, default_value = "cpu", env = "TORCHFN_BENCH_DEVICE")]
+    device: String,
+
+    /// Fixtures already made by tests/fixtures/make_fixtures.py (default: made once into
+    /// <target>/bench-fixtures-<hash> with the venv's Python).
+    #[arg(long, env = "TORCHFN_BENCH_FIXTURES")]
+    fixtures: Option<PathBuf>,
+
     /// Where the JSON results go (default: <target>/bench/results.json).
     #[arg(long, env = "TORCHFN_BENCH_OUT")]
     out: Option<PathBuf>,
@@ -133,6 +146,24 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let device = match args.device.parse::<DevicePreference>() {
+        Ok(DevicePreference::Cpu) => tch::Device::Cpu,
+        Ok(DevicePreference::Cuda(i)) => {
+            if !torchfn_engine::session::cuda_available() {
+                println!("torchfn-bench --device {}: no GPU (no NVIDIA device that libtorch's CUDA backend can use); nothing measured", args.device);
+                return Ok(());
+            }
+            anyhow::ensure!(
+                (i as i64) < tch::Cuda::device_count(),
+                "--device {}: this machine has {} CUDA device(s)",
+                args.device,
+                tch::Cuda::device_count()
+            );
+            tch::Device::Cuda(i)
+        }
+        _ => anyhow::bail!("--device takes cpu, cuda or cuda:N, not `{}`", args.device),
+    };
+    let device_arg = floor::device_name(device);
     // Every S3 client of this run talks to the local S3 server only (before any thread).
     functions::isolate_aws_environment();
     let repo = repo_root();
@@ -206,12 +237,15 @@ fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| target.join("bench/results.json"));
 
-    let machine = machine::describe();
+    let machine = machine::describe(device);
     if let Some(busy) = machine.cpu_busy_before_pct.filter(|b| *b > 15.0) {
         eprintln!("bench: warning: the CPUs are {busy:.0}% busy before the run; other work skews every figure");
     }
     let venv = workload::venv(&repo, args.venv.clone())?;
-    let fixtures = workload::fixtures(&repo, &target, &venv)?;
+    let fixtures = match &args.fixtures {
+        Some(dir) => dir.clone(),
+        None => workload::fixtures(&repo, &target, &venv)?,
+    };
     anyhow::ensure!(
         settings.concurrency.iter().all(|&c| c >= 1),
         "--concurrency takes numbers of connections, each at least 1"
@@ -247,13 +281,40 @@ fn main() -> anyhow::Result<()> {
 
     // 1. The libtorch floor, in this process.
     let budget = Duration::from_millis(if quick { 100 } else { 1000 });
+    // On a GPU, also the batch-size pass in each reduced precision torchfn offers.
+    let precisions: &[Precision] = if device.is_cuda() {
+        &[Precision::Fp16, Precision::Bf16]
+    } else {
+        &[]
+    };
     for w in &workloads {
+        let path = fixtures.join("models").join(w.torchscript);
         for batch in [1, settings.batch_size] {
             eprintln!("bench: libtorch floor, {} batch {batch}", w.label);
-            let path = fixtures.join("models").join(w.torchscript);
-            results
-                .floor
-                .push(floor::measure(w.label, &path, w.features, batch, budget)?);
+            results.floor.push(floor::measure(
+                w.label,
+                &path,
+                w.features,
+                batch,
+                budget,
+                device,
+                Precision::Fp32,
+            )?);
+        }
+        for &p in precisions {
+            eprintln!(
+                "bench: libtorch floor, {} batch {} in {p:?}",
+                w.label, settings.batch_size
+            );
+            results.floor.push(floor::measure(
+                w.label,
+                &path,
+                w.features,
+                settings.batch_size,
+                budget,
+                device,
+                p,
+            )?);
         }
     }
 
@@ -281,7 +342,7 @@ fn main() -> anyhow::Result<()> {
         for batching in [off, on] {
             let name = report::batching_name(batching);
             eprintln!("bench: torchfn, {} batching {name}: starting", w.label);
-            let server = Torchfn::start(&torchfn_local, &store, w, batching, &rt)?;
+            let server = Torchfn::start(&torchfn_local, &store, w, batching, &device_arg, &rt)?;
             let target = Target {
                 addr: server.inference,
                 path: w.path(),
@@ -318,9 +379,14 @@ fn main() -> anyhow::Result<()> {
     if let Some(seed) = workloads.iter().find(|w| w.label == "seed") {
         for i in 0..results.settings.cold_starts {
             eprintln!("bench: torchfn cold start {}", i + 1);
-            results
-                .cold_start
-                .push(torchfn::cold_start(&torchfn_local, &store, seed, on, &rt)?);
+            results.cold_start.push(torchfn::cold_start(
+                &torchfn_local,
+                &store,
+                seed,
+                on,
+                &device_arg,
+                &rt,
+            )?);
         }
     }
 

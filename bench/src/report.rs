@@ -465,7 +465,11 @@ pub fn table(r: &Results) -> String {
         let _ = writeln!(
             out,
             "  {:<42} {:>9.0} {:>9.1} {:>9.1} {:>12.1}",
-            format!("{} batch {}", f.model, f.batch),
+            if f.precision == "fp32" {
+                format!("{} batch {}", f.model, f.batch)
+            } else {
+                format!("{} batch {} {}", f.model, f.batch, f.precision)
+            },
             f.first_forward_us,
             f.median_us,
             f.p99_us,

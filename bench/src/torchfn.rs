@@ -65,6 +65,7 @@ impl Torchfn {
         store: &Path,
         workload: &Workload,
         batching: Batching,
+        device: &str,
         rt: &tokio::runtime::Runtime,
     ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
@@ -94,7 +95,7 @@ impl Torchfn {
             .arg("--ts-config")
             .arg(&config)
             .arg("--device")
-            .arg("cpu")
+            .arg(device)
             .arg("--log-json")
             .env("RUST_LOG", "info")
             .env_remove("TS_CONFIG_FILE");
@@ -269,9 +270,10 @@ pub fn cold_start(
     store: &Path,
     workload: &Workload,
     batching: Batching,
+    device: &str,
     rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<ColdStart> {
-    let server = Torchfn::start(bin, store, workload, batching, rt)?;
+    let server = Torchfn::start(bin, store, workload, batching, device, rt)?;
     let answer = rt.block_on(load::once(
         server.inference,
         Method::POST,

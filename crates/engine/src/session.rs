@@ -120,6 +120,7 @@ impl Session {
         tracing::info!(
             path = %path.display(),
             ?device,
+            ?precision,
             ?hint,
             load_ms = started.elapsed().as_secs_f64() * 1e3,
             "TorchScript module loaded"
@@ -146,9 +147,27 @@ impl Session {
 
     /// One forward pass without autograd over any positional inputs, returning whatever
     /// the model returns. Call it from a model worker thread only.
+    ///
+    /// Reduced precision (CUDA only): `bf16` casts the floating-point inputs to bfloat16 for
+    /// the bfloat16 weights; `fp16` runs the pass under CUDA autocast (float16 where libtorch
+    /// deems it safe, the weights kept in float32). Either way, floating-point outputs come
+    /// back as float32, so handlers and clients see the same kinds as at full precision.
     pub fn run(&self, inputs: &[IValue]) -> Result<IValue, SessionError> {
         let _guard = tch::no_grad_guard();
-        Ok(self.module.forward_is(inputs)?)
+        match self.precision {
+            Precision::Fp32 => Ok(self.module.forward_is(inputs)?),
+            Precision::Bf16 => {
+                let inputs = inputs
+                    .iter()
+                    .map(|v| with_float_kind(v, Kind::BFloat16))
+                    .collect::<Result<Vec<_>, _>>()?;
+                with_float_kind(&self.module.forward_is(&inputs)?, Kind::Float)
+            }
+            Precision::Fp16 => {
+                let out = tch::autocast(true, || self.module.forward_is(inputs))?;
+                with_float_kind(&out, Kind::Float)
+            }
+        }
     }
 
     /// One forward pass without autograd. Call it from a model worker thread only.
@@ -202,6 +221,51 @@ impl Session {
             )),
         }
     }
+}
+
+/// `value` with every floating-point tensor in it (nested in tuples, lists and dicts too)
+/// converted to `kind`; other tensors and values as they are.
+fn with_float_kind(value: &IValue, kind: Kind) -> Result<IValue, SessionError> {
+    let tensor = |t: &Tensor| -> Result<Tensor, SessionError> {
+        Ok(
+            if t.defined() && t.f_is_floating_point()? && t.f_kind()? != kind {
+                t.f_to_kind(kind)?
+            } else {
+                t.shallow_clone()
+            },
+        )
+    };
+    let all = |values: &[IValue]| -> Result<Vec<IValue>, SessionError> {
+        values.iter().map(|v| with_float_kind(v, kind)).collect()
+    };
+    Ok(match value {
+        IValue::Tensor(t) => IValue::Tensor(tensor(t)?),
+        IValue::TensorList(ts) => {
+            IValue::TensorList(ts.iter().map(tensor).collect::<Result<_, _>>()?)
+        }
+        IValue::Tuple(vs) => IValue::Tuple(all(vs)?),
+        IValue::GenericList(vs) => IValue::GenericList(all(vs)?),
+        IValue::GenericDict(kvs) => IValue::GenericDict(
+            kvs.iter()
+                .map(|(k, v)| Ok((with_float_kind(k, kind)?, with_float_kind(v, kind)?)))
+                .collect::<Result<_, SessionError>>()?,
+        ),
+        IValue::None => IValue::None,
+        IValue::Double(x) => IValue::Double(*x),
+        IValue::Int(x) => IValue::Int(*x),
+        IValue::Bool(x) => IValue::Bool(*x),
+        IValue::IntList(x) => IValue::IntList(x.clone()),
+        IValue::DoubleList(x) => IValue::DoubleList(x.clone()),
+        IValue::BoolList(x) => IValue::BoolList(x.clone()),
+        IValue::String(x) => IValue::String(x.clone()),
+        IValue::StringList(x) => IValue::StringList(x.clone()),
+        IValue::Device(d) => IValue::Device(*d),
+        _ => {
+            return Err(SessionError::OutputForm(
+                "a TorchScript object, which reduced precision cannot convert".into(),
+            ))
+        }
+    })
 }
 
 /// Loads a TorchScript file. A module that calls torchvision's operators (`torchvision::nms`,
@@ -337,5 +401,41 @@ mod tests {
             assert_eq!(choose_device(DevicePreference::Cuda(0), None), Device::Cpu);
         }
         assert_eq!(choose_device(DevicePreference::Cpu, None), Device::Cpu);
+    }
+
+    /// Reduced precision converts every floating-point tensor of a value, however nested,
+    /// and nothing else.
+    #[test]
+    fn float_tensors_change_kind_and_nothing_else_does() {
+        let value = IValue::Tuple(vec![
+            IValue::Tensor(Tensor::from_slice(&[1.5f32, 2.0])),
+            IValue::Tensor(Tensor::from_slice(&[3i64])),
+            IValue::GenericDict(vec![(
+                IValue::String("scores".into()),
+                IValue::TensorList(vec![Tensor::from_slice(&[0.25f64])]),
+            )]),
+            IValue::Int(7),
+        ]);
+        let IValue::Tuple(out) = with_float_kind(&value, Kind::BFloat16).unwrap() else {
+            panic!("not a tuple");
+        };
+        let kind = |v: &IValue| match v {
+            IValue::Tensor(t) => t.kind(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(kind(&out[0]), Kind::BFloat16);
+        assert_eq!(kind(&out[1]), Kind::Int64);
+        let IValue::GenericDict(kvs) = &out[2] else {
+            panic!("not a dict");
+        };
+        let IValue::TensorList(ts) = &kvs[0].1 else {
+            panic!("not a tensor list");
+        };
+        assert_eq!(ts[0].kind(), Kind::BFloat16);
+        assert_eq!(kvs[0].0, IValue::String("scores".into()));
+        assert_eq!(out[3], IValue::Int(7));
+        // And back: 1.5 and 2.0 are exact in bfloat16.
+        let back = with_float_kind(&out[0], Kind::Float).unwrap();
+        assert_eq!(back, IValue::Tensor(Tensor::from_slice(&[1.5f32, 2.0])));
     }
 }

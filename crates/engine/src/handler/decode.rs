@@ -410,14 +410,15 @@ pub fn stack(items: &[&Instance], device: Device) -> Result<Tensor, SessionError
 }
 
 /// A host tensor on `device`: the batch is assembled on the host and crosses to the device
-/// in one transfer, from pinned memory so the copy can run at full bus speed.
+/// in one transfer. (Not through pinned memory: tch's `pin_memory` always passes a device,
+/// which libtorch 2.11+ warns about on every call, one log line per batch; at the batch
+/// sizes served, a pageable copy costs microseconds.)
 pub fn to_device(t: Tensor, device: Device) -> Result<Tensor, SessionError> {
     if device == Device::Cpu {
         Ok(t)
     } else {
         let kind = t.f_kind()?;
-        Ok(t.f_pin_memory(device)?
-            .f_to_device_(device, kind, true, false)?)
+        Ok(t.f_to_device_(device, kind, false, false)?)
     }
 }
 
