@@ -37,7 +37,7 @@ fn slow_server(
         format!(
             "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\n\
              metrics_address=http://127.0.0.1:0\nbatch_size=4\nmax_batch_delay=50\n\
-             job_queue_size=3\ndefault_response_timeout=30\n{extra_config}"
+             job_queue_size=3\ndefault_response_timeout=600\n{extra_config}"
         ),
     )
     .unwrap();
@@ -141,12 +141,9 @@ fn a_full_queue_answers_503_at_once_and_loses_nothing_accepted() {
             })
             .collect();
         wait_until("three queued requests", || pending(&server) == 3);
-        let started = Instant::now();
         let (status, body, _) = server.predict("slow", json!({"data": [0, 9]}).to_string());
-        assert!(
-            started.elapsed() < Duration::from_millis(500),
-            "503 was not immediate"
-        );
+        // At once: while the busy pass still runs, not after the queue drained.
+        assert!(!busy.is_finished(), "503 was not immediate");
         assert_eq!(status, 503, "{body}");
         assert_eq!(body["type"], "ServiceUnavailableException");
         assert!(body["message"]
@@ -198,7 +195,10 @@ fn a_caller_that_went_away_costs_no_forward_pass() {
 fn the_response_timeout_bounds_a_request() {
     let (server, _dir, _serial) = slow_server("default_response_timeout=1\n");
     let started = Instant::now();
-    let (status, body, _) = server.predict("slow", json!({"data": [3 * BUSY, 1]}).to_string());
+    // A pass of about 30 s on an idle machine (longer on a busy one): the ceilings below are
+    // a third of it, so they hold however slow the machine is, and still prove that neither
+    // answer waited for the pass.
+    let (status, body, _) = server.predict("slow", json!({"data": [20 * BUSY, 1]}).to_string());
     let took = started.elapsed();
     assert_eq!(status, 500, "{body}");
     assert_eq!(body["type"], "InternalServerException");
@@ -206,17 +206,14 @@ fn the_response_timeout_bounds_a_request() {
         .as_str()
         .unwrap()
         .contains("response timeout"));
-    assert!(
-        took < Duration::from_millis(2500),
-        "answered after {took:?}"
-    );
+    assert!(took < Duration::from_secs(10), "answered after {took:?}");
     // The pass cannot be cancelled and runs on for seconds; the next request detaches that
     // worker and a replacement answers it at once.
     let started = Instant::now();
     let (status, body, _) = server.predict("slow", json!({"data": [0, 4]}).to_string());
     assert_eq!((status, &body), (200, &json!([8.0])));
     assert!(
-        started.elapsed() < Duration::from_millis(1500),
+        started.elapsed() < Duration::from_secs(10),
         "answered after {:?}: the stuck worker was not replaced",
         started.elapsed()
     );

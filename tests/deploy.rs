@@ -311,9 +311,21 @@ fn the_dockerfiles_copy_what_the_build_produces() {
 /// for its image, with `--compiler cargo` (libtorch is built with libstdc++ and linked from its
 /// own folder). Both bootstraps start; the model's libraries all resolve (its layer can be
 /// built). SAM cannot build the image functions here (no Docker), so it builds by logical id.
+///
+/// Both builds run with the release profile's optimisation and debug info turned down
+/// (`CARGO_PROFILE_RELEASE_*` in their environment): the test proves the build pipeline
+/// and the binaries it makes, not their speed, and a fully optimised release build of the
+/// workspace's crates took most of the suite's time on a 2-core machine. `scripts/bench`
+/// and the images build with the real release profile.
 #[test]
 fn sam_and_cargo_lambda_build_both_functions() {
     let root = common::repo_root();
+    let quick_release = [
+        ("CARGO_PROFILE_RELEASE_OPT_LEVEL", "0"),
+        ("CARGO_PROFILE_RELEASE_DEBUG", "0"),
+        ("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "256"),
+        ("CARGO_PROFILE_RELEASE_LTO", "false"),
+    ];
     let bin = common::venv_python().parent().unwrap().to_path_buf();
     let path = format!(
         "{}:{}",
@@ -331,6 +343,7 @@ fn sam_and_cargo_lambda_build_both_functions() {
         .env("PATH", &path)
         .env("AWS_DEFAULT_REGION", "us-east-1")
         .env("SAM_CLI_TELEMETRY", "0")
+        .envs(quick_release)
         .current_dir(&root)
         .output()
         .unwrap();
@@ -353,6 +366,7 @@ fn sam_and_cargo_lambda_build_both_functions() {
         .args(["lambda", "build", "--release", "-p", "torchfn-model"])
         .args(["--compiler", "cargo"])
         .env("PATH", &path)
+        .envs(quick_release)
         .current_dir(&root)
         .output()
         .unwrap();
