@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_json_close, fixtures, reference, repo_root};
+use common::{assert_json_close, cargo_tool, fixtures, reference, repo_root};
 use serde_json::{json, Value};
 use server::Server;
 use torchfn_store::store::{Location, ObjectStore};
@@ -51,7 +51,7 @@ impl Watch {
         let log = moto::target_dir().join(format!("cargo-lambda-watch-{}.log", std::process::id()));
         let out = std::fs::File::create(&log).unwrap();
         let port = moto::free_port();
-        let mut cmd = Command::new(cargo_lambda());
+        let mut cmd = cargo_tool(cargo_lambda());
         cmd.args(["lambda", "watch", "--ignore-changes"])
             .args(["--invoke-address", "127.0.0.1", "--invoke-port"])
             .arg(port.to_string());

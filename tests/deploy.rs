@@ -138,11 +138,12 @@ fn the_layer_holds_the_whole_closure() {
         .unwrap_or_else(|| root.join("target"));
     let binary = target.join("debug/torchfn-model");
     if !binary.exists() {
-        let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .args(["build", "-p", "torchfn-model"])
-            .current_dir(&root)
-            .status()
-            .unwrap();
+        let status =
+            common::cargo_tool(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args(["build", "-p", "torchfn-model"])
+                .current_dir(&root)
+                .status()
+                .unwrap();
         assert!(status.success());
     }
     let dir = tempfile::tempdir().unwrap();
@@ -336,7 +337,7 @@ fn sam_and_cargo_lambda_build_both_functions() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
     let built = tempfile::tempdir().unwrap();
-    let sam_build = Command::new(sam())
+    let sam_build = common::cargo_tool(sam())
         .args(["build", "--beta-features", "--build-dir"])
         .arg(built.path())
         .arg("RegistrarFunction")
@@ -362,7 +363,7 @@ fn sam_and_cargo_lambda_build_both_functions() {
         template.contains("CodeUri: RegistrarFunction"),
         "{template}"
     );
-    let model = Command::new(bin.join("cargo-lambda"))
+    let model = common::cargo_tool(bin.join("cargo-lambda"))
         .args(["lambda", "build", "--release", "-p", "torchfn-model"])
         .args(["--compiler", "cargo"])
         .env("PATH", &path)

@@ -25,6 +25,34 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// A command for a tool that runs cargo (cargo itself, cargo-lambda, SAM), without the
+/// variables cargo sets for this test process (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...).
+/// Build scripts read some of them (ring's reads `CARGO_MANIFEST_DIR`): passed on, they would
+/// make the inner build's dependencies differ from the outer one's, and each would rebuild
+/// what the other built, in every clean clone.
+pub fn cargo_tool(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let per_package = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_BIN_",
+            "CARGO_CRATE_",
+        ]
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
+            || matches!(
+                key,
+                "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR" | "CARGO_RUSTC_CURRENT_DIR"
+            );
+        if per_package {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 /// One HTTP request head (up to the blank line) read from a proxy's client, byte by byte so
 /// nothing after it is consumed; `None` when the client closed first.
 pub fn read_request_head(client: &mut impl std::io::Read) -> Option<Vec<u8>> {
