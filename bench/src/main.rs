@@ -289,31 +289,16 @@ fn main() -> anyhow::Result<()> {
     };
     for w in &workloads {
         let path = fixtures.join("models").join(w.torchscript);
-        for batch in [1, settings.batch_size] {
-            eprintln!("bench: libtorch floor, {} batch {batch}", w.label);
-            results.floor.push(floor::measure(
-                w.label,
-                &path,
-                w.features,
-                batch,
-                budget,
-                device,
-                Precision::Fp32,
-            )?);
-        }
-        for &p in precisions {
+        let runs = [(1, Precision::Fp32), (settings.batch_size, Precision::Fp32)]
+            .into_iter()
+            .chain(precisions.iter().map(|&p| (settings.batch_size, p)));
+        for (batch, precision) in runs {
             eprintln!(
-                "bench: libtorch floor, {} batch {} in {p:?}",
-                w.label, settings.batch_size
+                "bench: libtorch floor, {} batch {batch} in {precision:?}",
+                w.label
             );
             results.floor.push(floor::measure(
-                w.label,
-                &path,
-                w.features,
-                settings.batch_size,
-                budget,
-                device,
-                p,
+                w.label, &path, w.features, batch, budget, device, precision,
             )?);
         }
     }
