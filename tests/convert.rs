@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use torchfn_test_support::{self as common, server};
+use torchfn_test_support::{self as common, path_str, server};
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -20,10 +20,6 @@ use torchfn_archive::mar::{self, Limits};
 
 /// The longest one conversion may take (importing torch is most of it).
 const CONVERT_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// What a `torchfn-local convert` run gave.
 struct Outcome {

@@ -493,6 +493,7 @@ fn help_lists_the_settings() {
             "TORCHFN_MODEL_NAME",
             "TORCHFN_MODEL_VERSION",
             "TORCHFN_HANDLER",
+            "TORCHFN_PYTHON",
             "TORCHFN_BATCH_SIZE",
             "TORCHFN_MAX_BATCH_DELAY_MS",
             "TORCHFN_JOB_QUEUE_SIZE",

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use torchfn_test_support::{self as common, archive, server};
+use torchfn_test_support::{self as common, archive, path_str, server};
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -15,10 +15,6 @@ use common::{assert_json_close, fixtures, json_close, reference};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
 use server::Server;
-
-fn path_str(p: &std::path::Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// The seed guide's server: its config.properties, the store, classifier.mar at start.
 fn seed_server(extra: &[&str]) -> Server {
@@ -218,19 +214,24 @@ fn management_errors_have_torchserves_statuses_and_messages() {
         "BadRequestException",
         "Invalid RuntimeType value: java",
     );
-    assert_error(
-        post("?url=https://example.com/classifier.mar"),
-        400,
-        "DownloadArchiveException",
-        "Failed to download archive from: https://example.com/classifier.mar",
+    // Nothing listens on port 1 of loopback: the download fails.
+    let (code, body) = post("?url=http://127.0.0.1:1/absent.mar");
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["type"], "DownloadArchiveException");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Failed to download archive from: http://127.0.0.1:1/absent.mar"),
+        "{body}"
     );
-    // An eager-mode archive: a bad archive is 400, and nothing stays registered.
+    // An eager-mode archive registers: the Python backend serves it, as TorchServe does.
     let eager = fx.join("eager/eager.mar");
-    if eager.exists() {
-        let (code, body) = post(&format!("?url={}&model_name=eager", eager.display()));
-        assert_eq!(code, 400, "{body}");
-        assert_eq!(call(&server, Method::GET, "/models/eager").0, 404);
-    }
+    let (code, body) = post(&format!("?url={}&model_name=eager", eager.display()));
+    assert_eq!(code, 200, "{body}");
+    let (_, d) = call(&server, Method::GET, "/models/eager");
+    assert_eq!(d[0]["handler"], "base_handler", "{d}");
+    assert_eq!(call(&server, Method::DELETE, "/models/eager").0, 200);
 
     assert_error(
         call(
@@ -1038,4 +1039,112 @@ fn the_api_description_matches_the_routes() {
             }
         }
     }
+}
+
+/// A one-thread HTTP server on loopback for `http(s)://` registrations: `/ok/<file>` and
+/// `/evil/<file>` answer the archive, `/hop/<file>` redirects to `/evil/<file>`. It serves at
+/// most `limit` connections, then stops.
+fn archive_server(archive: Vec<u8>, limit: usize) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut client in listener.incoming().take(limit).map_while(Result::ok) {
+            let Some(head) = common::read_request_head(&mut client) else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+            use std::io::Write;
+            let reply = if let Some(file) = path.strip_prefix("/hop/") {
+                format!(
+                    "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{port}/evil/{file}\r\n\
+                     Content-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+                .into_bytes()
+            } else if path.starts_with("/ok/") || path.starts_with("/evil/") {
+                let mut r = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    archive.len()
+                )
+                .into_bytes();
+                r.extend_from_slice(&archive);
+                r
+            } else {
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
+            };
+            let _ = client.write_all(&reply);
+        }
+    });
+    port
+}
+
+/// Registering from an http URL downloads the archive into the model store (as TorchServe
+/// does), subject to `allowed_urls`, also for redirects; registering it again finds the file
+/// there and answers TorchServe's 500.
+#[test]
+fn archives_register_from_allowed_http_urls() {
+    let archive = std::fs::read(fixtures().join("store/scripted.mar")).unwrap();
+    let port = archive_server(archive, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    let config = dir.path().join("config.properties");
+    std::fs::write(
+        &config,
+        format!(
+            "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\n\
+             metrics_address=http://127.0.0.1:0\n\
+             allowed_urls=http://127.0.0.1:{port}/(ok|hop)/.*\n"
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&[
+        "--ts-config",
+        path_str(&config),
+        "--model-store",
+        path_str(&store),
+    ])
+    .wait_healthy();
+    let url = format!("http://127.0.0.1:{port}/ok/scripted.mar");
+    let (code, body) = call(
+        &server,
+        Method::POST,
+        &format!("/models?url={url}&initial_workers=1"),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(store.join("scripted.mar").is_file());
+    let (_, d) = server.get(format!("{}/models/scripted", server.management));
+    assert_eq!(d[0]["modelUrl"], url);
+    let reference = reference();
+    let (code, value, _) = server.predict("scripted", reference["seed_features"].to_string());
+    assert_eq!(code, 200, "{value}");
+    assert_json_close(&value, &reference["tensor_single"], 1e-5, "downloaded");
+
+    // The same file again: TorchServe's answer, before any download.
+    let (code, body) = call(
+        &server,
+        Method::POST,
+        &format!("/models?url={url}&model_name=again"),
+    );
+    assert_eq!(code, 500, "{body}");
+    assert_eq!(body["message"], "Model file already exists scripted.mar");
+
+    // A URL the pattern refuses, and an allowed one redirecting to a refused one.
+    let (code, body) = call(
+        &server,
+        Method::POST,
+        &format!("/models?url=http://127.0.0.1:{port}/evil/other.mar"),
+    );
+    assert_eq!(code, 404, "{body}");
+    assert_eq!(body["type"], "ModelNotFoundException");
+    let (code, body) = call(
+        &server,
+        Method::POST,
+        &format!("/models?url=http://127.0.0.1:{port}/hop/third.mar"),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["type"], "DownloadArchiveException");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("allowed_urls"), "{message}");
+    assert!(!store.join("third.mar").exists());
 }

@@ -989,3 +989,63 @@ fn duplicate_entries_are_refused() {
     assert!(matches!(e, MarError::Duplicate { .. }), "{e}");
     sb.assert_clean();
 }
+
+/// A compression bomb (zeros expand about 1000 times) is refused once it has written past the
+/// floor, zip or tar.gz, with the limit's config key named; the same archive is taken under a
+/// higher limit. Nothing is left behind.
+#[test]
+fn compression_bombs_are_refused_by_their_ratio() {
+    let zeros = vec![0u8; (mar::EXPANSION_FLOOR + 2 * 1024 * 1024) as usize];
+    let base = tiny_files();
+    let mut files: Vec<(&str, &[u8])> = base.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+    files.push(("zeros.bin", &zeros));
+    let zip = zip_of(&files, deflated());
+    let h = raw_header(
+        "tiny/zeros.bin",
+        tar::EntryType::Regular,
+        zeros.len() as u64,
+        None,
+    );
+    let tgz = tiny_tgz_with(&[(h, zeros.clone())]);
+    for (name, bytes) in [("bomb.mar", &zip), ("bomb.tar.gz", &tgz)] {
+        assert!(bytes.len() < 1 << 20, "{name}: {}", bytes.len());
+        let sb = Sandbox::new();
+        let e = sb.open(&sb.put(name, bytes)).unwrap_err();
+        assert!(
+            matches!(e, MarError::Expands { limit: 100, .. }),
+            "{name}: {e}"
+        );
+        assert!(e.to_string().contains("torchfn_archive_max_ratio"), "{e}");
+        sb.assert_clean();
+
+        let sb = Sandbox::new();
+        let limits = Limits {
+            max_expansion_ratio: 1_000_000,
+            ..Limits::default()
+        };
+        let archive = sb.open_with(&sb.put(name, bytes), limits).unwrap();
+        assert!(archive.has_file("zeros.bin"), "{name}");
+    }
+}
+
+/// An entry declaring more bytes than the unpack folder has free is refused before anything
+/// is written, and the message says where to point the unpacking.
+#[test]
+fn an_archive_larger_than_the_free_space_is_refused() {
+    let sb = Sandbox::new();
+    let h = raw_header("tiny/huge.bin", tar::EntryType::Regular, 1 << 60, None);
+    let bytes = tiny_tgz_with(&[(h, Vec::new())]);
+    let limits = Limits {
+        max_unpacked_bytes: u64::MAX,
+        ..Limits::default()
+    };
+    let e = sb
+        .open_with(&sb.put("huge.tar.gz", &bytes), limits)
+        .unwrap_err();
+    assert!(
+        matches!(e, MarError::NoSpace { needed, .. } if needed == 1 << 60),
+        "{e}"
+    );
+    assert!(e.to_string().contains("torchfn_unpack_dir"), "{e}");
+    sb.assert_clean();
+}

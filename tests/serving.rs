@@ -37,13 +37,146 @@ fn spec(path: PathBuf, name: Option<&str>) -> LoadSpec {
     }
 }
 
-#[test]
-fn eager_archive_is_refused_with_the_fix() {
+/// A request through the inference router, answered by whatever serves the model.
+async fn predict(m: &Arc<Manager>, name: &str, body: Value) -> (StatusCode, Value) {
+    let state = AppState::new(m.clone());
+    let router = api::with_common(api::inference::routes(), state);
+    let req = Request::post(format!("/predictions/{name}"))
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    call(router, req).await
+}
+
+async fn load(
+    m: &Arc<Manager>,
+    path: PathBuf,
+    name: Option<&'static str>,
+) -> Result<Arc<torchfn_engine::manager::ModelVersion>, torchfn_engine::error::ServeError> {
+    let m = m.clone();
+    tokio::task::spawn_blocking(move || m.load(&spec(path, name)))
+        .await
+        .unwrap()
+}
+
+/// The getting-started guide's archive (its own handler.py) with no mapping is served by the
+/// Python backend, with the answers Python torch gives; `default_service_handler` (for
+/// archives that name a handler file) or a per-model mapping takes the Rust built-in instead.
+#[tokio::test]
+async fn a_python_handler_runs_in_the_python_backend_unless_mapped_onto_a_builtin() {
+    let reference = reference();
+    let single = json!({"features": reference["seed_features"]});
     let m = manager(Settings::default());
-    let err = m
-        .load(&spec(fixtures().join("eager/eager.mar"), None))
+    let path = fixtures().join("store/classifier.mar");
+    let model = load(&m, path.clone(), None).await.unwrap();
+    assert_eq!(model.handler_name(), "handler.py");
+    assert!(model.pool().is_some());
+    let (status, body) = predict(&m, "classifier", single.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    common::assert_json_close(
+        &body,
+        &reference["classifier_single"],
+        1e-5,
+        "python backend",
+    );
+    // The same name and version again is a conflict; another name is a new model.
+    let err = load(&m, path.clone(), None).await.err().expect("conflict");
+    assert_eq!(err.kind, ErrorKind::Conflict);
+    assert_eq!(
+        err.message,
+        "Model version 1.0 is already registered for model classifier"
+    );
+    m.shutdown();
+
+    for mapped in ["default", "per-model"] {
+        let mut settings = Settings::default();
+        if mapped == "default" {
+            settings.default_service_handler = Some("classifier".into());
+        } else {
+            settings
+                .handlers
+                .insert("classifier".into(), "classifier".into());
+        }
+        let m = manager(settings);
+        let model = load(&m, path.clone(), None).await.unwrap();
+        assert_eq!(model.handler_name(), "classifier", "{mapped}");
+        assert!(model.pool().is_none());
+        let (status, body) = predict(&m, "classifier", single.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        common::assert_json_close(&body, &reference["classifier_single"], 1e-5, mapped);
+    }
+
+    // default_service_handler never replaces a built-in the manifest names.
+    let mut settings = Settings::default();
+    settings.default_service_handler = Some("classifier".into());
+    let m = manager(settings);
+    let model = load(&m, fixtures().join("store/scripted.mar"), None)
+        .await
+        .unwrap();
+    assert_eq!(model.handler_name(), "tensor");
+
+    // A TorchServe handler with no built-in goes to Python, whose worker says what is missing.
+    let mut settings = Settings::default();
+    settings
+        .handlers
+        .insert("classifier".into(), "vllm_handler".into());
+    let err = load(&manager(settings), path, None)
+        .await
         .err()
-        .expect("an eager archive must not load");
+        .expect("vllm is not installed");
+    assert_eq!(err.kind, ErrorKind::Internal);
+    assert!(
+        err.message
+            .starts_with("Failed to start workers for model classifier"),
+        "{}",
+        err.message
+    );
+    assert!(err.message.contains("vllm"), "{}", err.message);
+}
+
+/// An eager-mode archive (`--model-file` with a state_dict) is served by the Python backend,
+/// with the scripted model's answers (the same weights); mapping it onto a built-in is refused
+/// with the way out.
+#[tokio::test]
+async fn an_eager_archive_is_served_by_the_python_backend() {
+    let reference = reference();
+    let m = manager(Settings::default());
+    let model = load(&m, fixtures().join("eager/eager_classifier.mar"), None)
+        .await
+        .unwrap();
+    assert!(model.pool().is_some());
+    let (status, body) = predict(
+        &m,
+        "eager_classifier",
+        json!({"features": reference["seed_features"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    common::assert_json_close(&body, &reference["classifier_single"], 1e-5, "eager");
+
+    // describe with ?customized=true asks a worker for the handler's describe_handle().
+    let state = AppState::new(m.clone());
+    let req = Request::get("/models/eager_classifier?customized=true")
+        .body(Body::empty())
+        .unwrap();
+    let (status, d) = call(api::management_router(state.clone()), req).await;
+    assert_eq!(status, StatusCode::OK, "{d}");
+    assert_eq!(
+        d[0]["customizedMetadata"],
+        json!({"labels": reference["labels"]})
+    );
+    let req = Request::get("/models/eager_classifier")
+        .body(Body::empty())
+        .unwrap();
+    let (_, d) = call(api::management_router(state), req).await;
+    assert!(d[0].get("customizedMetadata").is_none(), "{d}");
+
+    let mut settings = Settings::default();
+    settings.handlers.insert("eager".into(), "tensor".into());
+    let err = load(&manager(settings), fixtures().join("eager/eager.mar"), None)
+        .await
+        .err()
+        .expect("a built-in cannot load a state_dict");
     assert_eq!(err.kind, ErrorKind::InvalidModel);
     assert!(err.message.contains("eager-mode"), "{}", err.message);
     assert!(
@@ -51,47 +184,6 @@ fn eager_archive_is_refused_with_the_fix() {
         "{}",
         err.message
     );
-    assert!(m.get("eager", None).is_err());
-}
-
-#[test]
-fn python_handler_needs_a_named_builtin() {
-    let m = manager(Settings::default());
-    let path = fixtures().join("store/classifier.mar");
-    let err = m.load(&spec(path.clone(), None)).err().expect("refused");
-    assert_eq!(err.kind, ErrorKind::InvalidModel);
-    assert!(err.message.contains("handler.py"), "{}", err.message);
-    assert!(
-        err.message.contains("--handler classifier=classifier")
-            && err.message.contains("default_service_handler"),
-        "{}",
-        err.message
-    );
-
-    let mut settings = Settings::default();
-    settings.default_service_handler = Some("classifier".into());
-    let m = manager(settings);
-    let model = m.load(&spec(path.clone(), None)).unwrap();
-    assert_eq!(model.handler.name(), "classifier");
-    // The same name and version again is a conflict; another name is a new model.
-    let err = m.load(&spec(path.clone(), None)).err().expect("conflict");
-    assert_eq!(err.kind, ErrorKind::Conflict);
-    assert_eq!(
-        err.message,
-        "Model version 1.0 is already registered for model classifier"
-    );
-    m.load(&spec(path, Some("other"))).unwrap();
-    assert_eq!(m.defaults().len(), 2);
-
-    let mut settings = Settings::default();
-    settings
-        .handlers
-        .insert("classifier".into(), "vllm_handler".into());
-    let err = manager(settings)
-        .load(&spec(fixtures().join("store/classifier.mar"), None))
-        .err()
-        .expect("not served yet");
-    assert!(err.message.contains("not served"), "{}", err.message);
 }
 
 #[test]
@@ -144,7 +236,7 @@ async fn a_retired_version_is_freed_when_its_last_holder_lets_go() {
     );
     // A request still holds the version: nothing of it is freed.
     assert!(unpacked.is_dir());
-    assert!(in_flight.batcher.workers() > 0);
+    assert!(in_flight.workers() > 0);
 
     drop(in_flight);
     tokio::time::timeout(std::time::Duration::from_secs(60), retired.finished())
@@ -188,6 +280,24 @@ async fn ping_turns_healthy_when_ready_and_routers_answer_in_process() {
     assert_eq!(status, StatusCode::OK);
     common::assert_json_close(&body, &reference["tensor_single"], 1e-5, "oneshot");
 
+    // OPTIONS on a model: its predictions API, as TorchServe describes it; trailing slashes
+    // change nothing.
+    for (path, url) in [
+        ("/predictions/scripted", "/predictions/scripted"),
+        ("/predictions/scripted/1.0/", "/predictions/scripted/1.0"),
+    ] {
+        let req = Request::options(path).body(Body::empty()).unwrap();
+        let (status, doc) = call(api::inference_router(state.clone()), req).await;
+        assert_eq!(status, StatusCode::OK, "{doc}");
+        assert_eq!(doc["info"]["title"], "RESTful API for: scripted");
+        assert!(doc["paths"][url]["post"].is_object(), "{doc}");
+    }
+    let req = Request::options("/predictions/nope")
+        .body(Body::empty())
+        .unwrap();
+    let (status, _) = call(api::inference_router(state.clone()), req).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
     // With the model API off, unregistering is refused; with it on (the default), the
     // version goes and its predictions answer 404.
     let closed = state
@@ -201,7 +311,11 @@ async fn ping_turns_healthy_when_ready_and_routers_answer_in_process() {
     let (status, body) = call(api::management_router(closed), delete()).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(body["type"], "MethodNotAllowedException");
-    let (status, body) = call(api::management_router(state.clone()), delete()).await;
+    // A trailing slash is ignored, as TorchServe's path split drops it.
+    let delete = Request::delete("/models/scripted/?synchronous=true")
+        .body(Body::empty())
+        .unwrap();
+    let (status, body) = call(api::management_router(state.clone()), delete).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let req = Request::post("/predictions/scripted")
         .body(Body::from(reference["seed_features"].to_string()))

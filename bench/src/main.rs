@@ -338,15 +338,7 @@ fn main() -> anyhow::Result<()> {
                     "bench: torchfn, {} batching {name}, concurrency {c}",
                     w.label
                 );
-                let r = rt.block_on(load::run(&target, load(c)));
-                if r.errors > 0 {
-                    eprintln!(
-                        "bench: {} errors, first: {}; server's last output:\n{}",
-                        r.errors,
-                        r.first_error.as_deref().unwrap_or(""),
-                        server.tail()
-                    );
-                }
+                let r = measure(&rt, &target, load(c), &server);
                 results
                     .torchfn
                     .push(Point::new("torchfn", w.label, Some(batching), r));
@@ -358,6 +350,30 @@ fn main() -> anyhow::Result<()> {
             });
             server.stop();
         }
+    }
+
+    // 3b. The seed archive through the Python backend: its own handler.py in TorchServe's
+    // worker, as an archive with no built-in mapping is served (batching on).
+    if let Some(seed) = workloads.iter().find(|w| w.label == "seed") {
+        let python = Workload {
+            torchfn_handler: None,
+            ..seed.clone()
+        };
+        eprintln!("bench: torchfn, seed through the Python backend: starting");
+        let server = Torchfn::start(&torchfn_local, &store, &python, on, &device_arg, &rt)?;
+        let target = Target {
+            addr: server.inference,
+            path: python.path(),
+            body: python.body.clone(),
+        };
+        for &c in &settings.concurrency {
+            eprintln!("bench: torchfn, seed through the Python backend, concurrency {c}");
+            let r = measure(&rt, &target, load(c), &server);
+            results
+                .python_backend
+                .push(Point::new("torchfn-python", python.label, Some(on), r));
+        }
+        server.stop();
     }
 
     // 4. Cold start of the seed classifier from the local model store.
@@ -447,6 +463,25 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("could not write {}", out.display()))?;
     println!("\nJSON: {}", out.display());
     Ok(())
+}
+
+/// One load point against a torchfn server; errors are shown with the server's last output.
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    target: &Target,
+    settings: load::Load,
+    server: &Torchfn,
+) -> load::LoadResult {
+    let r = rt.block_on(load::run(target, settings));
+    if r.errors > 0 {
+        eprintln!(
+            "bench: {} errors, first: {}; server's last output:\n{}",
+            r.errors,
+            r.first_error.as_deref().unwrap_or(""),
+            server.tail()
+        );
+    }
+    r
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -128,6 +128,9 @@ pub struct Results {
     pub floor: Vec<FloorResult>,
     pub http_floor: Vec<Point>,
     pub torchfn: Vec<Point>,
+    /// The seed archive served with its own handler.py through the Python backend (no
+    /// built-in mapping), batching on.
+    pub python_backend: Vec<Point>,
     /// Peak RSS (VmHWM) of each torchfn-local after its load runs.
     pub torchfn_rss: Vec<Rss>,
     pub cold_start: Vec<ColdStart>,
@@ -159,6 +162,7 @@ impl Results {
             floor: Vec::new(),
             http_floor: Vec::new(),
             torchfn: Vec::new(),
+            python_backend: Vec::new(),
             torchfn_rss: Vec::new(),
             cold_start: Vec::new(),
             cold_start_median: None,
@@ -492,6 +496,13 @@ pub fn table(r: &Results) -> String {
         load_row(
             &mut out,
             &format!("torchfn {}, batching {}", p.model, p.batching),
+            &p.result,
+        );
+    }
+    for p in &r.python_backend {
+        load_row(
+            &mut out,
+            &format!("torchfn {} via Python, batching {}", p.model, p.batching),
             &p.result,
         );
     }

@@ -100,6 +100,14 @@ fn quick_run_writes_every_section() {
             "torchfn's headers read: {p}"
         );
     }
+    // The seed archive's own handler.py through the Python backend, batching on.
+    let python = array(&r, "python_backend");
+    assert_eq!(python.len(), 2, "concurrency 1/16");
+    for p in python {
+        assert_eq!(num(p, "errors"), 0.0, "errors at {p}");
+        assert!(num(p, "throughput_rps") > 0.0, "{p}");
+        assert!(num(p, "mean_batch_size") >= 1.0, "{p}");
+    }
 
     let cold = array(&r, "cold_start");
     assert_eq!(cold.len(), 1);

@@ -16,6 +16,7 @@ fuzz_target!(|data: &[u8]| {
     let limits = Limits {
         max_unpacked_bytes: 8 << 20,
         max_entries: 256,
+        max_expansion_ratio: 100,
     };
     let reopen =
         || -> std::io::Result<Box<dyn ReadSeek>> { Ok(Box::new(Cursor::new(data.to_vec()))) };

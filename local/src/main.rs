@@ -63,6 +63,13 @@ struct Args {
     )]
     handlers: Vec<String>,
 
+    /// The Python interpreter for archives served by the Python backend (their own handler
+    /// files, eager-mode models): one with TorchServe's `torchserve` package and torch.
+    /// Default: the project venv this binary was built with, else `python3`
+    /// (config.properties: torchfn_python).
+    #[arg(long, env = "TORCHFN_PYTHON", value_name = "PATH")]
+    python: Option<PathBuf>,
+
     /// Where models run: auto (CUDA when libtorch sees a GPU), cpu, cuda or cuda:N.
     #[arg(long, env = "TORCHFN_DEVICE")]
     device: Option<DevicePreference>,
@@ -101,8 +108,10 @@ struct Args {
 /// `--handler`'s help, listing every built-in handler (torchfn_archive::handlers).
 fn handler_help() -> String {
     format!(
-        "Built-in handler for a model whose manifest names a Python handler file: \
-         `--handler classifier=classifier`. Repeatable. Built-ins: {}",
+        "Serve a model with a Rust built-in handler instead of the Python backend: \
+         `--handler classifier=classifier`; without `MODEL=`, the built-in for every archive \
+         whose manifest names a Python handler file (config.properties: \
+         default_service_handler). Repeatable. Built-ins: {}",
         torchfn_archive::handlers::names_line()
     )
 }
@@ -159,6 +168,9 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
     if !args.models.is_empty() {
         s.load_models = args.models.clone();
     }
+    if let Some(p) = &args.python {
+        s.python = Some(p.clone());
+    }
     if let Some(d) = args.device {
         s.device = d;
     }
@@ -173,10 +185,13 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
     }
     let mut handlers = BTreeMap::new();
     for h in &args.handlers {
-        let Some((model, handler)) = h.split_once('=') else {
-            bail!("--handler takes MODEL=HANDLER (for example classifier=classifier), got `{h}`");
-        };
-        handlers.insert(model.trim().to_string(), handler.trim().to_string());
+        match h.split_once('=') {
+            Some((model, handler)) => {
+                handlers.insert(model.trim().to_string(), handler.trim().to_string());
+            }
+            None if !h.trim().is_empty() => s.default_service_handler = Some(h.trim().to_string()),
+            None => bail!("--handler takes MODEL=HANDLER or HANDLER, got an empty value"),
+        }
     }
     s.handlers.extend(handlers);
     if !s.unknown_keys.is_empty() {
@@ -267,12 +282,20 @@ async fn main() -> anyhow::Result<()> {
                 match manager.load(&spec) {
                     Ok(_) => {}
                     Err(e) => {
+                        state.record_startup_failure();
                         tracing::error!(archive = %spec.url, "model not loaded: {}", e.message)
                     }
                 }
             }
             state.set_ready();
-            tracing::info!("start-up models loaded; /ping reports Healthy");
+            if state.is_healthy() {
+                tracing::info!("start-up models loaded; /ping reports Healthy");
+            } else {
+                tracing::warn!(
+                    "start-up models loaded, some failed: /ping reports Unhealthy (500) so \
+                     that readiness probes keep traffic away"
+                );
+            }
         })
     };
     let follower = match &settings.registry {

@@ -39,11 +39,29 @@ pub enum MarError {
     /// The archive unpacks to more bytes than [`Limits::max_unpacked_bytes`].
     #[error(
         "model archive refused: it unpacks to more than {limit} bytes, the limit for one \
-         model archive"
+         model archive (config.properties: torchfn_archive_max_bytes)"
     )]
     TooLarge {
         /// The limit in bytes.
         limit: u64,
+    },
+    /// The archive expands more than [`Limits::max_expansion_ratio`] times (a compression
+    /// bomb).
+    #[error(
+        "model archive refused: it expands more than {limit} times ({written} bytes out of \
+         {read} bytes of archive so far), like a compression bomb; the limit is \
+         torchfn_archive_max_ratio in config.properties"
+    )]
+    Expands { limit: u64, written: u64, read: u64 },
+    /// The unpack folder lacks the room an entry declares.
+    #[error(
+        "model archive refused: it needs {needed} more bytes and {dir} has {available} free; \
+         free some space or point torchfn_unpack_dir (config.properties) at a larger folder"
+    )]
+    NoSpace {
+        needed: u64,
+        available: u64,
+        dir: std::path::PathBuf,
     },
     /// The archive holds more entries than [`Limits::max_entries`].
     #[error(

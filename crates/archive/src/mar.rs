@@ -44,14 +44,24 @@ pub struct Limits {
     pub max_unpacked_bytes: u64,
     /// The most entries (files and directories) an archive may hold.
     pub max_entries: usize,
+    /// The most bytes written per byte of archive read, checked once more than
+    /// [`EXPANSION_FLOOR`] bytes are written (model weights barely compress; a bomb of zeros
+    /// expands about 1000 times).
+    pub max_expansion_ratio: u64,
 }
 
+/// Bytes an archive may unpack to before its expansion ratio is checked (small archives of
+/// text compress well and are no danger).
+pub const EXPANSION_FLOOR: u64 = 64 * 1024 * 1024;
+
 impl Default for Limits {
-    /// 4 GiB and 10,000 entries: room for large models, not for a zip bomb.
+    /// 4 GiB, 10,000 entries and 100 times expansion: room for large models, not for a zip
+    /// bomb.
     fn default() -> Self {
         Limits {
             max_unpacked_bytes: 4 * 1024 * 1024 * 1024,
             max_entries: 10_000,
+            max_expansion_ratio: 100,
         }
     }
 }
@@ -226,7 +236,7 @@ pub fn open_archive(
         .map_err(|e| MarError::io("create the unpack folder", e))?;
 
     let started = Instant::now();
-    let mut budget = Budget::new(limits);
+    let mut budget = Budget::new(limits, tmp.path());
     match format {
         ArchiveFormat::Zip => unpack_zip(reopen, tmp.path(), &mut budget)?,
         ArchiveFormat::Tgz => unpack_tgz(reopen, tmp.path(), &mut budget)?,
@@ -459,15 +469,64 @@ struct Budget {
     limits: Limits,
     entries: usize,
     bytes: u64,
+    /// Archive bytes read so far: summed from the zip's compressed sizes, or counted as the
+    /// gzip stream is read.
+    read: Read_,
+    /// Where the entries are written (its free space is checked).
+    dir: PathBuf,
+}
+
+/// How a [`Budget`] knows the archive bytes read.
+enum Read_ {
+    Summed(u64),
+    Counted(Rc<Cell<u64>>),
 }
 
 impl Budget {
-    fn new(limits: &Limits) -> Self {
+    fn new(limits: &Limits, dir: &Path) -> Self {
         Budget {
             limits: *limits,
             entries: 0,
             bytes: 0,
+            read: Read_::Summed(0),
+            dir: dir.to_path_buf(),
         }
+    }
+
+    fn read(&self) -> u64 {
+        match &self.read {
+            Read_::Summed(n) => *n,
+            Read_::Counted(c) => c.get(),
+        }
+    }
+
+    /// Refuses an archive expanding past the ratio limit, once past the floor.
+    fn check_ratio(&self) -> Result<(), MarError> {
+        let read = self.read().max(1);
+        if self.bytes > EXPANSION_FLOOR
+            && self.bytes / read >= self.limits.max_expansion_ratio.max(1)
+        {
+            return Err(MarError::Expands {
+                limit: self.limits.max_expansion_ratio,
+                written: self.bytes,
+                read: self.read(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses `size` more bytes when the unpack folder has not the room.
+    fn check_space(&self, size: u64) -> Result<(), MarError> {
+        if let Some(available) = available_bytes(&self.dir) {
+            if size > available {
+                return Err(MarError::NoSpace {
+                    needed: size,
+                    available,
+                    dir: self.dir.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn add_entry(&mut self) -> Result<(), MarError> {
@@ -492,8 +551,14 @@ impl Budget {
         if size > self.limits.max_unpacked_bytes.saturating_sub(self.bytes) {
             return Err(self.too_large());
         }
-        Ok(())
+        self.check_space(size)
     }
+}
+
+/// Free bytes for an unprivileged writer on the file system holding `dir`.
+fn available_bytes(dir: &Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// What the unpacker knows about the paths written so far, to refuse duplicates and
@@ -596,6 +661,7 @@ fn copy_entry(
             .map_err(|e| MarError::io(format!("write {entry:?}"), e))?;
         budget.bytes += n64;
         written += n64;
+        budget.check_ratio()?;
     }
     out.flush()
         .map_err(|e| MarError::io(format!("write {entry:?}"), e))?;
@@ -637,10 +703,20 @@ fn unpack_zip(
         budget.limits.max_entries,
     )?;
 
+    // Room for everything the directory declares, before anything is written.
+    let mut declared = 0u64;
+    for i in 0..archive.len() {
+        declared = declared.saturating_add(archive.by_index_raw(i).map_err(zip_error)?.size());
+    }
+    budget.check_space(declared.min(budget.limits.max_unpacked_bytes))?;
+
     let mut writer = Writer::new(dest);
     for i in 0..archive.len() {
         budget.add_entry()?;
         let mut entry = archive.by_index(i).map_err(zip_error)?;
+        if let Read_::Summed(n) = &mut budget.read {
+            *n = n.saturating_add(entry.compressed_size());
+        }
         let name = entry.name().to_string();
         if entry.encrypted() {
             return Err(MarError::Corrupt(format!(
@@ -755,12 +831,32 @@ impl<R: Read> Read for StreamGuard<R> {
     }
 }
 
+/// A reader that counts the bytes read through it.
+struct Counting<R> {
+    inner: R,
+    count: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get().saturating_add(n as u64));
+        Ok(n)
+    }
+}
+
 fn unpack_tgz(
     reopen: &dyn Fn() -> io::Result<Box<dyn ReadSeek>>,
     dest: &Path,
     budget: &mut Budget,
 ) -> Result<(), MarError> {
     let file = reopen().map_err(|e| MarError::io("read the model archive", e))?;
+    let read = Rc::new(Cell::new(0u64));
+    budget.read = Read_::Counted(Rc::clone(&read));
+    let file = Counting {
+        inner: file,
+        count: read,
+    };
     let consumed = Rc::new(Cell::new(0u64));
     let allowed = Rc::new(Cell::new(MAX_TAR_ENTRY_METADATA));
     let tripped = Rc::new(Cell::new(false));

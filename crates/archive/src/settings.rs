@@ -148,6 +148,23 @@ pub struct Settings {
     pub unknown_keys: Vec<String>,
     /// TorchServe keys that have no effect in torchfn; reported once at start-up.
     pub inert_keys: Vec<String>,
+    /// The Python backend: the interpreter (with TorchServe's `ts` package) its workers run
+    /// (`torchfn_python`, `--python`, `TORCHFN_PYTHON`; else the project venv's, else `python3`).
+    pub python: Option<PathBuf>,
+    /// `install_py_dep_per_model`: pip-install an archive's `requirements.txt` into its folder
+    /// before its Python workers start.
+    pub install_py_dep_per_model: bool,
+    /// `default_startup_timeout`, seconds: how long a Python worker may take to load.
+    pub default_startup_timeout: u64,
+    /// `service_envelope`, handed to Python workers (`json`, `kserve`, `kservev2`).
+    pub service_envelope: Option<String>,
+    /// `limit_max_image_pixels`, handed to Python workers.
+    pub limit_max_image_pixels: bool,
+    /// `decode_input_request`: whether Python workers decode JSON and text inputs.
+    pub decode_input_request: bool,
+    /// What one archive may unpack to (`torchfn_archive_max_bytes`,
+    /// `torchfn_archive_max_ratio`).
+    pub archive_limits: crate::mar::Limits,
 }
 
 impl Default for Settings {
@@ -182,6 +199,13 @@ impl Default for Settings {
             allowed_urls: vec!["file://.*|http(s)?://.*|s3://.*".to_string()],
             unknown_keys: Vec::new(),
             inert_keys: Vec::new(),
+            python: None,
+            install_py_dep_per_model: false,
+            default_startup_timeout: 120,
+            service_envelope: None,
+            limit_max_image_pixels: true,
+            decode_input_request: true,
+            archive_limits: crate::mar::Limits::default(),
         }
     }
 }
@@ -217,6 +241,14 @@ const HANDLED_KEYS: &[&str] = &[
     "cors_allowed_origin",
     "cors_allowed_methods",
     "cors_allowed_headers",
+    "torchfn_python",
+    "install_py_dep_per_model",
+    "default_startup_timeout",
+    "service_envelope",
+    "limit_max_image_pixels",
+    "decode_input_request",
+    "torchfn_archive_max_bytes",
+    "torchfn_archive_max_ratio",
 ];
 
 /// TorchServe keys accepted for compatibility that change nothing in torchfn (JVM, Netty,
@@ -228,10 +260,7 @@ const INERT_KEYS: &[&str] = &[
     "vmargs",
     "initial_worker_port",
     "prefer_direct_buffer",
-    "install_py_dep_per_model",
-    "default_startup_timeout",
     "unregister_model_timeout",
-    "decode_input_request",
     "metrics_mode",
     "metrics_config",
     "metric_time_interval",
@@ -239,11 +268,9 @@ const INERT_KEYS: &[&str] = &[
     "model_metrics_auto_detect",
     "disable_system_metrics",
     "workflow_store",
-    "service_envelope",
     "enable_envvars_config",
     "use_native_io",
     "io_ratio",
-    "limit_max_image_pixels",
     "grpc_inference_address",
     "grpc_management_address",
     "grpc_inference_port",
@@ -311,6 +338,20 @@ impl Settings {
                 "torchfn_device" => self.device = v.parse().map_err(|e: String| bad(key, e))?,
                 "torchfn_unpack_dir" => self.unpack_dir = Some(PathBuf::from(v)),
                 "torchfn_registry" => self.registry = Some(v.to_string()),
+                "torchfn_python" => self.python = Some(PathBuf::from(v)),
+                "install_py_dep_per_model" => self.install_py_dep_per_model = parse_bool(key, v)?,
+                "default_startup_timeout" => self.default_startup_timeout = parse_num(key, v)?,
+                "service_envelope" => {
+                    self.service_envelope = Some(v.to_string()).filter(|v| !v.is_empty())
+                }
+                "limit_max_image_pixels" => self.limit_max_image_pixels = parse_bool(key, v)?,
+                "decode_input_request" => self.decode_input_request = parse_bool(key, v)?,
+                "torchfn_archive_max_bytes" => {
+                    self.archive_limits.max_unpacked_bytes = parse_num(key, v)?
+                }
+                "torchfn_archive_max_ratio" => {
+                    self.archive_limits.max_expansion_ratio = parse_num::<u64>(key, v)?.max(1)
+                }
                 "cors_allowed_origin" => self.cors[0] = Some(v.to_string()),
                 "cors_allowed_methods" => self.cors[1] = Some(v.to_string()),
                 "cors_allowed_headers" => self.cors[2] = Some(v.to_string()),
@@ -406,14 +447,14 @@ impl Settings {
             .any(|p| regex_lite::Regex::new(&format!("^(?:{p})$")).is_ok_and(|re| re.is_match(url)))
     }
 
-    /// The built-in handler configured for a model version, if any: `--handler`, then the
-    /// `models` JSON, then `default_service_handler`.
+    /// The handler named for a model version, if any: `--handler`, then the `models` JSON.
+    /// (`default_service_handler` is not one: it applies only to archives whose manifest
+    /// names a Python handler file.)
     pub fn handler_for(&self, model: &str, version: &str) -> Option<&str> {
         self.handlers
             .get(model)
             .map(String::as_str)
             .or_else(|| self.overrides(model, version)?.handler.as_deref())
-            .or(self.default_service_handler.as_deref())
     }
 
     /// The `models` JSON entry of a model version.
@@ -519,7 +560,8 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(s.handler_for("a", "1.0"), Some("classifier"));
-        assert_eq!(s.handler_for("a", "2.0"), Some("tensor"));
+        assert_eq!(s.handler_for("a", "2.0"), None);
+        assert_eq!(s.default_service_handler.as_deref(), Some("tensor"));
         assert_eq!(s.overrides("a", "1.0").unwrap().batch_size, Some(4));
         s.handlers.insert("a".into(), "tensor".into());
         assert_eq!(s.handler_for("a", "1.0"), Some("tensor"));

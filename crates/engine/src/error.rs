@@ -25,6 +25,9 @@ pub enum ErrorKind {
     /// The model failed on a batch: TorchServe answers 503 with `InternalServerException`.
     PredictionFailed,
     Internal,
+    /// A status a Python handler chose (TorchServe's `PredictionException(message, code)`),
+    /// answered with `InternalServerException`.
+    Status(u16),
 }
 
 /// An error a client sees: a kind and a message meant for the client. Internal details are

@@ -10,12 +10,14 @@ use serde_json::{json, Map, Value};
 
 use crate::batcher::{BatchConfig, BatchMetrics, Batcher};
 use crate::error::{ErrorKind, ServeError};
-use crate::handler::{self, Handler};
+use crate::handler::Handler;
 use crate::metrics::{Metrics, RequestMetrics};
+use crate::python::{self, Choice};
 use crate::session::{choose_device, threads_per_worker, warm_up_and_pick_threads, Session};
 use torchfn_archive::mar::{self, Limits, ModelArchive};
 use torchfn_archive::model_config::ParallelType;
 use torchfn_archive::settings::Settings;
+use torchfn_python::{Pool, PoolConfig, WorkerConfig};
 use torchfn_store::store::{DownloadOptions, Expect, Location, ObjectStore};
 
 /// Where to load a model version from, and under which name.
@@ -43,8 +45,15 @@ pub struct RegisterParams {
     /// Workers to start with (0 is allowed: the model then waits to be scaled up).
     pub initial_workers: Option<usize>,
     pub response_timeout_s: Option<u64>,
+    /// How long the version's workers may take to load (TorchServe applies it after the
+    /// model-config YAML and the `models` JSON).
+    pub startup_timeout_s: Option<u64>,
     /// A built-in handler, over the manifest's and `default_service_handler`.
     pub handler: Option<String>,
+    /// A registration through the management API: without `initial_workers` (or a
+    /// model-config minimum) it starts `default_workers_per_model` workers, 0 when unset, as
+    /// TorchServe does; other loads start at least 1.
+    pub from_rest: bool,
 }
 
 /// The settings one model version runs with, after precedence (model-config YAML over the
@@ -58,6 +67,38 @@ pub struct ModelSettings {
     pub startup_timeout: Duration,
 }
 
+/// What runs a model version's requests.
+pub enum Runner {
+    /// A Rust handler on a TorchScript session, on torchfn's batcher (the fast path).
+    Torch {
+        handler: Arc<dyn Handler>,
+        session: Arc<Session>,
+        batcher: Batcher,
+    },
+    /// TorchServe's Python backend: the archive's own handler, in worker processes.
+    Python {
+        /// The handler as the worker gets it (`handler.py`, `my_handler:handle`, ...).
+        handler: String,
+        pool: Pool,
+        device: tch::Device,
+    },
+}
+
+/// A runner's workers, stopping (see [`ModelVersion`]'s `Drop`).
+enum Closing {
+    Torch(crate::batcher::Closing),
+    Python(torchfn_python::pool::Closing),
+}
+
+impl Closing {
+    fn join(self) {
+        match self {
+            Closing::Torch(c) => c.join(),
+            Closing::Python(c) => c.join(),
+        }
+    }
+}
+
 /// One loaded model version.
 pub struct ModelVersion {
     pub name: String,
@@ -65,9 +106,7 @@ pub struct ModelVersion {
     pub url: String,
     /// Shared only so that a retired version's clean-up thread can be the one to free it.
     pub archive: Arc<ModelArchive>,
-    pub handler: Arc<dyn Handler>,
-    pub session: Arc<Session>,
-    pub batcher: Batcher,
+    pub runner: Runner,
     pub settings: ModelSettings,
     /// Request metrics for URLs without a version (`default`) and with this version.
     pub request_metrics: [RequestMetrics; 2],
@@ -107,14 +146,21 @@ impl Drop for ModelVersion {
         let Some(done) = done else {
             return;
         };
-        let closing = self.batcher.close();
+        let (closing, kept_session, kept_handler) = match &self.runner {
+            Runner::Torch {
+                handler,
+                session,
+                batcher,
+            } => (
+                Closing::Torch(batcher.close()),
+                Some(session.clone()),
+                Some(handler.clone()),
+            ),
+            Runner::Python { pool, .. } => (Closing::Python(pool.close()), None, None),
+        };
         // These clones outlive the version's own fields (which drop after this function),
         // so the clean-up thread is where the model's memory and files are freed.
-        let kept = (
-            self.session.clone(),
-            self.handler.clone(),
-            self.archive.clone(),
-        );
+        let kept = (kept_session, kept_handler, self.archive.clone());
         let (gone_tx, gone_rx) = crossbeam_channel::bounded::<()>(0);
         self.retirement.fields_gone = Some(gone_tx);
         let (name, version) = (self.name.clone(), self.version.clone());
@@ -149,6 +195,99 @@ impl Retired {
 }
 
 impl ModelVersion {
+    /// The handler's name, as describe reports it.
+    pub fn handler_name(&self) -> &str {
+        match &self.runner {
+            Runner::Torch { handler, .. } => handler.name(),
+            Runner::Python { handler, .. } => handler,
+        }
+    }
+
+    /// The Rust handler, when a built-in serves this version.
+    pub fn handler(&self) -> Option<&Arc<dyn Handler>> {
+        match &self.runner {
+            Runner::Torch { handler, .. } => Some(handler),
+            Runner::Python { .. } => None,
+        }
+    }
+
+    /// The batcher, when a built-in serves this version.
+    pub fn batcher(&self) -> Option<&Batcher> {
+        match &self.runner {
+            Runner::Torch { batcher, .. } => Some(batcher),
+            Runner::Python { .. } => None,
+        }
+    }
+
+    /// The Python workers, when the Python backend serves this version.
+    pub fn pool(&self) -> Option<&Pool> {
+        match &self.runner {
+            Runner::Python { pool, .. } => Some(pool),
+            Runner::Torch { .. } => None,
+        }
+    }
+
+    /// Where the model runs.
+    pub fn device(&self) -> tch::Device {
+        match &self.runner {
+            Runner::Torch { session, .. } => session.device(),
+            Runner::Python { device, .. } => *device,
+        }
+    }
+
+    /// Workers running (for Python, threads with a process or starting one).
+    pub fn workers(&self) -> usize {
+        match &self.runner {
+            Runner::Torch { batcher, .. } => batcher.workers(),
+            Runner::Python { pool, .. } => pool.workers(),
+        }
+    }
+
+    /// Workers ready to serve: Rust workers once started; Python workers once their process
+    /// has loaded the model.
+    pub fn live_workers(&self) -> usize {
+        match &self.runner {
+            Runner::Torch { batcher, .. } => batcher.workers(),
+            Runner::Python { pool, .. } => pool.live_workers(),
+        }
+    }
+
+    /// Whether the version has the workers its minimum asks for (a Python worker that is
+    /// restarting counts during its recovery window, as in TorchServe's health rule).
+    pub fn is_healthy(&self) -> bool {
+        let (min, _) = self.worker_range();
+        let healthy = match &self.runner {
+            Runner::Torch { batcher, .. } => batcher.workers(),
+            Runner::Python { pool, .. } => pool.healthy_workers(),
+        };
+        healthy >= min
+    }
+
+    /// Requests waiting for a worker.
+    pub fn pending(&self) -> usize {
+        match &self.runner {
+            Runner::Torch { batcher, .. } => batcher.pending(),
+            Runner::Python { pool, .. } => pool.pending(),
+        }
+    }
+
+    /// Runs `n` workers; Python workers started here must load the model before this returns
+    /// (blocking), and a failure to start is the error.
+    pub fn scale_to(&self, n: usize) -> Result<usize, String> {
+        match &self.runner {
+            Runner::Torch { batcher, .. } => batcher.scale(n).map_err(|e| e.to_string()),
+            Runner::Python { pool, .. } => pool.scale_and_wait(n).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Stops taking requests, answers what is queued and stops the workers. Blocking.
+    pub fn shutdown(&self) {
+        match &self.runner {
+            Runner::Torch { batcher, .. } => batcher.shutdown(),
+            Runner::Python { pool, .. } => pool.shutdown(),
+        }
+    }
+
     /// `(minWorkers, maxWorkers)`.
     pub fn worker_range(&self) -> (usize, usize) {
         *self.worker_range.lock().unwrap_or_else(|e| e.into_inner())
@@ -158,7 +297,7 @@ impl ModelVersion {
     pub fn describe(&self) -> Value {
         let cfg = self.archive.config();
         let s = &self.settings;
-        let device = self.session.device();
+        let device = self.device();
         let on_gpu = device.is_cuda();
         let mut m = Map::new();
         m.insert("modelName".into(), json!(self.name));
@@ -221,7 +360,7 @@ impl ModelVersion {
         m.insert("loadedAtStartup".into(), json!(self.loaded_at_startup));
         let rss = resident_memory_bytes();
         let start = format_time(self.started_at);
-        let workers: Vec<Value> = (0..self.batcher.workers())
+        let workers: Vec<Value> = (0..self.workers())
             .map(|i| {
                 json!({
                     "id": format!("{}", 9000 + i),
@@ -235,7 +374,7 @@ impl ModelVersion {
             })
             .collect();
         m.insert("workers".into(), Value::Array(workers));
-        let pending = self.batcher.pending();
+        let pending = self.pending();
         m.insert(
             "jobQueueStatus".into(),
             json!({
@@ -244,7 +383,7 @@ impl ModelVersion {
             }),
         );
         // torchfn's own fields, after TorchServe's.
-        m.insert("handler".into(), json!(self.handler.name()));
+        m.insert("handler".into(), json!(self.handler_name()));
         m.insert(
             "loadTimeMs".into(),
             json!((self.load_time.as_secs_f64() * 1e3).round()),
@@ -279,11 +418,11 @@ impl Manager {
             .prefix("torchfn-models-")
             .tempdir_in(parent)?;
         Ok(Self {
+            limits: settings.archive_limits,
             settings,
             metrics,
             models: RwLock::new(BTreeMap::new()),
             unpack_root,
-            limits: Limits::default(),
             objects: ObjectStore::from_env(),
         })
     }
@@ -488,25 +627,6 @@ impl Manager {
             .clone()
             .unwrap_or_else(|| manifest.model_name().to_string());
         let version = manifest.model_version().to_string();
-        if let Some(model_file) = &manifest.model.model_file {
-            return Err(ServeError::new(
-                ErrorKind::InvalidModel,
-                format!(
-                    "model {name}: the archive holds an eager-mode model (modelFile {model_file} \
-                     with a state_dict), and torchfn runs TorchScript only. Convert it once with \
-                     `torchfn-local convert <archive> --out <model store>` (it imports the model \
-                     class with your Python torch and scripts or traces it), or script or trace \
-                     it yourself and archive the .pt with --serialized-file and without \
-                     --model-file"
-                ),
-            ));
-        }
-        let Some(serialized) = manifest.model.serialized_file.clone() else {
-            return Err(ServeError::new(
-                ErrorKind::InvalidModel,
-                format!("model {name}: the manifest names no serializedFile"),
-            ));
-        };
         if self.get(&name, Some(&version)).is_ok() {
             return Err(ServeError::new(
                 ErrorKind::Conflict,
@@ -522,52 +642,90 @@ impl Manager {
             .as_deref()
             .or(self.settings.handler_for(&name, &version))
             .or(self.settings.handler_for(manifest.model_name(), &version));
-        let handler = handler::for_archive(&archive, &name, configured)?;
-        let settings = self.model_settings(&name, &version, &archive, &spec.params);
+        let choice = python::choose(
+            &archive,
+            &name,
+            configured,
+            self.settings.default_service_handler.as_deref(),
+        )?;
+        let mut settings = self.model_settings(&name, &version, &archive, &spec.params);
         let cfg = archive.config();
         let device = choose_device(self.settings.device, cfg.and_then(|c| c.device_type));
-        let model_path = archive.path_of(&serialized).map_err(ServeError::from)?;
-        let session =
-            Session::load_with(&model_path, device, self.settings.precision).map_err(|e| {
-                tracing::error!(model = %name, error = %e, "TorchScript load failed");
-                ServeError::new(
-                    ErrorKind::InvalidModel,
-                    format!(
-                        "model {name}: {serialized} could not be loaded as TorchScript ({}). \
-                     torchfn serves models saved with torch.jit.script or torch.jit.trace",
-                        e.summary()
-                    ),
+        let (runner, warm_up, session_loaded) = match choice {
+            Choice::Builtin(handler) => {
+                let Some(serialized) = manifest.model.serialized_file.clone() else {
+                    return Err(ServeError::new(
+                        ErrorKind::InvalidModel,
+                        format!("model {name}: the manifest names no serializedFile"),
+                    ));
+                };
+                let model_path = archive.path_of(&serialized).map_err(ServeError::from)?;
+                let session = Session::load_with(&model_path, device, self.settings.precision)
+                    .map_err(|e| {
+                        tracing::error!(model = %name, error = %e, "TorchScript load failed");
+                        ServeError::new(
+                            ErrorKind::InvalidModel,
+                            format!(
+                                "model {name}: {serialized} could not be loaded as TorchScript \
+                                 ({}). torchfn's built-in handlers serve models saved with \
+                                 torch.jit.script or torch.jit.trace; without a handler mapping \
+                                 the archive's own handler runs in the Python backend",
+                                e.summary()
+                            ),
+                        )
+                    })?;
+                let session_loaded = started.elapsed();
+                // Warm up on this (blocking) thread with the threads the workers would get,
+                // then give tiny models one thread per worker.
+                let (threads, warm_up) = warm_up_and_pick_threads(&session, settings.batch.workers);
+                settings.batch.threads_per_worker = threads;
+                let session = Arc::new(session);
+                if device.is_cuda() {
+                    self.metrics.enable_gpu_metrics();
+                }
+                let labels = [name.as_str(), version.as_str()];
+                let batch_metrics = BatchMetrics {
+                    batch_size: self.metrics.batch_size.with_label_values(&labels),
+                    queue_length: self.metrics.queue_length.with_label_values(&labels),
+                    abandoned: self.metrics.abandoned_requests.with_label_values(&labels),
+                    stuck_workers: self.metrics.stuck_workers.with_label_values(&labels),
+                };
+                let batcher = Batcher::start(
+                    &name,
+                    handler.clone(),
+                    session.clone(),
+                    settings.batch,
+                    batch_metrics,
                 )
-            })?;
-        let session_loaded = started.elapsed();
-        // Warm up on this (blocking) thread with the threads the workers would get, then
-        // give tiny models one thread per worker.
-        let mut settings = settings;
-        let (threads, warm_up) = warm_up_and_pick_threads(&session, settings.batch.workers);
-        settings.batch.threads_per_worker = threads;
-        let session = Arc::new(session);
-        if device.is_cuda() {
-            self.metrics.enable_gpu_metrics();
-        }
-        let labels = [name.as_str(), version.as_str()];
-        let batch_metrics = BatchMetrics {
-            batch_size: self.metrics.batch_size.with_label_values(&labels),
-            queue_length: self.metrics.queue_length.with_label_values(&labels),
-            abandoned: self.metrics.abandoned_requests.with_label_values(&labels),
-            stuck_workers: self.metrics.stuck_workers.with_label_values(&labels),
+                .map_err(|e| {
+                    ServeError::internal(format!(
+                        "Failed to start workers for model {name} version: {version}: {e}"
+                    ))
+                })?;
+                (
+                    Runner::Torch {
+                        handler,
+                        session,
+                        batcher,
+                    },
+                    warm_up,
+                    session_loaded,
+                )
+            }
+            Choice::Python(handler) => {
+                let pool =
+                    self.start_python(&archive, &name, &version, &handler, &settings, device)?;
+                (
+                    Runner::Python {
+                        handler,
+                        pool,
+                        device,
+                    },
+                    None,
+                    started.elapsed(),
+                )
+            }
         };
-        let batcher = Batcher::start(
-            &name,
-            handler.clone(),
-            session.clone(),
-            settings.batch,
-            batch_metrics,
-        )
-        .map_err(|e| {
-            ServeError::internal(format!(
-                "Failed to start workers for model {name} version: {version}: {e}"
-            ))
-        })?;
         self.metrics
             .model_workers
             .with_label_values(&[name.as_str(), version.as_str()])
@@ -578,9 +736,7 @@ impl Manager {
             version: version.clone(),
             url: spec.url.clone(),
             archive: Arc::new(archive),
-            handler,
-            session,
-            batcher,
+            runner,
             settings,
             request_metrics: [
                 self.metrics.for_requests(&name, &version, "default"),
@@ -618,7 +774,7 @@ impl Manager {
         tracing::info!(
             model = %name,
             version = %version,
-            handler = model.handler.name(),
+            handler = model.handler_name(),
             ?device,
             workers = model.settings.batch.workers,
             batch_size = model.settings.batch.batch_size,
@@ -630,6 +786,80 @@ impl Manager {
             "model loaded"
         );
         Ok(model)
+    }
+
+    /// Starts a version's Python workers (after its requirements, when
+    /// `install_py_dep_per_model` is on) and waits until each has loaded the model. Blocking.
+    fn start_python(
+        &self,
+        archive: &ModelArchive,
+        name: &str,
+        version: &str,
+        handler: &str,
+        settings: &ModelSettings,
+        device: tch::Device,
+    ) -> Result<Pool, ServeError> {
+        let interpreter = python::interpreter(&self.settings);
+        let backend = torchfn_python::Backend::find(&interpreter).map_err(|e| {
+            ServeError::new(
+                ErrorKind::Internal,
+                format!("Failed to start workers for model {name} version: {version}: {e}"),
+            )
+        })?;
+        if self.settings.install_py_dep_per_model {
+            if let Some(file) = &archive.manifest().model.requirements_file {
+                python::install_requirements(&interpreter, archive.dir(), file)?;
+            }
+        }
+        let mut env = Vec::new();
+        if !self.settings.decode_input_request {
+            env.push(("TS_DECODE_INPUT_REQUEST".to_string(), "false".to_string()));
+        }
+        let envelope = archive
+            .manifest()
+            .model
+            .envelope
+            .clone()
+            .or_else(|| self.settings.service_envelope.clone())
+            .unwrap_or_default();
+        let config = PoolConfig {
+            worker: WorkerConfig {
+                python: interpreter,
+                model_name: name.to_string(),
+                model_dir: archive.dir().to_path_buf(),
+                handler: handler.to_string(),
+                batch_size: settings.batch.batch_size,
+                gpu: match device {
+                    tch::Device::Cuda(i) => i32::try_from(i).ok(),
+                    _ => None,
+                },
+                envelope,
+                limit_max_image_pixels: self.settings.limit_max_image_pixels,
+                startup_timeout: settings.startup_timeout,
+                port: 9000,
+                env,
+            },
+            workers: settings.batch.workers,
+            max_batch_delay: settings.batch.max_batch_delay,
+            queue_size: settings.batch.queue_size,
+            response_timeout: settings.response_timeout,
+            max_retry_timeout: Duration::from_secs(
+                archive
+                    .config()
+                    .and_then(|c| c.max_retry_timeout_in_sec)
+                    .unwrap_or(300),
+            ),
+        };
+        tracing::info!(model = name, version, handler, python = %backend.python.display(),
+            torchserve = %backend.version, workers = settings.batch.workers,
+            "starting Python workers");
+        Pool::start(backend, config).map_err(|e| {
+            tracing::error!(model = name, version, error = %e, "Python workers failed to start");
+            ServeError::new(
+                ErrorKind::Internal,
+                format!("Failed to start workers for model {name} version: {version}: {e}"),
+            )
+        })
     }
 
     fn model_settings(
@@ -659,12 +889,16 @@ impl Manager {
                 .unwrap_or(s.max_batch_delay.as_millis() as u64)
         });
         let min_workers = rest.initial_workers.unwrap_or_else(|| {
-            pick(
-                yaml.and_then(|c| c.min_workers).map(|v| v as usize),
-                json.and_then(|j| j.min_workers),
-                s.default_workers_per_model.unwrap_or(1),
-            )
-            .max(1)
+            let configured = yaml
+                .and_then(|c| c.min_workers)
+                .map(|v| v as usize)
+                .or(json.and_then(|j| j.min_workers));
+            match (configured, rest.from_rest) {
+                (Some(n), _) => n.max(1),
+                // TorchServe's REST registration: default_workers_per_model, else 0.
+                (None, true) => s.default_workers_per_model.unwrap_or(0),
+                (None, false) => s.default_workers_per_model.unwrap_or(1).max(1),
+            }
         });
         let max_workers = pick(
             yaml.and_then(|c| c.max_workers).map(|v| v as usize),
@@ -680,7 +914,8 @@ impl Manager {
         let startup_timeout = yaml
             .and_then(|c| c.startup_timeout)
             .or(json.and_then(|j| j.startup_timeout))
-            .unwrap_or(120);
+            .or(rest.startup_timeout_s)
+            .unwrap_or(s.default_startup_timeout);
         let queue_size = yaml
             .and_then(|c| c.job_queue_size)
             .map(|v| v as usize)
@@ -805,7 +1040,8 @@ impl Manager {
         max: usize,
     ) -> Result<Arc<ModelVersion>, ServeError> {
         let model = self.get(name, version)?;
-        let running = model.batcher.scale(min).map_err(|e| {
+        let running = model.scale_to(min).map_err(|e| {
+            tracing::error!(model = name, version = %model.version, error = %e, "scaling failed");
             ServeError::internal(format!(
                 "Failed to start workers for model {name} version: {}: {e}",
                 model.version
@@ -839,7 +1075,7 @@ impl Manager {
         };
         for family in families.into_values() {
             for model in family.versions.into_values() {
-                model.batcher.shutdown();
+                model.shutdown();
             }
         }
     }

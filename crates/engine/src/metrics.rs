@@ -6,9 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::core::Collector;
+use prometheus::proto::{MetricFamily, MetricType};
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
+    Opts, Registry,
 };
 
 /// The per-request metrics of one model version under one `model_version` label (the
@@ -43,6 +45,19 @@ pub struct Metrics {
     gpu_enabled: AtomicBool,
     /// An nvidia-smi query is running (on a blocking thread).
     gpu_query_running: Arc<AtomicBool>,
+    /// Every family as declared, in registration order: its help, type and label order,
+    /// which the exposition keeps (and prints, HELP and TYPE only, while it has no samples).
+    declared: Vec<Declared>,
+}
+
+/// A family's declaration, for the exposition.
+#[derive(Debug, Clone)]
+struct Declared {
+    name: String,
+    help: String,
+    kind: MetricType,
+    /// Label names in declared order (constant labels first, as written).
+    labels: Vec<String>,
 }
 
 /// How long a scrape waits for nvidia-smi.
@@ -147,7 +162,32 @@ impl Metrics {
             requests,
             registry,
             hostname,
+            declared: Vec::new(),
         };
+        let mut m = m;
+        use MetricType::{COUNTER, GAUGE, HISTOGRAM};
+        let collectors: [(&dyn Collector, MetricType); 10] = [
+            (&m.inference_requests_total, COUNTER),
+            (&m.inference_latency_us, COUNTER),
+            (&m.queue_latency_us, COUNTER),
+            (&m.inference_latency_ms, HISTOGRAM),
+            (&m.queue_latency_ms, HISTOGRAM),
+            (&m.batch_size, HISTOGRAM),
+            (&m.model_workers, GAUGE),
+            (&m.queue_length, GAUGE),
+            (&m.abandoned_requests, COUNTER),
+            (&m.stuck_workers, COUNTER),
+        ];
+        let mut declared: Vec<Declared> = collectors
+            .iter()
+            .flat_map(|(c, kind)| declare(*c, *kind, &[]))
+            .collect();
+        for c in &m.requests {
+            // TorchServe writes Level before Hostname.
+            declared.extend(declare(c, COUNTER, &["Level", "Hostname"]));
+        }
+        declared.extend(declare(&m.gpu_memory_used_bytes, GAUGE, &[]));
+        m.declared = declared;
         m.registry
             .register(Box::new(m.inference_requests_total.clone()))?;
         m.registry
@@ -230,16 +270,21 @@ impl Metrics {
         self.requests[i].inc();
     }
 
-    /// The Prometheus text exposition, optionally only the families named in `names`. The
-    /// GPU gauge holds what [`Metrics::refresh_gpu_memory`] last read.
+    /// The Prometheus text exposition in TorchServe's form, optionally only the families
+    /// named in `names`. The GPU gauge holds what [`Metrics::refresh_gpu_memory`] last read.
     pub fn render(&self, names: &[String]) -> String {
-        let mut families = self.registry.gather();
-        if !names.is_empty() {
-            families.retain(|f| names.iter().any(|n| n == f.name()));
+        let families = self.registry.gather();
+        let gpu = self.gpu_enabled.load(Ordering::Acquire);
+        let wanted = |name: &str| names.is_empty() || names.iter().any(|n| n == name);
+        let mut out = String::new();
+        for d in &self.declared {
+            if !wanted(&d.name) || (d.name == "ts_gpu_memory_used_bytes" && !gpu) {
+                continue;
+            }
+            let family = families.iter().find(|f| f.name() == d.name);
+            write_family(&mut out, d, family);
         }
-        let mut out = Vec::new();
-        let _ = TextEncoder::new().encode(&families, &mut out);
-        String::from_utf8(out).unwrap_or_default()
+        out
     }
 }
 
@@ -273,6 +318,164 @@ fn parse_nvidia_smi_memory(text: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// A collector's families as declared; `order` gives the label order when the declaration's
+/// own (constant labels sorted by name) is not TorchServe's.
+fn declare(c: &dyn Collector, kind: MetricType, order: &[&str]) -> Vec<Declared> {
+    c.desc()
+        .into_iter()
+        .map(|d| Declared {
+            name: d.fq_name.clone(),
+            help: d.help.clone(),
+            kind,
+            labels: if order.is_empty() {
+                d.const_label_pairs
+                    .iter()
+                    .map(|l| l.name().to_string())
+                    .chain(d.variable_labels.iter().cloned())
+                    .collect()
+            } else {
+                order.iter().map(|s| s.to_string()).collect()
+            },
+        })
+        .collect()
+}
+
+/// One family as TorchServe's Prometheus client writes it: HELP and TYPE, then each sample
+/// with its labels in declared order and a comma after the last, values as Java doubles.
+fn write_family(out: &mut String, d: &Declared, family: Option<&MetricFamily>) {
+    use std::fmt::Write;
+    let kind = match d.kind {
+        MetricType::COUNTER => "counter",
+        MetricType::GAUGE => "gauge",
+        MetricType::HISTOGRAM => "histogram",
+        MetricType::SUMMARY => "summary",
+        MetricType::UNTYPED => "untyped",
+    };
+    let _ = writeln!(out, "# HELP {} {}", d.name, escape_help(&d.help));
+    let _ = writeln!(out, "# TYPE {} {kind}", d.name);
+    let Some(family) = family else { return };
+    for metric in family.get_metric() {
+        let pairs = metric.get_label();
+        let mut labels: Vec<(&str, &str)> = d
+            .labels
+            .iter()
+            .filter_map(|n| {
+                pairs
+                    .iter()
+                    .find(|p| p.name() == n)
+                    .map(|p| (p.name(), p.value()))
+            })
+            .collect();
+        // Labels the declaration does not name (none today) go last, as given.
+        for p in pairs {
+            if !d.labels.iter().any(|n| n == p.name()) {
+                labels.push((p.name(), p.value()));
+            }
+        }
+        match d.kind {
+            MetricType::HISTOGRAM => {
+                let h = metric.get_histogram();
+                for b in h.get_bucket() {
+                    let le = go_double(b.upper_bound());
+                    sample(
+                        out,
+                        &format!("{}_bucket", d.name),
+                        &labels,
+                        Some(("le", &le)),
+                        b.cumulative_count() as f64,
+                    );
+                }
+                let count = h.get_sample_count() as f64;
+                sample(
+                    out,
+                    &format!("{}_bucket", d.name),
+                    &labels,
+                    Some(("le", "+Inf")),
+                    count,
+                );
+                sample(out, &format!("{}_count", d.name), &labels, None, count);
+                sample(
+                    out,
+                    &format!("{}_sum", d.name),
+                    &labels,
+                    None,
+                    h.get_sample_sum(),
+                );
+            }
+            MetricType::GAUGE => {
+                sample(out, &d.name, &labels, None, metric.get_gauge().get_value())
+            }
+            _ => sample(
+                out,
+                &d.name,
+                &labels,
+                None,
+                metric.get_counter().get_value(),
+            ),
+        }
+    }
+}
+
+fn sample(
+    out: &mut String,
+    name: &str,
+    labels: &[(&str, &str)],
+    extra: Option<(&str, &str)>,
+    value: f64,
+) {
+    out.push_str(name);
+    if !labels.is_empty() || extra.is_some() {
+        out.push('{');
+        for (k, v) in labels.iter().copied().chain(extra) {
+            out.push_str(k);
+            out.push_str("=\"");
+            out.push_str(&escape_label(v));
+            out.push_str("\",");
+        }
+        out.push('}');
+    }
+    out.push(' ');
+    out.push_str(&go_double(value));
+    out.push('\n');
+}
+
+fn escape_help(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('\n', "\\n")
+        .replace('"', "\\\"")
+}
+
+/// A value as TorchServe's Prometheus client prints it: `+Inf`, `-Inf`, `NaN`, else Java's
+/// `Double.toString` (`76.0`, `0.25`, `1.0E7`, `1.5E-4`).
+pub fn go_double(x: f64) -> String {
+    if x.is_nan() {
+        return "NaN".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "+Inf" } else { "-Inf" }.into();
+    }
+    let a = x.abs();
+    if a == 0.0 || (1e-3..1e7).contains(&a) {
+        let mut t = format!("{x}");
+        if !t.contains('.') {
+            t.push_str(".0");
+        }
+        return t;
+    }
+    let t = format!("{x:e}");
+    let (mantissa, exponent) = t.split_once('e').unwrap_or((&t, "0"));
+    let mantissa = if mantissa.contains('.') {
+        mantissa.to_string()
+    } else {
+        format!("{mantissa}.0")
+    };
+    format!("{mantissa}E{exponent}")
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -297,7 +500,16 @@ mod tests {
             m.count_response(s);
         }
         let text = m.render(&[]);
-        assert!(text.contains("Requests2XX{Hostname="), "{text}");
+        // TorchServe's form, which its own test suite matches with a regular expression.
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Requests2XX{"))
+            .unwrap();
+        let host = m.hostname();
+        assert_eq!(
+            line,
+            format!("Requests2XX{{Level=\"Host\",Hostname=\"{host}\",}} 2.0")
+        );
         let value = |name: &str| {
             text.lines()
                 .find(|l| l.starts_with(name))
@@ -305,9 +517,55 @@ mod tests {
                 .unwrap()
                 .to_string()
         };
-        assert_eq!(value("Requests2XX"), "2");
-        assert_eq!(value("Requests4XX"), "2");
-        assert_eq!(value("Requests5XX"), "3");
+        assert_eq!(value("Requests2XX"), "2.0");
+        assert_eq!(value("Requests4XX"), "2.0");
+        assert_eq!(value("Requests5XX"), "3.0");
         assert!(!text.contains("ts_gpu_memory_used_bytes"));
+        // Families without samples still print HELP and TYPE, as TorchServe's do.
+        assert!(text.contains("# HELP ts_inference_requests_total Torchserve prometheus counter metric with unit: Count\n# TYPE ts_inference_requests_total counter\n"), "{text}");
+    }
+
+    #[test]
+    fn model_samples_keep_the_declared_label_order() {
+        let m = Metrics::new().unwrap();
+        let r = m.for_requests("mnist", "1.0", "default");
+        r.requests_total.inc_by(3);
+        r.inference_latency_ms.observe(0.3);
+        let text = m.render(&[
+            "ts_inference_requests_total".into(),
+            "ts_inference_latency_ms".into(),
+        ]);
+        let host = m.hostname();
+        assert!(text.contains(&format!(
+            "ts_inference_requests_total{{model_name=\"mnist\",model_version=\"default\",hostname=\"{host}\",}} 3.0\n"
+        )), "{text}");
+        assert!(text.contains("ts_inference_latency_ms_bucket{model_name=\"mnist\",model_version=\"1.0\",le=\"0.25\",} 0.0\n"), "{text}");
+        assert!(text.contains("ts_inference_latency_ms_bucket{model_name=\"mnist\",model_version=\"1.0\",le=\"0.5\",} 1.0\n"), "{text}");
+        assert!(text.contains("ts_inference_latency_ms_bucket{model_name=\"mnist\",model_version=\"1.0\",le=\"+Inf\",} 1.0\n"), "{text}");
+        assert!(
+            text.contains(
+                "ts_inference_latency_ms_count{model_name=\"mnist\",model_version=\"1.0\",} 1.0\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("Requests2XX"));
+    }
+
+    #[test]
+    fn values_print_as_java_doubles() {
+        for (x, want) in [
+            (76.0, "76.0"),
+            (0.0, "0.0"),
+            (0.25, "0.25"),
+            (1234567.5, "1234567.5"),
+            (1e7, "1.0E7"),
+            (12345678.0, "1.2345678E7"),
+            (0.00015, "1.5E-4"),
+            (-2.0, "-2.0"),
+            (f64::INFINITY, "+Inf"),
+            (f64::NAN, "NaN"),
+        ] {
+            assert_eq!(go_double(x), want, "{x}");
+        }
     }
 }

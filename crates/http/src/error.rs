@@ -32,6 +32,10 @@ pub fn status_and_type(kind: ErrorKind) -> (StatusCode, &'static str) {
         ),
         PredictionFailed => (StatusCode::SERVICE_UNAVAILABLE, "InternalServerException"),
         Internal => (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerException"),
+        Status(code) => (
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            "InternalServerException",
+        ),
     }
 }
 

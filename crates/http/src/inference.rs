@@ -6,14 +6,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
+use axum::Extension;
 use axum::Router;
 use serde_json::{json, Map, Value};
 
-use super::{json_response, read_body, AppState};
+use super::{json_response, read_body, AppState, RequestId};
 use crate::error::HttpError;
 use torchfn_engine::batcher::Outcome;
 use torchfn_engine::handler::{tensors, Decoded, Request};
@@ -42,9 +43,10 @@ pub fn routes() -> Router<AppState> {
         .route("/v2/models/{*path}", any(kserve_v2))
 }
 
-/// Healthy once the models named at start-up are loaded (Kubernetes readiness and liveness).
+/// Healthy once the models named at start-up are loaded, none failed, and every model has
+/// its minimum of workers (TorchServe's rule; Kubernetes readiness and liveness).
 async fn ping(State(state): State<AppState>) -> Response {
-    if state.is_ready() {
+    if state.is_healthy() {
         json_response(StatusCode::OK, &json!({"status": "Healthy"}))
     } else {
         json_response(
@@ -56,11 +58,18 @@ async fn ping(State(state): State<AppState>) -> Response {
 
 async fn predict(
     State(state): State<AppState>,
+    method: Method,
     Path(path): Path<String>,
+    RawQuery(query): RawQuery,
+    id: Option<Extension<RequestId>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match predict_inner(&state, &path, &headers, body).await {
+    if method == Method::OPTIONS {
+        return describe_predictions(&state, &path).unwrap_or_else(IntoResponse::into_response);
+    }
+    let id = id.map(|Extension(RequestId(id))| id);
+    match predict_inner(&state, &path, query.as_deref(), id, &headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -69,17 +78,22 @@ async fn predict(
 async fn predict_inner(
     state: &AppState,
     path: &str,
+    query: Option<&str>,
+    id: Option<String>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, HttpError> {
     let mut segments = path.split('/').filter(|s| !s.is_empty());
     let name = segments.next().ok_or_else(HttpError::resource_not_found)?;
     let version = segments.next();
+    let model = state.manager.get(name, version)?;
+    let Some(handler) = model.handler().cloned() else {
+        return predict_python(state, model, version.is_some(), query, id, headers, body).await;
+    };
     let content_type = header_str(headers, header::CONTENT_TYPE.as_str());
     let tensor_shape = header_str(headers, "x-tensor-shape");
-    let answer = infer(state, name, version, headers, body, |model, bytes| {
-        model
-            .handler
+    let answer = infer(state, model, version.is_some(), headers, body, |bytes| {
+        handler
             .decode(&Request {
                 body: bytes,
                 content_type,
@@ -111,6 +125,19 @@ async fn predict_inner(
     Ok(resp)
 }
 
+/// `OPTIONS /predictions/{model}[/{version}]`: the model's predictions API, as TorchServe
+/// describes it.
+fn describe_predictions(state: &AppState, path: &str) -> Result<Response, HttpError> {
+    let mut segments = path.split('/').filter(|s| !s.is_empty());
+    let name = segments.next().ok_or_else(HttpError::resource_not_found)?;
+    let version = segments.next();
+    state.manager.get(name, version)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &super::openapi::model_document(name, version),
+    ))
+}
+
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
@@ -125,69 +152,136 @@ struct Answer {
 
 impl Answer {
     fn add_headers(&self, resp: &mut Response) {
-        let h = resp.headers_mut();
-        for (name, value) in [
-            ("x-torchfn-queue-us", self.outcome.queue_time.as_micros()),
-            (
-                "x-torchfn-inference-us",
-                self.outcome.inference_time.as_micros(),
-            ),
-            ("x-torchfn-batch-size", self.outcome.batch_size as u128),
-        ] {
-            if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
-                h.insert(name, v);
-            }
+        timing_headers(
+            resp,
+            self.outcome.queue_time,
+            self.outcome.inference_time,
+            self.outcome.batch_size,
+        );
+    }
+}
+
+/// torchfn's timing headers: time queued, time in the model, requests or instances batched.
+fn timing_headers(
+    resp: &mut Response,
+    queue: std::time::Duration,
+    inference: std::time::Duration,
+    batch_size: usize,
+) {
+    let h = resp.headers_mut();
+    for (name, value) in [
+        ("x-torchfn-queue-us", queue.as_micros()),
+        ("x-torchfn-inference-us", inference.as_micros()),
+        ("x-torchfn-batch-size", batch_size as u128),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+            h.insert(name, v);
         }
     }
 }
 
-/// What every inference route shares: find the model, count the request, read the body
-/// (bounded by `max_request_size`), decode it with `decode`, queue it, wait for the answer
-/// (bounded by the model's `response_timeout`), record the latency metrics.
-async fn infer(
+/// A Python-backend version's answer to any inference route: the request goes to the worker
+/// as TorchServe hands it over (query parameters, form fields or the body, the headers), and
+/// the handler's answer comes back as it gave it: its bytes, status, content type and headers.
+async fn predict_python(
     state: &AppState,
-    name: &str,
-    version: Option<&str>,
+    model: Arc<ModelVersion>,
+    version_given: bool,
+    query: Option<&str>,
+    id: Option<String>,
     headers: &HeaderMap,
     body: Body,
-    decode: impl FnOnce(&ModelVersion, &[u8]) -> Result<Decoded, HttpError>,
-) -> Result<Answer, HttpError> {
+) -> Result<Response, HttpError> {
     let started = Instant::now();
-    let model = state.manager.get(name, version)?;
-    let m = &model.request_metrics[usize::from(version.is_some())];
-    // Counted before queueing, as TorchServe does, so refused requests count too.
+    let m = &model.request_metrics[usize::from(version_given)];
     m.requests_total.inc();
-
+    let Some(pool) = model.pool() else {
+        return Err(HttpError::internal("the model has no Python workers"));
+    };
     let max = state.manager.settings().max_request_size;
     let bytes = read_body(body, headers, max).await?;
-    let decoded = decode(&model, &bytes)?;
-    let max_instances = state.manager.settings().max_instances_per_request;
-    if decoded.instances.len() > max_instances {
-        return Err(HttpError::bad_request(format!(
-            "the request holds {} instances; the limit is {max_instances} \
-             (max_instances_per_request): split it into smaller requests",
-            decoded.instances.len()
-        )));
+    let request_headers = headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect();
+    let request = torchfn_engine::python::request(
+        id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        request_headers,
+        query,
+        &bytes,
+        header_str(headers, header::CONTENT_TYPE.as_str()),
+    )?;
+    let reply = pool
+        .submit(request)
+        .map_err(torchfn_engine::python::failure)?;
+    let outcome = wait(&model, started, reply).await?;
+    record(
+        &model,
+        m,
+        started,
+        outcome.queue_time,
+        outcome.inference_time,
+        outcome.batch_size,
+    );
+    let response = outcome.result.map_err(torchfn_engine::python::failure)?;
+    let status = u16::try_from(response.status)
+        .ok()
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (status, response.body).into_response();
+    let h = resp.headers_mut();
+    for (k, v) in &response.headers {
+        if let (Ok(k), Ok(v)) = (
+            axum::http::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            h.insert(k, v);
+        }
     }
-    let is_list = decoded.is_list;
-    let reply = model.batcher.submit(&model.name, decoded.instances)?;
+    if !response.content_type.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&response.content_type) {
+            h.insert(header::CONTENT_TYPE, v);
+        }
+    }
+    timing_headers(
+        &mut resp,
+        outcome.queue_time,
+        outcome.inference_time,
+        outcome.batch_size,
+    );
+    Ok(resp)
+}
+
+/// Waits for a queued request's answer, within what is left of the model's response timeout.
+async fn wait<T>(
+    model: &ModelVersion,
+    started: Instant,
+    reply: tokio::sync::oneshot::Receiver<T>,
+) -> Result<T, HttpError> {
     // response_timeout bounds the request's whole time, reading and decoding included.
     let timeout = model.settings.response_timeout;
     let left = timeout.saturating_sub(started.elapsed());
-    let mut outcome = match tokio::time::timeout(left, reply).await {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(_)) => return Err(HttpError::internal("Worker died.")),
-        Err(_) => {
-            return Err(HttpError::internal(format!(
-                "Prediction did not finish within the model's response timeout ({} s)",
-                timeout.as_secs()
-            )))
-        }
-    };
-    let values = std::mem::replace(&mut outcome.outputs, Ok(Vec::new()))?;
+    match tokio::time::timeout(left, reply).await {
+        Ok(Ok(outcome)) => Ok(outcome),
+        Ok(Err(_)) => Err(HttpError::internal("Worker died.")),
+        Err(_) => Err(HttpError::internal(format!(
+            "Prediction did not finish within the model's response timeout ({} s)",
+            timeout.as_secs()
+        ))),
+    }
+}
 
+/// Records a prediction's latency metrics and its span.
+fn record(
+    model: &ModelVersion,
+    m: &torchfn_engine::metrics::RequestMetrics,
+    started: Instant,
+    queue_time: std::time::Duration,
+    inference_time: std::time::Duration,
+    batch_size: usize,
+) {
     let total = started.elapsed();
-    let queue_us = outcome.queue_time.as_secs_f64() * 1e6;
+    let queue_us = queue_time.as_secs_f64() * 1e6;
     m.inference_latency_us.inc_by(total.as_secs_f64() * 1e6);
     m.queue_latency_us.inc_by(queue_us);
     m.inference_latency_ms.observe(total.as_secs_f64() * 1e3);
@@ -198,11 +292,55 @@ async fn infer(
         "prediction",
         model = %model.name,
         version = %model.version,
-        queue_us = outcome.queue_time.as_micros() as u64,
-        inference_us = outcome.inference_time.as_micros() as u64,
-        batch_size = outcome.batch_size,
+        queue_us = queue_time.as_micros() as u64,
+        inference_us = inference_time.as_micros() as u64,
+        batch_size = batch_size,
     )
     .in_scope(|| tracing::debug!("prediction served"));
+}
+
+/// What every built-in-handler route shares: count the request, read the body (bounded by
+/// `max_request_size`), decode it with `decode`, queue it, wait for the answer (bounded by
+/// the model's `response_timeout`), record the latency metrics.
+async fn infer(
+    state: &AppState,
+    model: Arc<ModelVersion>,
+    version_given: bool,
+    headers: &HeaderMap,
+    body: Body,
+    decode: impl FnOnce(&[u8]) -> Result<Decoded, HttpError>,
+) -> Result<Answer, HttpError> {
+    let started = Instant::now();
+    let m = &model.request_metrics[usize::from(version_given)];
+    // Counted before queueing, as TorchServe does, so refused requests count too.
+    m.requests_total.inc();
+    let Some(batcher) = model.batcher() else {
+        return Err(HttpError::internal("the model has no batcher"));
+    };
+
+    let max = state.manager.settings().max_request_size;
+    let bytes = read_body(body, headers, max).await?;
+    let decoded = decode(&bytes)?;
+    let max_instances = state.manager.settings().max_instances_per_request;
+    if decoded.instances.len() > max_instances {
+        return Err(HttpError::bad_request(format!(
+            "the request holds {} instances; the limit is {max_instances} \
+             (max_instances_per_request): split it into smaller requests",
+            decoded.instances.len()
+        )));
+    }
+    let is_list = decoded.is_list;
+    let reply = batcher.submit(&model.name, decoded.instances)?;
+    let mut outcome = wait(&model, started, reply).await?;
+    let values = std::mem::replace(&mut outcome.outputs, Ok(Vec::new()))?;
+    record(
+        &model,
+        m,
+        started,
+        outcome.queue_time,
+        outcome.inference_time,
+        outcome.batch_size,
+    );
     Ok(Answer {
         model,
         values,
@@ -217,6 +355,8 @@ async fn kserve_v1(
     State(state): State<AppState>,
     method: Method,
     Path(path): Path<String>,
+    RawQuery(query): RawQuery,
+    id: Option<Extension<RequestId>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -225,14 +365,22 @@ async fn kserve_v1(
             if method != Method::POST {
                 return Err(HttpError::method_not_allowed());
             }
-            let answer = infer(&state, name, None, &headers, body, |model, bytes| {
+            let model = state.manager.get(name, None)?;
+            let Some(handler) = model.handler().cloned() else {
+                // The Python backend gets the body as sent (the handler or its envelope
+                // reads KServe's form), as under TorchServe.
+                let id = id.map(|Extension(RequestId(id))| id);
+                return predict_python(&state, model, false, query.as_deref(), id, &headers, body)
+                    .await;
+            };
+            let answer = infer(&state, model, false, &headers, body, |bytes| {
                 let json: Value = torchfn_engine::handler::parse_json(bytes)?;
                 if !json.get("instances").is_some_and(Value::is_array) {
                     return Err(HttpError::bad_request(
                         "a KServe v1 body is {\"instances\": [...]}",
                     ));
                 }
-                Ok(model.handler.decode(&Request::json(bytes))?)
+                Ok(handler.decode(&Request::json(bytes))?)
             })
             .await?;
             let mut resp = json_response(StatusCode::OK, &json!({"predictions": answer.values}));
@@ -248,7 +396,7 @@ async fn kserve_v1(
         let model = state.manager.get(&path, None)?;
         Ok(json_response(
             StatusCode::OK,
-            &json!({"name": model.name, "ready": model.batcher.workers() > 0}),
+            &json!({"name": model.name, "ready": model.live_workers() > 0}),
         ))
     }
     .await;
@@ -267,7 +415,7 @@ async fn v2_server() -> Response {
 async fn v2_health(State(state): State<AppState>, Path(which): Path<String>) -> Response {
     let ok = match which.as_str() {
         "live" => true,
-        "ready" => state.is_ready(),
+        "ready" => state.is_healthy(),
         _ => return HttpError::resource_not_found().into_response(),
     };
     json_response(ready_status(ok), &json!({ which: ok }))
@@ -288,6 +436,8 @@ async fn kserve_v2(
     State(state): State<AppState>,
     method: Method,
     Path(path): Path<String>,
+    RawQuery(query): RawQuery,
+    id: Option<Extension<RequestId>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -301,10 +451,26 @@ async fn kserve_v2(
             _ => return Err(HttpError::resource_not_found()),
         };
         match (action, &method) {
-            ("infer", &Method::POST) => v2_infer(&state, name, version, &headers, body).await,
+            ("infer", &Method::POST) => {
+                let model = state.manager.get(name, version)?;
+                if model.pool().is_some() {
+                    let id = id.map(|Extension(RequestId(id))| id);
+                    return predict_python(
+                        &state,
+                        model,
+                        version.is_some(),
+                        query.as_deref(),
+                        id,
+                        &headers,
+                        body,
+                    )
+                    .await;
+                }
+                v2_infer(&state, model, version.is_some(), &headers, body).await
+            }
             ("ready", &Method::GET) => {
                 let model = state.manager.get(name, version)?;
-                let ready = model.batcher.workers() > 0;
+                let ready = model.live_workers() > 0;
                 Ok(json_response(
                     ready_status(ready),
                     &json!({"name": model.name, "ready": ready}),
@@ -324,7 +490,7 @@ async fn kserve_v2(
                         "name": model.name,
                         "versions": versions,
                         "platform": "pytorch_torchscript",
-                        "handler": model.handler.name(),
+                        "handler": model.handler_name(),
                         "inputs": [],
                         "outputs": [],
                     }),
@@ -340,18 +506,19 @@ async fn kserve_v2(
 
 async fn v2_infer(
     state: &AppState,
-    name: &str,
-    version: Option<&str>,
+    model: Arc<ModelVersion>,
+    version_given: bool,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, HttpError> {
     let mut id = None;
-    let answer = infer(state, name, version, headers, body, |model, bytes| {
+    let Some(handler) = model.handler().cloned() else {
+        return Err(HttpError::internal("the model has no Rust handler"));
+    };
+    let answer = infer(state, model, version_given, headers, body, |bytes| {
         let json = torchfn_engine::handler::parse_json(bytes)?;
         id = json.get("id").cloned();
-        Ok(model
-            .handler
-            .decode_tensors(tensors::parse_v2_inputs(&json)?)?)
+        Ok(handler.decode_tensors(tensors::parse_v2_inputs(&json)?)?)
     })
     .await?;
     let mut out = Map::new();
@@ -367,7 +534,7 @@ async fn v2_infer(
         "outputs".into(),
         Value::Array(tensors::v2_outputs(
             &answer.values,
-            answer.model.handler.name() == "tensor",
+            answer.model.handler_name() == "tensor",
         )),
     );
     let mut resp = json_response(StatusCode::OK, &Value::Object(out));

@@ -33,6 +33,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set once the models named at start-up have been loaded (`/ping` turns Healthy).
     pub ready: Arc<AtomicBool>,
+    /// Models named at start-up that failed to load (`/ping` stays Unhealthy).
+    pub startup_failures: Arc<std::sync::atomic::AtomicUsize>,
     /// Who may change the loaded models (open unless set with `with_access`).
     pub access: Arc<security::Access>,
 }
@@ -43,6 +45,7 @@ impl AppState {
             metrics: manager.metrics().clone(),
             manager,
             ready: Arc::new(AtomicBool::new(false)),
+            startup_failures: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             access: Arc::new(security::Access::default()),
         }
     }
@@ -59,6 +62,20 @@ impl AppState {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Counts a model named at start-up that failed to load: the server is then not healthy,
+    /// so a readiness probe keeps traffic away.
+    pub fn record_startup_failure(&self) {
+        self.startup_failures.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// `/ping`: the start-up models were all loaded, and every model's default version has
+    /// the workers its minimum asks for.
+    pub fn is_healthy(&self) -> bool {
+        self.is_ready()
+            && self.startup_failures.load(Ordering::Acquire) == 0
+            && self.manager.defaults().iter().all(|m| m.is_healthy())
     }
 }
 
@@ -115,12 +132,44 @@ async fn common_layer(State(state): State<AppState>, mut req: Request, next: Nex
 }
 
 /// Adds what every port shares (request ids, no-cache headers, status counters, the
-/// TorchServe 404 fallback) to a router. The benchmark's HTTP floor uses it too.
+/// TorchServe 404 fallback, trailing slashes ignored) to a router. The benchmark's HTTP floor
+/// uses it too.
 pub fn with_common(router: Router<AppState>, state: AppState) -> Router {
-    router
+    let routed = router
         .fallback(|| async { HttpError::resource_not_found() })
         .layer(middleware::from_fn_with_state(state.clone(), common_layer))
-        .with_state(state)
+        .with_state(state);
+    // Before routing: TorchServe splits paths on `/` and drops trailing empty segments, so
+    // `/models/x/` is `/models/x`.
+    Router::new().fallback_service(
+        tower::ServiceBuilder::new()
+            .map_request(without_trailing_slash)
+            .service(routed),
+    )
+}
+
+/// The request with its path's trailing slashes removed (`/` stays).
+fn without_trailing_slash(mut req: Request) -> Request {
+    let path = req.uri().path();
+    if path.len() <= 1 || !path.ends_with('/') {
+        return req;
+    }
+    let trimmed = match path.trim_end_matches('/') {
+        "" => "/",
+        t => t,
+    };
+    let new = match req.uri().query() {
+        Some(q) => format!("{trimmed}?{q}"),
+        None => trimmed.to_string(),
+    };
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(pq) = new.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+    req
 }
 
 /// The inference API (TorchServe's port 8080).

@@ -78,36 +78,115 @@ async fn list(State(state): State<AppState>, Query(q): Query<HashMap<String, Str
         .map(|m| json!({"modelName": m.name, "modelUrl": m.url}))
         .collect();
     let mut body = serde_json::Map::new();
-    if offset + limit < all.len() {
+    // TorchServe's rule (ApiUtils.getModelList): a token whenever the page's end is within the
+    // list, so also for a page that ends exactly at the last model.
+    if offset + limit <= all.len() {
         body.insert("nextPageToken".into(), json!((offset + limit).to_string()));
     }
     body.insert("models".into(), Value::Array(page));
     json_response(StatusCode::OK, &Value::Object(body))
 }
 
-async fn describe_default(State(state): State<AppState>, Path(name): Path<String>) -> Response {
-    describe(&state, &name, None)
+async fn describe_default(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    describe(&state, &name, None, &q).await
 }
 
 async fn describe_version(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    describe(&state, &name, Some(&version))
+    describe(&state, &name, Some(&version), &q).await
 }
 
-fn describe(state: &AppState, name: &str, version: Option<&str>) -> Response {
+/// `GET /models/{m}[/{v}|/all]`; with `?customized=true` on one version, the handler's own
+/// description (`describe_handle()` of a Python handler, asked of a worker) is added as
+/// `customizedMetadata`, as TorchServe does.
+async fn describe(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+    q: &HashMap<String, String>,
+) -> Response {
     let models = match version {
         Some("all") => state.manager.all_versions(name),
         v => state.manager.get(name, v).map(|m| vec![m]),
     };
-    match models {
-        Ok(models) => json_response(
-            StatusCode::OK,
-            &Value::Array(models.iter().map(|m| m.describe()).collect()),
-        ),
-        Err(e) => HttpError::from(e).into_response(),
+    let models = match models {
+        Ok(models) => models,
+        Err(e) => return HttpError::from(e).into_response(),
+    };
+    let mut described: Vec<Value> = models.iter().map(|m| m.describe()).collect();
+    let customized = q
+        .get("customized")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    if customized && version != Some("all") {
+        if let (Some(model), Some(entry)) = (models.first(), described.first_mut()) {
+            match customized_metadata(model).await {
+                Ok(Some(meta)) => {
+                    if let Value::Object(fields) = entry {
+                        fields.insert("customizedMetadata".into(), meta);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return e.into_response(),
+            }
+        }
     }
+    json_response(StatusCode::OK, &Value::Array(described))
+}
+
+/// A Python handler's `describe_handle()` output, asked of one of its workers with
+/// TorchServe's `describe: True` request header; `None` for built-ins (they describe nothing
+/// beyond describe's own fields) or a handler that returns nothing.
+async fn customized_metadata(
+    model: &torchfn_engine::manager::ModelVersion,
+) -> Result<Option<Value>, HttpError> {
+    let Some(pool) = model.pool() else {
+        return Ok(None);
+    };
+    let request = torchfn_python::Request {
+        id: uuid::Uuid::new_v4().to_string(),
+        headers: vec![("describe".into(), b"True".to_vec())],
+        inputs: vec![torchfn_python::Input {
+            name: "body".into(),
+            content_type: String::new(),
+            value: Vec::new(),
+        }],
+    };
+    let no_worker = || {
+        HttpError::new(
+            ErrorKind::ServiceUnavailable,
+            format!(
+                "Model \"{}\" has no worker to serve describe request. Please use scale workers \
+                 API to add workers.",
+                model.name
+            ),
+        )
+    };
+    if pool.workers() == 0 {
+        return Err(no_worker());
+    }
+    let reply = pool.submit(request).map_err(|_| no_worker())?;
+    let timeout = model.settings.response_timeout;
+    let outcome = tokio::time::timeout(timeout, reply)
+        .await
+        .map_err(|_| HttpError::internal("the worker did not describe the model in time"))?
+        .map_err(|_| HttpError::internal("Worker died."))?;
+    let response = outcome
+        .result
+        .map_err(|f| HttpError::from(torchfn_engine::python::failure(f)))?;
+    let text = String::from_utf8_lossy(&response.body);
+    Ok(match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Null) => None,
+        Ok(v) => Some(v),
+        // A handler answering plain text is described by that text.
+        Err(_) => Some(Value::String(text.into_owned())),
+    })
 }
 
 /// The parameters of a registration, from the query string or (with
@@ -182,15 +261,9 @@ fn resolve_url(manager: &Manager, url: &str) -> Result<Location, HttpError> {
         }
     };
     if url.starts_with("http://") || url.starts_with("https://") {
+        // Downloaded into the model store by `register` (see `download_url`).
         allowed(url)?;
-        return Err(HttpError::new(
-            ErrorKind::DownloadArchive,
-            format!(
-                "Failed to download archive from: {url}: torchfn registers archives from the \
-                 model store, file paths and file:// or s3:// URLs; download it and register \
-                 the file, or upload it to S3"
-            ),
-        ));
+        return Ok(Location::File(PathBuf::from(url)));
     }
     if url.starts_with("s3://") {
         allowed(url)?;
@@ -222,6 +295,41 @@ fn resolve_url(manager: &Manager, url: &str) -> Result<Location, HttpError> {
         .join(url))
 }
 
+/// An `http(s)://` registration: the archive is downloaded into the (local) model store
+/// under the URL's file name, as TorchServe does, and registered from there.
+async fn download_url(manager: &Arc<Manager>, url: &str) -> Result<PathBuf, HttpError> {
+    let settings = manager.settings();
+    let store = settings.model_store.clone().ok_or_else(|| {
+        HttpError::new(
+            ErrorKind::ModelNotFound,
+            "Model store has not been configured.",
+        )
+    })?;
+    if store.to_string_lossy().starts_with("s3://") {
+        return Err(HttpError::new(
+            ErrorKind::DownloadArchive,
+            format!(
+                "Failed to download archive from: {url}: registering an http(s) URL downloads \
+                 into the model store, which must be a local folder (this one is {})",
+                store.display()
+            ),
+        ));
+    }
+    let checker = manager.clone();
+    let allowed: Arc<dyn Fn(&str) -> bool + Send + Sync> =
+        Arc::new(move |u: &str| checker.settings().url_allowed(u));
+    let max = settings.archive_limits.max_unpacked_bytes;
+    torchfn_store::fetch::download(url, &store, allowed, max)
+        .await
+        .map_err(|e| match e {
+            torchfn_store::fetch::FetchError::Exists(_) => HttpError::internal(e.to_string()),
+            e => HttpError::new(
+                ErrorKind::DownloadArchive,
+                format!("Failed to download archive from: {url}: {e}"),
+            ),
+        })
+}
+
 /// `POST /models?url=…`: loads an archive as a new model version.
 async fn register(
     State(state): State<AppState>,
@@ -242,7 +350,10 @@ async fn register(
             ));
         }
     }
-    let source = resolve_url(&state.manager, &url)?;
+    let mut source = resolve_url(&state.manager, &url)?;
+    if url.starts_with("http://") || url.starts_with("https://") {
+        source = Location::File(download_url(&state.manager, &url).await?);
+    }
     let synchronous = params
         .get("synchronous")
         .is_none_or(|v| v.eq_ignore_ascii_case("true"));
@@ -262,12 +373,24 @@ async fn register(
             max_batch_delay_ms: non_negative(&params, "max_batch_delay"),
             initial_workers: non_negative(&params, "initial_workers").map(|w| w as usize),
             response_timeout_s: non_negative(&params, "response_timeout").filter(|&t| t > 0),
+            startup_timeout_s: non_negative(&params, "startup_timeout"),
             handler: params
                 .get("handler")
                 .filter(|h| !h.trim().is_empty())
                 .cloned(),
+            from_rest: true,
         },
     };
+    // With no workers to start (TorchServe's default for a registration), there is nothing
+    // to do in the background: the registration answers 200 once the archive is in.
+    let no_workers = spec.params.initial_workers.unwrap_or_else(|| {
+        state
+            .manager
+            .settings()
+            .default_workers_per_model
+            .unwrap_or(0)
+    }) == 0;
+    let synchronous = synchronous || no_workers;
     let manager = state.manager.clone();
     let load = move || manager.load(&spec);
     if !synchronous {
@@ -285,7 +408,7 @@ async fn register(
     let model = tokio::task::spawn_blocking(load)
         .await
         .map_err(|e| HttpError::internal(format!("registration stopped: {e}")))??;
-    let workers = model.batcher.workers();
+    let workers = model.workers();
     let message = if workers == 0 {
         format!(
             "Model \"{}\" Version: {} registered with 0 initial workers. Use scale workers API \

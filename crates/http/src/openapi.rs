@@ -451,6 +451,32 @@ pub fn document(ops: &[Op]) -> Value {
     })
 }
 
+/// `OPTIONS /predictions/{model}[/{version}]`: the predictions API of one model (TorchServe's
+/// per-model description, titled `RESTful API for: <model>`).
+pub fn model_document(name: &str, version: Option<&str>) -> Value {
+    let path = match version {
+        Some(_) => "/predictions/{model_name}/{model_version}",
+        None => "/predictions/{model_name}",
+    };
+    let ops: Vec<Op> = INFERENCE
+        .iter()
+        .filter(|o| o.path == path)
+        .copied()
+        .collect();
+    let mut doc = document(&ops);
+    let concrete = match version {
+        Some(v) => format!("/predictions/{name}/{v}"),
+        None => format!("/predictions/{name}"),
+    };
+    if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
+        if let Some(entry) = paths.remove(path) {
+            paths.insert(concrete, entry);
+        }
+    }
+    doc["info"]["title"] = json!(format!("RESTful API for: {name}"));
+    doc
+}
+
 /// A handler answering with the document for `ops`.
 pub fn respond(ops: &'static [Op]) -> Response {
     json_response(StatusCode::OK, &document(ops))

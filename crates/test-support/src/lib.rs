@@ -120,6 +120,11 @@ pub fn tool(venv: &str, command: &str) -> PathBuf {
     path
 }
 
+/// A path as the `&str` command-line arguments take (test paths are UTF-8).
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
 /// The project venv's Python, installed by `scripts/setup` when missing.
 pub fn venv_python() -> PathBuf {
     static PY: OnceLock<PathBuf> = OnceLock::new();

@@ -117,6 +117,19 @@ impl Server {
         }
     }
 
+    /// Waits until the server's log holds `needle` (a bounded poll of its log file).
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "`{needle}` never logged:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The server's working folder (where it writes key_file.json).
     pub fn dir(&self) -> &std::path::Path {
         self._logdir.path()

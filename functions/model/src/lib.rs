@@ -68,9 +68,13 @@ pub struct Args {
     #[arg(long, env = "TORCHFN_MODEL_VERSION", value_name = "VERSION")]
     pub model_version: Option<String>,
     /// The handler for archives that name a Python handler: a built-in one, or one the
-    /// function registered.
+    /// function registered. Unset, such archives run in the Python backend.
     #[arg(long, env = "TORCHFN_HANDLER", value_name = "NAME")]
     pub handler: Option<String>,
+    /// The Python backend's interpreter (with `torchserve` and `torch`), for archives whose
+    /// handler has no built-in.
+    #[arg(long, env = "TORCHFN_PYTHON", value_name = "PATH")]
+    pub python: Option<std::path::PathBuf>,
     /// The most requests in one forward pass.
     #[arg(long, env = "TORCHFN_BATCH_SIZE", value_name = "N")]
     pub batch_size: Option<usize>,
@@ -134,6 +138,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
     // Lambda's limit for a synchronous invocation's payload; the plain-HTTP mode keeps it.
     s.max_request_size = 6 * 1024 * 1024;
     s.default_service_handler = args.handler.clone();
+    s.python = args.python.clone();
     Ok(s)
 }
 

@@ -114,19 +114,15 @@ pub fn decode_list(
 /// `application/x-www-form-urlencoded`): the field named `data`, else `body` (when a name
 /// repeats, the later part wins, as in TorchServe). `None` when the request is not a form.
 pub fn form_input(request: &super::Request<'_>) -> Result<Option<Vec<u8>>, ServeError> {
-    let fields = if request.media_is(&["multipart/form-data"]) {
-        multipart_fields(request)?
-    } else if request.media_is(&["application/x-www-form-urlencoded"]) {
-        urlencoded_fields(request.body)?
-    } else {
+    let Some(fields) = form_fields(request)? else {
         return Ok(None);
     };
     let pick = |name: &str| {
         fields
             .iter()
             .rev()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
+            .find(|f| f.name == name)
+            .map(|f| f.value.clone())
     };
     pick("data")
         .or_else(|| pick("body"))
@@ -137,6 +133,27 @@ pub fn form_input(request: &super::Request<'_>) -> Result<Option<Vec<u8>>, Serve
                  -F data=@file",
             )
         })
+}
+
+/// One field of a form body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FormField {
+    pub name: String,
+    /// A multipart part's own `Content-Type`, if it has one.
+    pub content_type: Option<String>,
+    pub value: Vec<u8>,
+}
+
+/// A form request's fields in order (`multipart/form-data` or
+/// `application/x-www-form-urlencoded`); `None` when the request is not a form.
+pub fn form_fields(request: &super::Request<'_>) -> Result<Option<Vec<FormField>>, ServeError> {
+    if request.media_is(&["multipart/form-data"]) {
+        multipart_fields(request).map(Some)
+    } else if request.media_is(&["application/x-www-form-urlencoded"]) {
+        urlencoded_fields(request.body).map(Some)
+    } else {
+        Ok(None)
+    }
 }
 
 /// The longest multipart boundary taken (RFC 2046 allows 70 characters).
@@ -150,7 +167,7 @@ const MAX_BOUNDARY: usize = 200;
 /// then completes without waiting; should `multer` ever answer "pending" (it does so, without
 /// arranging a wake-up, on input it cannot continue), that is the client's malformed body,
 /// never a wait.
-fn multipart_fields(request: &super::Request<'_>) -> Result<Vec<(String, Vec<u8>)>, ServeError> {
+fn multipart_fields(request: &super::Request<'_>) -> Result<Vec<FormField>, ServeError> {
     let boundary = multer::parse_boundary(request.content_type.unwrap_or(""))
         .ok()
         .filter(|b| !b.is_empty() && b.len() <= MAX_BOUNDARY)
@@ -161,9 +178,14 @@ fn multipart_fields(request: &super::Request<'_>) -> Result<Vec<(String, Vec<u8>
         let mut fields = Vec::new();
         while let Some(field) = multipart.next_field().await? {
             let name = field.name().map(str::to_owned);
+            let content_type = field.content_type().map(ToString::to_string);
             let content = field.bytes().await?;
             if let Some(name) = name {
-                fields.push((name, content.to_vec()));
+                fields.push(FormField {
+                    name,
+                    content_type,
+                    value: content.to_vec(),
+                });
             }
         }
         Ok::<_, multer::Error>(fields)
@@ -195,7 +217,7 @@ fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
 /// decodes values into UTF-8 strings (replacing invalid sequences), which would corrupt binary
 /// payloads, so values are decoded with `percent-encoding` (after `+` → space, which it leaves
 /// alone). A `%` not followed by two hex digits is the client's error, as in TorchServe.
-fn urlencoded_fields(body: &[u8]) -> Result<Vec<(String, Vec<u8>)>, ServeError> {
+fn urlencoded_fields(body: &[u8]) -> Result<Vec<FormField>, ServeError> {
     body.split(|b| *b == b'&')
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
@@ -205,7 +227,11 @@ fn urlencoded_fields(body: &[u8]) -> Result<Vec<(String, Vec<u8>)>, ServeError> 
             };
             let k = form_decode(k)?;
             let v = form_decode(v)?;
-            Ok((String::from_utf8_lossy(&k).into_owned(), v))
+            Ok(FormField {
+                name: String::from_utf8_lossy(&k).into_owned(),
+                content_type: None,
+                value: v,
+            })
         })
         .collect()
 }

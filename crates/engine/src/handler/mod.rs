@@ -26,13 +26,12 @@ use tch::{Device, IValue};
 
 use crate::error::ServeError;
 use crate::session::{Session, SessionError};
-use torchfn_archive::handlers;
 use torchfn_archive::mar::ModelArchive;
 
 pub use classifier::ClassifierHandler;
 pub use decode::{
-    decode_list, f32_json, kind_of, parse_json, stack, stack_inputs, tensor_from_json,
-    tensor_to_json, to_device, Decoded, Input, Instance,
+    decode_list, f32_json, form_fields, kind_of, parse_json, stack, stack_inputs, tensor_from_json,
+    tensor_to_json, to_device, Decoded, FormField, Input, Instance,
 };
 pub use image::{decode_rgb, ImageClassifier, ImageSegmenter, ObjectDetector};
 pub use output::{batch_rows, device_of, numel_of, shape_of, single_tensor};
@@ -105,51 +104,6 @@ pub trait Handler: Send + Sync + 'static {
 
     /// One JSON value per batch row. `rows` is how many instances went in.
     fn postprocess(&self, output: IValue, rows: usize) -> Result<Vec<Value>, SessionError>;
-}
-
-/// Picks the handler for an archive. `configured` is the built-in named by the server's
-/// settings (`--handler`, the `models` JSON or `default_service_handler`); it wins over the
-/// manifest, and is required when the manifest names a Python handler file.
-pub fn for_archive(
-    archive: &ModelArchive,
-    model_name: &str,
-    configured: Option<&str>,
-) -> Result<Arc<dyn Handler>, ServeError> {
-    let manifest_handler = archive.manifest().model.handler.as_deref().unwrap_or("");
-    let chosen = match configured {
-        Some(name) => name,
-        None if manifest_handler.is_empty() => "tensor",
-        None => manifest_handler,
-    };
-    if let Some(handler) = builtin(chosen, archive)? {
-        return Ok(handler);
-    }
-    let base = chosen.split(':').next().unwrap_or(chosen);
-    let names = handlers::names_line();
-    let message = if handlers::torchserve_only().any(|n| n == base) {
-        format!(
-            "model {model_name}: TorchServe's `{base}` handler is not served by torchfn; \
-             built-in handlers are: {names}"
-        )
-    } else if configured.is_some() {
-        format!(
-            "model {model_name}: `{chosen}` is not a built-in handler; built-in handlers are: \
-             {names}"
-        )
-    } else {
-        format!(
-            "model {model_name}: its manifest names the Python handler `{manifest_handler}`, \
-             which torchfn does not run. Serve it with a built-in handler that does the same \
-             work: start torchfn-local with `--handler {model_name}=classifier` (or another \
-             built-in: {names}), \
-             or set `default_service_handler=classifier` in config.properties; a model \
-             function takes `TORCHFN_HANDLER=classifier`"
-        )
-    };
-    Err(ServeError::new(
-        crate::error::ErrorKind::InvalidModel,
-        message,
-    ))
 }
 
 /// Makes a handler for a loaded archive (custom handlers register one under their name).
