@@ -3,6 +3,7 @@
 //! routers, so every front end speaks the same dialect.
 
 pub mod error;
+pub mod fetch;
 pub mod inference;
 pub mod management;
 pub mod metrics;

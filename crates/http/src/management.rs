@@ -319,10 +319,10 @@ async fn download_url(manager: &Arc<Manager>, url: &str) -> Result<PathBuf, Http
     let allowed: Arc<dyn Fn(&str) -> bool + Send + Sync> =
         Arc::new(move |u: &str| checker.settings().url_allowed(u));
     let max = settings.archive_limits.max_unpacked_bytes;
-    torchfn_store::fetch::download(url, &store, allowed, max)
+    crate::fetch::download(url, &store, allowed, max)
         .await
         .map_err(|e| match e {
-            torchfn_store::fetch::FetchError::Exists(_) => HttpError::internal(e.to_string()),
+            crate::fetch::FetchError::Exists(_) => HttpError::internal(e.to_string()),
             e => HttpError::new(
                 ErrorKind::DownloadArchive,
                 format!("Failed to download archive from: {url}: {e}"),

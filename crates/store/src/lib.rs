@@ -1,8 +1,7 @@
 //! torchfn's object store (`file://` paths and `s3://` objects), the model-version registry
 //! kept in it, and the registrar's logic that turns archive uploads into registry records.
-//! The AWS SDK, no libtorch. `fetch` downloads archives registered by http(s) URL.
+//! The AWS SDK, no libtorch.
 
-pub mod fetch;
 pub mod registrar;
 pub mod registry;
 pub mod store;
