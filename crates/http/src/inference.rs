@@ -194,12 +194,10 @@ async fn predict_python(
 ) -> Result<Response, HttpError> {
     let started = Instant::now();
     let m = &model.request_metrics[usize::from(version_given)];
-    m.requests_total.inc();
     let Some(pool) = model.pool() else {
         return Err(HttpError::internal("the model has no Python workers"));
     };
-    let max = state.manager.settings().max_request_size;
-    let bytes = read_body(body, headers, max).await?;
+    let bytes = count_and_read(state, m, headers, body).await?;
     let request_headers = headers
         .iter()
         .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
@@ -250,6 +248,18 @@ async fn predict_python(
         outcome.batch_size,
     );
     Ok(resp)
+}
+
+/// Counts a prediction request (before queueing, as TorchServe does, so refused requests
+/// count too) and reads its body, bounded by `max_request_size`.
+async fn count_and_read(
+    state: &AppState,
+    m: &torchfn_engine::metrics::RequestMetrics,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<axum::body::Bytes, HttpError> {
+    m.requests_total.inc();
+    read_body(body, headers, state.manager.settings().max_request_size).await
 }
 
 /// Waits for a queued request's answer, within what is left of the model's response timeout.
@@ -312,14 +322,10 @@ async fn infer(
 ) -> Result<Answer, HttpError> {
     let started = Instant::now();
     let m = &model.request_metrics[usize::from(version_given)];
-    // Counted before queueing, as TorchServe does, so refused requests count too.
-    m.requests_total.inc();
     let Some(batcher) = model.batcher() else {
         return Err(HttpError::internal("the model has no batcher"));
     };
-
-    let max = state.manager.settings().max_request_size;
-    let bytes = read_body(body, headers, max).await?;
+    let bytes = count_and_read(state, m, headers, body).await?;
     let decoded = decode(&bytes)?;
     let max_instances = state.manager.settings().max_instances_per_request;
     if decoded.instances.len() > max_instances {

@@ -232,11 +232,6 @@ impl Pool {
         self.shared.rx.len()
     }
 
-    /// Workers answering a batch now.
-    pub fn busy_workers(&self) -> usize {
-        self.shared.busy.load(Ordering::Relaxed)
-    }
-
     /// Queues a request; a full queue or a pool without workers is refused at once (503).
     pub fn submit(&self, request: Request) -> Result<oneshot::Receiver<Outcome>, Failure> {
         let (reply, rx) = oneshot::channel();

@@ -74,17 +74,6 @@ pub enum WorkerError {
     Io(std::io::Error, String),
 }
 
-impl WorkerError {
-    /// The HTTP-like status TorchServe gives a failed load (507 when the worker ran out of
-    /// memory), when there is one.
-    pub fn load_code(&self) -> Option<i32> {
-        match self {
-            WorkerError::Load { code, .. } => Some(*code),
-            _ => None,
-        }
-    }
-}
-
 /// Where an interpreter's `ts` package is, found once per interpreter.
 #[derive(Debug, Clone)]
 pub struct Backend {
@@ -323,16 +312,6 @@ impl Worker {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
-    }
-
-    /// Whether the process is still running.
-    pub fn is_alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// The worker's last lines of output.
-    pub fn log_tail(&self) -> String {
-        log_tail(&self.output)
     }
 }
 
