@@ -9,6 +9,7 @@ pub mod handlers;
 pub mod inspect;
 pub mod manifest;
 pub mod mar;
+pub mod metrics_config;
 pub mod model_config;
 pub mod properties;
 pub mod settings;

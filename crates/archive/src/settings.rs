@@ -162,6 +162,13 @@ pub struct Settings {
     pub limit_max_image_pixels: bool,
     /// `decode_input_request`: whether Python workers decode JSON and text inputs.
     pub decode_input_request: bool,
+    /// `metrics_config`: TorchServe's metrics YAML, whose `model_metrics` a handler's
+    /// `[METRICS]` lines update (None: TorchServe's default declarations). Also handed to
+    /// Python workers.
+    pub metrics_config: Option<PathBuf>,
+    /// `model_metrics_auto_detect`: a handler's metrics that no configuration declares are
+    /// added as they first arrive (otherwise they are dropped, as in TorchServe).
+    pub model_metrics_auto_detect: bool,
     /// What one archive may unpack to (`torchfn_archive_max_bytes`,
     /// `torchfn_archive_max_ratio`).
     pub archive_limits: crate::mar::Limits,
@@ -200,6 +207,8 @@ impl Default for Settings {
             unknown_keys: Vec::new(),
             inert_keys: Vec::new(),
             python: None,
+            metrics_config: None,
+            model_metrics_auto_detect: false,
             install_py_dep_per_model: false,
             default_startup_timeout: 120,
             service_envelope: None,
@@ -249,6 +258,8 @@ const HANDLED_KEYS: &[&str] = &[
     "decode_input_request",
     "torchfn_archive_max_bytes",
     "torchfn_archive_max_ratio",
+    "metrics_config",
+    "model_metrics_auto_detect",
 ];
 
 /// TorchServe keys accepted for compatibility that change nothing in torchfn (JVM, Netty,
@@ -262,10 +273,8 @@ const INERT_KEYS: &[&str] = &[
     "prefer_direct_buffer",
     "unregister_model_timeout",
     "metrics_mode",
-    "metrics_config",
     "metric_time_interval",
     "enable_metrics_api",
-    "model_metrics_auto_detect",
     "disable_system_metrics",
     "workflow_store",
     "enable_envvars_config",
@@ -340,6 +349,10 @@ impl Settings {
                 "torchfn_registry" => self.registry = Some(v.to_string()),
                 "torchfn_python" => self.python = Some(PathBuf::from(v)),
                 "install_py_dep_per_model" => self.install_py_dep_per_model = parse_bool(key, v)?,
+                "metrics_config" => {
+                    self.metrics_config = Some(PathBuf::from(v)).filter(|_| !v.is_empty())
+                }
+                "model_metrics_auto_detect" => self.model_metrics_auto_detect = parse_bool(key, v)?,
                 "default_startup_timeout" => self.default_startup_timeout = parse_num(key, v)?,
                 "service_envelope" => {
                     self.service_envelope = Some(v.to_string()).filter(|v| !v.is_empty())

@@ -272,7 +272,8 @@ impl ModelVersion {
     }
 
     /// Runs `n` workers; Python workers started here must load the model before this returns
-    /// (blocking), and a failure to start is the error.
+    /// (blocking). None of them starting is the error; when only some start, fewer than `n`
+    /// run and the count returned says so.
     pub fn scale_to(&self, n: usize) -> Result<usize, String> {
         match &self.runner {
             Runner::Torch { batcher, .. } => batcher.scale(n).map_err(|e| e.to_string()),
@@ -417,6 +418,21 @@ impl Manager {
         let unpack_root = tempfile::Builder::new()
             .prefix("torchfn-models-")
             .tempdir_in(parent)?;
+        let model_metrics = match &settings.metrics_config {
+            None => torchfn_archive::metrics_config::default_model_metrics(),
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| torchfn_archive::metrics_config::parse_model_metrics(&text))
+                .map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("metrics_config {}: {e}", path.display()),
+                    )
+                })?,
+        };
+        metrics
+            .declare_model_metrics(&model_metrics, settings.model_metrics_auto_detect)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
         Ok(Self {
             limits: settings.archive_limits,
             settings,
@@ -726,10 +742,6 @@ impl Manager {
                 )
             }
         };
-        self.metrics
-            .model_workers
-            .with_label_values(&[name.as_str(), version.as_str()])
-            .set(settings.batch.workers as i64);
         let worker_range = (settings.min_workers, settings.max_workers);
         let model = Arc::new(ModelVersion {
             name: name.clone(),
@@ -748,6 +760,10 @@ impl Manager {
             worker_range: std::sync::Mutex::new(worker_range),
             retirement: Retirement::default(),
         });
+        self.metrics
+            .model_workers
+            .with_label_values(&[name.as_str(), version.as_str()])
+            .set(model.workers() as i64);
         let mut models = self
             .models
             .write()
@@ -838,6 +854,11 @@ impl Manager {
                 startup_timeout: settings.startup_timeout,
                 port: 9000,
                 env,
+                metrics_config: self.settings.metrics_config.clone(),
+                metrics: Some({
+                    let metrics = self.metrics.clone();
+                    torchfn_python::MetricSink::new(move |line| metrics.record_model_metric(&line))
+                }),
             },
             workers: settings.batch.workers,
             max_batch_delay: settings.batch.max_batch_delay,

@@ -2,12 +2,16 @@
 //! guide's PromQL asks for (`ts_inference_latency_ms_bucket`, `ts_queue_latency_ms_bucket`)
 //! and torchfn's batch-size histogram.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use prometheus::core::Collector;
 use prometheus::proto::{MetricFamily, MetricType};
+use torchfn_archive::metrics_config::{MetricKind, ModelMetricSpec};
+use torchfn_python::MetricLine;
+
 use prometheus::{
     CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
     Opts, Registry,
@@ -47,7 +51,24 @@ pub struct Metrics {
     gpu_query_running: Arc<AtomicBool>,
     /// Every family as declared, in registration order: its help, type and label order,
     /// which the exposition keeps (and prints, HELP and TYPE only, while it has no samples).
-    declared: Vec<Declared>,
+    /// Model metrics join it as they are declared.
+    declared: RwLock<Vec<Declared>>,
+    /// The handlers' metrics (TorchServe's `model_metrics`), by name.
+    model: Mutex<HashMap<String, ModelFamily>>,
+    /// `model_metrics_auto_detect`: undeclared handler metrics are added when they arrive.
+    auto_detect: AtomicBool,
+}
+
+/// One handler metric family: its dimension names (then `Hostname`) and its collector.
+struct ModelFamily {
+    dimensions: Vec<String>,
+    collector: ModelCollector,
+}
+
+enum ModelCollector {
+    Counter(CounterVec),
+    Gauge(GaugeVec),
+    Histogram(HistogramVec),
 }
 
 /// A family's declaration, for the exposition.
@@ -162,7 +183,9 @@ impl Metrics {
             requests,
             registry,
             hostname,
-            declared: Vec::new(),
+            declared: RwLock::new(Vec::new()),
+            model: Mutex::new(HashMap::new()),
+            auto_detect: AtomicBool::new(false),
         };
         let mut m = m;
         use MetricType::{COUNTER, GAUGE, HISTOGRAM};
@@ -187,7 +210,7 @@ impl Metrics {
             declared.extend(declare(c, COUNTER, &["Level", "Hostname"]));
         }
         declared.extend(declare(&m.gpu_memory_used_bytes, GAUGE, &[]));
-        m.declared = declared;
+        m.declared = RwLock::new(declared);
         m.registry
             .register(Box::new(m.inference_requests_total.clone()))?;
         m.registry
@@ -260,6 +283,126 @@ impl Metrics {
         }
     }
 
+    /// Declares the handlers' metrics (TorchServe's `model_metrics`): each family prints from
+    /// now on, with its dimensions then `Hostname` as labels. With `auto_detect`, metrics
+    /// that arrive undeclared are declared as they come; otherwise they are dropped.
+    pub fn declare_model_metrics(
+        &self,
+        specs: &[ModelMetricSpec],
+        auto_detect: bool,
+    ) -> Result<(), prometheus::Error> {
+        self.auto_detect.store(auto_detect, Ordering::Release);
+        let mut model = self.model.lock().unwrap_or_else(|e| e.into_inner());
+        for spec in specs {
+            if !model.contains_key(&spec.name) {
+                let family = self.model_family(spec)?;
+                model.insert(spec.name.clone(), family);
+            }
+        }
+        Ok(())
+    }
+
+    /// A new handler metric family, registered and declared.
+    fn model_family(&self, spec: &ModelMetricSpec) -> Result<ModelFamily, prometheus::Error> {
+        let mut labels: Vec<&str> = spec.dimensions.iter().map(String::as_str).collect();
+        labels.push("Hostname");
+        let help = help(spec.kind.as_str(), &spec.unit);
+        let (collector, kind) = match spec.kind {
+            MetricKind::Counter => (
+                ModelCollector::Counter(CounterVec::new(Opts::new(&spec.name, help), &labels)?),
+                MetricType::COUNTER,
+            ),
+            MetricKind::Gauge => (
+                ModelCollector::Gauge(GaugeVec::new(Opts::new(&spec.name, help), &labels)?),
+                MetricType::GAUGE,
+            ),
+            MetricKind::Histogram => (
+                ModelCollector::Histogram(HistogramVec::new(
+                    HistogramOpts::new(&spec.name, help),
+                    &labels,
+                )?),
+                MetricType::HISTOGRAM,
+            ),
+        };
+        let c: Box<dyn Collector> = match &collector {
+            ModelCollector::Counter(c) => Box::new(c.clone()),
+            ModelCollector::Gauge(c) => Box::new(c.clone()),
+            ModelCollector::Histogram(c) => Box::new(c.clone()),
+        };
+        let declared = declare(c.as_ref(), kind, &[]);
+        self.registry.register(c)?;
+        self.declared
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(declared);
+        Ok(ModelFamily {
+            dimensions: spec.dimensions.clone(),
+            collector,
+        })
+    }
+
+    /// One update from a handler (a worker's `[METRICS]` line), applied as TorchServe's
+    /// frontend applies it: a counter adds, a gauge sets, a histogram observes. An update of
+    /// an undeclared metric (without auto-detection), of another kind than declared or
+    /// without the declared dimensions is dropped and logged.
+    pub fn record_model_metric(&self, line: &MetricLine) {
+        let Some(kind) = MetricKind::parse(&line.kind) else {
+            tracing::warn!(metric = %line.name, kind = %line.kind, "a handler metric of unknown type");
+            return;
+        };
+        let mut model = self.model.lock().unwrap_or_else(|e| e.into_inner());
+        if !model.contains_key(&line.name) {
+            if !self.auto_detect.load(Ordering::Acquire) {
+                tracing::debug!(metric = %line.name,
+                    "a handler metric that metrics_config does not declare (model_metrics_auto_detect is off)");
+                return;
+            }
+            let spec = ModelMetricSpec {
+                name: line.name.clone(),
+                unit: line.unit.clone(),
+                kind,
+                dimensions: line.dimensions.iter().map(|(n, _)| n.clone()).collect(),
+            };
+            match self.model_family(&spec) {
+                Ok(family) => {
+                    model.insert(line.name.clone(), family);
+                }
+                Err(e) => {
+                    tracing::warn!(metric = %line.name, error = %e, "cannot add a handler metric");
+                    return;
+                }
+            }
+        }
+        let Some(family) = model.get(&line.name) else {
+            return;
+        };
+        let mut values: Vec<&str> = Vec::with_capacity(family.dimensions.len() + 1);
+        for name in &family.dimensions {
+            match line.dimensions.iter().find(|(n, _)| n == name) {
+                Some((_, v)) => values.push(v.as_str()),
+                None => {
+                    tracing::warn!(metric = %line.name, missing = %name,
+                        "a handler metric without a declared dimension");
+                    return;
+                }
+            }
+        }
+        values.push(line.hostname.as_str());
+        match (&family.collector, kind) {
+            (ModelCollector::Counter(c), MetricKind::Counter) if line.value >= 0.0 => {
+                c.with_label_values(&values).inc_by(line.value)
+            }
+            (ModelCollector::Gauge(g), MetricKind::Gauge) => {
+                g.with_label_values(&values).set(line.value)
+            }
+            (ModelCollector::Histogram(h), MetricKind::Histogram) => {
+                h.with_label_values(&values).observe(line.value)
+            }
+            _ => tracing::warn!(metric = %line.name, kind = %line.kind, value = line.value,
+                "a handler metric update that does not fit its declaration"),
+        }
+    }
+
     /// Counts one response by its status class, on any port.
     pub fn count_response(&self, status: u16) {
         let i = match status {
@@ -277,7 +420,8 @@ impl Metrics {
         let gpu = self.gpu_enabled.load(Ordering::Acquire);
         let wanted = |name: &str| names.is_empty() || names.iter().any(|n| n == name);
         let mut out = String::new();
-        for d in &self.declared {
+        let declared = self.declared.read().unwrap_or_else(|e| e.into_inner());
+        for d in declared.iter() {
             if !wanted(&d.name) || (d.name == "ts_gpu_memory_used_bytes" && !gpu) {
                 continue;
             }

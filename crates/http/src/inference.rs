@@ -226,7 +226,9 @@ async fn predict_python(
         .ok()
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut resp = (status, response.body).into_response();
+    // No Content-Type unless the handler set one, as TorchServe answers.
+    let mut resp = Response::new(Body::from(response.body));
+    *resp.status_mut() = status;
     let h = resp.headers_mut();
     for (k, v) in &response.headers {
         if let (Ok(k), Ok(v)) = (

@@ -409,6 +409,14 @@ async fn register(
         .await
         .map_err(|e| HttpError::internal(format!("registration stopped: {e}")))??;
     let workers = model.workers();
+    let (min, _) = model.worker_range();
+    if workers < min {
+        // Some workers started, not all: TorchServe's partial answer (the model stays).
+        return Ok(status(
+            StatusCode::PARTIAL_CONTENT,
+            "Workers scaling in progress...".into(),
+        ));
+    }
     let message = if workers == 0 {
         format!(
             "Model \"{}\" Version: {} registered with 0 initial workers. Use scale workers API \
@@ -482,8 +490,16 @@ async fn scale(
             "Processing worker updates...".into(),
         ));
     }
-    job.await
+    let model = job
+        .await
         .map_err(|e| HttpError::internal(format!("scaling stopped: {e}")))??;
+    if model.workers() < min {
+        // Some of the missing workers started, not all: TorchServe's partial answer.
+        return Ok(status(
+            StatusCode::PARTIAL_CONTENT,
+            "Workers scaling in progress...".into(),
+        ));
+    }
     let mut message = format!("Workers scaled to {min} for model: {name}");
     if let Some(v) = version {
         message.push_str(&format!(", version: {v}"));

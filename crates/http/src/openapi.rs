@@ -216,6 +216,10 @@ const MODEL_VERSION_QUERY: Param = query(
 const SCALE_RESPONSES: &[(u16, &str)] = &[
     (200, "Scaled."),
     (202, "Scaling in the background."),
+    (
+        206,
+        "Only some of the new Python workers started; the model keeps those.",
+    ),
     (400, "max_worker below min_worker, or a missing token."),
     (404, "No such model or version."),
     (500, "Workers could not start."),
@@ -300,6 +304,10 @@ pub const MANAGEMENT: &[Op] = &[
         &[
             (200, "Registered."),
             (202, "Loading in the background."),
+            (
+                206,
+                "Only some of its Python workers started; the model keeps those.",
+            ),
             (400, "A missing url, a bad archive, or a missing token."),
             (404, "No such file, or a URL outside allowed_urls."),
             (405, "The model API is turned off."),

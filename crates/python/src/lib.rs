@@ -7,12 +7,15 @@
 //!
 //! - [`protocol`]: the frontend–worker messages.
 //! - [`worker`]: one process, started, loaded and asked for batches.
+//! - [`metrics`]: the handler's metric updates on a worker's output.
 //! - [`pool`]: a model version's workers, its queue and its batches.
 
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod worker;
 
+pub use metrics::{MetricLine, MetricSink};
 pub use pool::{Failure, Outcome, Pool, PoolConfig};
 pub use protocol::{Input, Request, Response};
 pub use worker::{Backend, Worker, WorkerConfig, WorkerError};

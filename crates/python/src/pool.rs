@@ -97,8 +97,9 @@ pub struct Pool {
 
 impl Pool {
     /// Starts `config.workers` workers and waits until each has loaded the model (in
-    /// parallel, each within the startup timeout). Any that fails fails the pool: TorchServe
-    /// fails such a registration. Blocking.
+    /// parallel, each within the startup timeout). The pool fails when none of them starts
+    /// (TorchServe fails such a registration); when only some start it runs with those, and
+    /// [`Pool::workers`] says how many. Blocking.
     pub fn start(backend: Backend, config: PoolConfig) -> Result<Pool, WorkerError> {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_size.max(1));
         let label = config.worker.model_name.clone();
@@ -123,9 +124,9 @@ impl Pool {
     }
 
     /// Starts `n` more workers and waits until each has loaded the model, in parallel, each
-    /// within the startup timeout. If any fails, none is added and the first error is
-    /// returned. Blocking.
-    fn grow(&self, n: usize) -> Result<(), WorkerError> {
+    /// within the startup timeout. Those that start are added; when none of the `n` does, the
+    /// first error is returned. Returns how many were added. Blocking.
+    fn grow(&self, n: usize) -> Result<usize, WorkerError> {
         let started: Vec<Result<Worker, WorkerError>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..n)
                 .map(|_| {
@@ -143,22 +144,34 @@ impl Pool {
                 .collect()
         });
         let mut workers = Vec::with_capacity(n);
+        let mut first_error = None;
         for w in started {
-            // Dropping the ones already started kills them.
-            workers.push(w?);
+            match w {
+                Ok(w) => workers.push(w),
+                Err(e) => {
+                    tracing::warn!(model = %self.label, error = %e, "a worker did not start");
+                    first_error.get_or_insert(e);
+                }
+            }
         }
+        if let (true, Some(e)) = (workers.is_empty(), first_error) {
+            return Err(e);
+        }
+        let added = workers.len();
         let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
         for w in workers {
             self.shared.live.fetch_add(1, Ordering::Relaxed);
             self.spawn(&mut threads, Some(w))
                 .map_err(|e| WorkerError::Io(e, String::new()))?;
         }
-        Ok(())
+        Ok(added)
     }
 
     /// Runs `n` workers as TorchServe's synchronous scaling does: missing ones are started
-    /// here and must load the model (a failure is the caller's "Failed to start workers");
-    /// extra ones stop once their current batch is answered. Blocking.
+    /// here and must load the model (none starting is the caller's "Failed to start
+    /// workers"; some starting leaves the pool with fewer than `n`, TorchServe's partial
+    /// scaling); extra ones stop once their current batch is answered. Returns how many run.
+    /// Blocking.
     pub fn scale_and_wait(&self, n: usize) -> Result<usize, WorkerError> {
         let current = self.workers();
         if n > current {

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::metrics::{MetricLine, MetricSink};
 use crate::protocol::{self, Load, Reply, Request};
 
 /// Lines of a worker's output kept for error messages.
@@ -38,6 +39,10 @@ pub struct WorkerConfig {
     pub port: u16,
     /// Variables added to the worker's environment.
     pub env: Vec<(String, String)>,
+    /// The metrics configuration the worker reads (`--metrics-config`; None: TorchServe's own).
+    pub metrics_config: Option<PathBuf>,
+    /// Where the handler's `[METRICS]` lines go (None: they are only logged).
+    pub metrics: Option<MetricSink>,
 }
 
 /// Why a worker could not start or answer.
@@ -172,7 +177,12 @@ impl Worker {
             .args(["--sock-type", "unix", "--sock-name"])
             .arg(&socket)
             .arg("--metrics-config")
-            .arg(backend.ts_dir.join("configs/metrics.yaml"))
+            .arg(
+                config
+                    .metrics_config
+                    .clone()
+                    .unwrap_or_else(|| backend.ts_dir.join("configs/metrics.yaml")),
+            )
             .current_dir(&config.model_dir)
             .env("PYTHONPATH", python_path)
             .envs(config.env.iter().map(|(k, v)| (k, v)))
@@ -188,10 +198,16 @@ impl Worker {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<bool>();
         let mut relays = Vec::new();
         if let Some(out) = child.stdout.take() {
-            relays.extend(relay(out, &label, output.clone(), Some(ready_tx.clone())));
+            relays.extend(relay(
+                out,
+                &label,
+                output.clone(),
+                Some(ready_tx.clone()),
+                config.metrics.clone(),
+            ));
         }
         if let Some(err) = child.stderr.take() {
-            relays.extend(relay(err, &label, output.clone(), None));
+            relays.extend(relay(err, &label, output.clone(), None, None));
         }
         drop(ready_tx);
         let mut guard = Starting {
@@ -384,12 +400,14 @@ impl Read for Deadline<'_> {
 }
 
 /// Logs a worker's output line by line and keeps the last lines; `ready` is told `true` when
-/// the worker says it listens and `false` when the output ends first.
+/// the worker says it listens and `false` when the output ends first; metric updates go to
+/// `metrics`.
 fn relay(
     stream: impl Read + Send + 'static,
     label: &str,
     kept: Arc<Mutex<VecDeque<String>>>,
     ready: Option<std::sync::mpsc::Sender<bool>>,
+    metrics: Option<MetricSink>,
 ) -> Option<JoinHandle<()>> {
     let label = label.to_string();
     let spawned = std::thread::Builder::new()
@@ -402,6 +420,13 @@ fn relay(
                     if let Some(tx) = ready.take() {
                         let _ = tx.send(true);
                     }
+                }
+                if let Some(update) = metrics.as_ref().and_then(|_| MetricLine::parse(&line)) {
+                    tracing::debug!(target: "torchfn::python", worker = %label, "{line}");
+                    if let Some(sink) = &metrics {
+                        sink.send(update);
+                    }
+                    continue;
                 }
                 if line.starts_with("Backend received inference at:") {
                     tracing::debug!(target: "torchfn::python", worker = %label, "{line}");

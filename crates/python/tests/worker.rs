@@ -61,6 +61,8 @@ fn config(dir: &Path, handler: &str, batch_size: usize) -> WorkerConfig {
         startup_timeout: Duration::from_secs(120),
         port: 9000,
         env: Vec::new(),
+        metrics_config: None,
+        metrics: None,
     }
 }
 
