@@ -28,7 +28,7 @@ fn help_lists_every_builtin_handler() {
 
 #[test]
 fn readme_names_every_builtin_handler() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+    let readme = std::fs::read_to_string(torchfn_test_support::repo_root().join("README.md"))
         .expect("README.md reads");
     for name in handlers::names() {
         assert!(

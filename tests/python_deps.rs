@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // The package's folder as cargo gives it when the test runs (see test-support's
+    // `manifest_dir`: a binary built in another clone may be reused).
+    PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo test"))
         .ancestors()
         .find(|d| d.join("scripts/setup").exists())
         .expect("the repository root holds scripts/setup")

@@ -128,10 +128,23 @@ struct Args {
     out: Option<PathBuf>,
 }
 
+/// The repository: the first folder at or above the working directory that holds
+/// `scripts/setup` (scripts/bench and the tests run the benchmark from inside the clone), else
+/// the one it was built from. Not only the build-time path: `scripts/test` reuses builds made
+/// in other clones of the repository.
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| {
+            cwd.ancestors()
+                .find(|d| d.join("scripts/setup").exists())
+                .map(Path::to_path_buf)
+        })
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        })
 }
 
 fn target_dir(repo: &Path) -> PathBuf {

@@ -16,9 +16,19 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The repository root: the first folder above this crate that holds `scripts/setup`.
+/// The package whose tests run: cargo's `CARGO_MANIFEST_DIR` read when the test runs (cargo
+/// sets it), not when it was built. `scripts/test` judges freshness by content, so a test
+/// binary built in another clone of the repository is reused, and a path baked in at build
+/// time names that clone.
+pub fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+/// The repository root: the first folder above the running package that holds `scripts/setup`.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    manifest_dir()
         .ancestors()
         .find(|d| d.join("scripts/setup").exists())
         .unwrap()

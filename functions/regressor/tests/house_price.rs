@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 /// `expected.json`.
 fn package() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/make_house_price.py");
+    let script = torchfn_test_support::manifest_dir().join("tests/make_house_price.py");
     // torch-model-archiver stages each archive in $TMPDIR/<model name>: a folder of the
     // test's own, so that tests packaging at the same time do not share it.
     let staging = dir.path().join("staging");
