@@ -284,14 +284,17 @@ fn the_dockerfiles_copy_what_the_build_produces() {
     assert!(cuda_libs.contains("libcudart"), "{cuda_libs}");
 
     let mut copies = 0;
-    for name in ["layers/Dockerfile.lambda", "layers/Dockerfile.gpu"] {
+    for name in ["layers/Dockerfile.lambda", "layers/Dockerfile"] {
         let text = std::fs::read_to_string(root.join(name)).unwrap();
         for line in text.lines().filter(|l| l.starts_with("COPY ")) {
             let parts: Vec<&str> = line.split_whitespace().collect();
             let source = parts[1];
+            // layers/Dockerfile copies from the layer its LAYER argument names
+            // (target/layer-cuda or target/layer, as scripts/build-image passes it).
             let rel = source
                 .strip_prefix("target/layer-cuda/")
                 .or_else(|| source.strip_prefix("target/layer/"))
+                .or_else(|| source.strip_prefix("${LAYER}/"))
                 .unwrap_or_else(|| panic!("{name}: {source} is not made by layers/build-layer"));
             let built = dir.path().join("layer").join(rel);
             assert!(
@@ -416,4 +419,91 @@ fn sam_and_cargo_lambda_build_both_functions() {
         String::from_utf8_lossy(&listed.stderr)
     );
     assert!(String::from_utf8_lossy(&listed.stdout).contains("libtorch_cpu.so"));
+}
+
+/// The Kubernetes, Knative and KServe manifests under `deploy/` validate offline
+/// (`scripts/validate-deploy`: kubernetes-validate in strict mode for core objects, the KServe
+/// SDK's and Kubernetes client's models field by field for the rest), and a copy with one
+/// wrong field fails, so a pass means something. They carry what the images need to run as
+/// platforms run them.
+#[test]
+fn the_kubernetes_and_kserve_manifests_validate() {
+    let root = common::repo_root();
+    let python = common::tool("venv-deploy-validators-1", "python");
+    let validate = |files: &[&Path]| {
+        let out = Command::new(&python)
+            .arg(root.join("scripts/validate-deploy"))
+            .args(files)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (ok, text) = validate(&[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("8 objects in 5 files, 0 problems"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut broken = Vec::new();
+    for (name, from, to) in [
+        (
+            "cpu.yaml",
+            "k8s/cpu.yaml",
+            (
+                "readOnlyRootFilesystem: true",
+                "readOnlyRootFileSystem: true",
+            ),
+        ),
+        (
+            "knative.yaml",
+            "k8s/knative.yaml",
+            ("containerConcurrency: 64", "containerConcurrency: \"64\""),
+        ),
+        (
+            "isvc.yaml",
+            "kserve/inferenceservice.yaml",
+            ("storageUri:", "storageURI:"),
+        ),
+        (
+            "runtime.yaml",
+            "kserve/servingruntime.yaml",
+            ("protocolVersions:", "protocolVersion:"),
+        ),
+    ] {
+        let text = std::fs::read_to_string(root.join("deploy").join(from)).unwrap();
+        assert!(text.contains(to.0), "{from}");
+        let path = dir.path().join(name);
+        std::fs::write(&path, text.replacen(to.0, to.1, 1)).unwrap();
+        broken.push(path);
+    }
+    let paths: Vec<&Path> = broken.iter().map(|p| p.as_path()).collect();
+    let (ok, text) = validate(&paths);
+    assert!(!ok, "{text}");
+    for needle in [
+        "readOnlyRootFileSystem",
+        "containerConcurrency: expected int",
+        "'storageURI' is not a field",
+        "'protocolVersion' is not a field",
+        "4 problems",
+    ] {
+        assert!(text.contains(needle), "{needle} not reported:\n{text}");
+    }
+
+    let k8s = |name: &str| std::fs::read_to_string(root.join("deploy/k8s").join(name)).unwrap();
+    for name in ["cpu.yaml", "gpu.yaml", "knative.yaml"] {
+        let text = k8s(name);
+        for needle in [
+            "path: /ping",
+            "mountPath: /tmp",
+            "emptyDir",
+            "readOnlyRootFilesystem: true",
+            "runAsNonRoot: true",
+        ] {
+            assert!(text.contains(needle), "{name} lacks {needle}");
+        }
+    }
+    assert!(k8s("gpu.yaml").contains("nvidia.com/gpu: \"1\""));
+    assert!(k8s("cpu.yaml").contains("kind: HorizontalPodAutoscaler"));
 }

@@ -16,28 +16,7 @@ use tokio::sync::oneshot;
 
 /// An API Gateway HTTP API (v2) event for `POST /predictions/slow` with a JSON body.
 fn http_api_event(id: &str, body: &Value) -> Value {
-    json!({
-        "version": "2.0",
-        "routeKey": "$default",
-        "rawPath": "/predictions/slow",
-        "rawQueryString": "",
-        "headers": {"content-type": "application/json", "host": "example.execute-api.us-east-1.amazonaws.com"},
-        "requestContext": {
-            "accountId": "123456789012",
-            "apiId": "example",
-            "domainName": "example.execute-api.us-east-1.amazonaws.com",
-            "domainPrefix": "example",
-            "http": {"method": "POST", "path": "/predictions/slow", "protocol": "HTTP/1.1",
-                     "sourceIp": "127.0.0.1", "userAgent": "torchfn-test"},
-            "requestId": id,
-            "routeKey": "$default",
-            "stage": "$default",
-            "time": "25/Nov/2026:12:00:00 +0000",
-            "timeEpoch": 1_795_000_000_000u64
-        },
-        "body": body.to_string(),
-        "isBase64Encoded": false
-    })
+    runtime_api::http_api_event(id, "/predictions/slow", body)
 }
 
 /// An API Gateway REST API (v1) proxy event for `POST /predictions/slow` on stage `prod`.

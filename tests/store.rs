@@ -25,7 +25,7 @@ use torchfn_store::store::{DownloadOptions, Expect, Location, ObjectStore, Store
 async fn store_with_bucket(bucket: &str) -> ObjectStore {
     env();
     let store = ObjectStore::from_env();
-    moto::new_bucket(&bucket).await;
+    moto::new_bucket(bucket).await;
     store
 }
 

@@ -261,7 +261,7 @@ fn torchserve_and_torchfn_answer_alike() {
         );
         let ts_json: Option<Value> = serde_json::from_slice(&ts_body).ok();
         let json: Option<Value> = serde_json::from_slice(&body).ok();
-        if ts_status == 200 && ts_json.is_none() || ts_status == 200 && case.label == "text" {
+        if ts_status == 200 && (ts_json.is_none() || case.label == "text") {
             // The handler's own bytes, as it wrote them.
             assert_eq!(show(&body), show(&ts_body), "{}", case.label);
             assert_eq!(content_type, ts_type, "{}", case.label);

@@ -113,6 +113,7 @@ pub fn parse_model_metrics(yaml: &str) -> Result<Vec<ModelMetricSpec>, String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

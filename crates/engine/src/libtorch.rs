@@ -43,6 +43,24 @@ pub fn load_cuda_backend() -> bool {
 
 /// Whether CUDA can be used: a GPU is present, libtorch's CUDA backend loads, and libtorch
 /// then sees a device. Nothing CUDA is loaded on a machine without an NVIDIA GPU.
+/// A machine whose NVIDIA device nodes exist but where CUDA cannot start (no driver library
+/// in the container, a driver too old for the CUDA runtime) says so once, as a warning: the
+/// models then run on the CPU, which an operator who asked for a GPU wants to know.
 pub fn cuda_available() -> bool {
-    nvidia_gpu_present() && load_cuda_backend() && tch::Cuda::is_available()
+    if !nvidia_gpu_present() {
+        return false;
+    }
+    let backend = load_cuda_backend();
+    let usable = backend && tch::Cuda::is_available();
+    if !usable {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                cuda_backend_loaded = backend,
+                "an NVIDIA GPU is present but CUDA cannot be used (no driver library, or a \
+                 driver older than libtorch's CUDA runtime); running on the CPU"
+            );
+        });
+    }
+    usable
 }

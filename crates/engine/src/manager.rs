@@ -108,8 +108,11 @@ pub struct ModelVersion {
     pub archive: Arc<ModelArchive>,
     pub runner: Runner,
     pub settings: ModelSettings,
-    /// Request metrics for URLs without a version (`default`) and with this version.
-    pub request_metrics: [RequestMetrics; 2],
+    /// Request metrics for URLs without a version (`default`) and with this version, made
+    /// on the first such request (as TorchServe does: a version nobody asked for by name
+    /// shows no series of its own).
+    request_metrics: [std::sync::OnceLock<RequestMetrics>; 2],
+    metrics: Arc<Metrics>,
     pub loaded_at_startup: bool,
     pub started_at: SystemTime,
     pub load_time: Duration,
@@ -195,6 +198,19 @@ impl Retired {
 }
 
 impl ModelVersion {
+    /// The request metrics of a request whose URL named this version (`version_given`) or
+    /// none (`default`).
+    pub fn request_metrics(&self, version_given: bool) -> &RequestMetrics {
+        self.request_metrics[usize::from(version_given)].get_or_init(|| {
+            let label = if version_given {
+                self.version.as_str()
+            } else {
+                "default"
+            };
+            self.metrics.for_requests(&self.name, &self.version, label)
+        })
+    }
+
     /// The handler's name, as describe reports it.
     pub fn handler_name(&self) -> &str {
         match &self.runner {
@@ -750,10 +766,8 @@ impl Manager {
             archive: Arc::new(archive),
             runner,
             settings,
-            request_metrics: [
-                self.metrics.for_requests(&name, &version, "default"),
-                self.metrics.for_requests(&name, &version, &version),
-            ],
+            request_metrics: Default::default(),
+            metrics: self.metrics.clone(),
             loaded_at_startup: spec.loaded_at_startup,
             started_at: SystemTime::now(),
             load_time: started.elapsed(),

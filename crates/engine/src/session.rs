@@ -375,6 +375,7 @@ pub fn set_threads(threads: usize) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     /// Loading the CUDA backend on demand must not disturb a process that already uses

@@ -193,7 +193,7 @@ async fn predict_python(
     body: Body,
 ) -> Result<Response, HttpError> {
     let started = Instant::now();
-    let m = &model.request_metrics[usize::from(version_given)];
+    let m = model.request_metrics(version_given);
     let Some(pool) = model.pool() else {
         return Err(HttpError::internal("the model has no Python workers"));
     };
@@ -323,7 +323,7 @@ async fn infer(
     decode: impl FnOnce(&[u8]) -> Result<Decoded, HttpError>,
 ) -> Result<Answer, HttpError> {
     let started = Instant::now();
-    let m = &model.request_metrics[usize::from(version_given)];
+    let m = model.request_metrics(version_given);
     let Some(batcher) = model.batcher() else {
         return Err(HttpError::internal("the model has no batcher"));
     };

@@ -98,6 +98,7 @@ async fn common_layer(State(state): State<AppState>, mut req: Request, next: Nex
         method = %req.method(),
         path = %req.uri().path(),
     );
+    span.in_scope(|| tracing::debug!("received"));
     let mut resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
     let status = resp.status();
     state.metrics.count_response(status.as_u16());

@@ -84,6 +84,7 @@ impl std::fmt::Debug for MetricSink {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

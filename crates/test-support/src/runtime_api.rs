@@ -189,3 +189,29 @@ pub async fn invoke(
         .expect("no answer from the function")
         .unwrap()
 }
+
+/// An API Gateway HTTP API (v2) event for `POST {path}` with a JSON body.
+pub fn http_api_event(id: &str, path: &str, body: &Value) -> Value {
+    serde_json::json!({
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": path,
+        "rawQueryString": "",
+        "headers": {"content-type": "application/json", "host": "example.execute-api.us-east-1.amazonaws.com"},
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "example",
+            "domainName": "example.execute-api.us-east-1.amazonaws.com",
+            "domainPrefix": "example",
+            "http": {"method": "POST", "path": path, "protocol": "HTTP/1.1",
+                     "sourceIp": "127.0.0.1", "userAgent": "torchfn-test"},
+            "requestId": id,
+            "routeKey": "$default",
+            "stage": "$default",
+            "time": "25/Nov/2026:12:00:00 +0000",
+            "timeEpoch": 1_795_000_000_000u64
+        },
+        "body": body.to_string(),
+        "isBase64Encoded": false
+    })
+}

@@ -3,7 +3,8 @@
 //! phase), then served with the same router as the emulator's inference port.
 //!
 //! Where the model comes from (one of):
-//! - `TORCHFN_MODEL_URI`: an archive (`s3://bucket/key.mar` or a path), optionally checked
+//! - `TORCHFN_MODEL_URI`: an archive (`s3://bucket/key.mar`, a path, or a folder holding one
+//!   archive, as KServe's storage initializer leaves `/mnt/models`), optionally checked
 //!   against `TORCHFN_MODEL_SHA256`;
 //! - `TORCHFN_REGISTRY` (`s3://bucket/prefix` or a folder) and `TORCHFN_MODEL_NAME`: the
 //!   registry's default version, or `TORCHFN_MODEL_VERSION` when set (pinned); the archive is
@@ -51,7 +52,8 @@ pub mod stage;
 #[derive(Debug, Clone, clap::Parser)]
 #[command(version, about)]
 pub struct Args {
-    /// The archive to serve: `s3://bucket/key.mar` or a path.
+    /// The archive to serve: `s3://bucket/key.mar`, a path, or a folder holding one archive
+    /// (KServe's `/mnt/models`).
     #[arg(long, env = "TORCHFN_MODEL_URI", value_name = "URI")]
     pub model_uri: Option<String>,
     /// The archive's expected SHA-256 (hex), with `--model-uri`.
@@ -146,6 +148,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
 async fn resolve(args: &Args, store: &ObjectStore) -> anyhow::Result<LoadSpec> {
     let name = args.model_name.clone();
     if let Some(uri) = args.model_uri.clone() {
+        let uri = single_archive_in(uri)?;
         let source: Location = uri.parse()?;
         return Ok(LoadSpec {
             url: uri,
@@ -195,6 +198,46 @@ async fn resolve(args: &Args, store: &ObjectStore) -> anyhow::Result<LoadSpec> {
             sha256: Some(record.sha256),
         },
     })
+}
+
+/// A local folder that is not itself an unpacked archive (no `MAR-INF`) but holds exactly one
+/// archive stands for that archive: KServe's storage initializer downloads an
+/// InferenceService's `storageUri` file into `/mnt/models`, and the serving runtime
+/// (`deploy/kserve`) names the folder. Anything else is returned as it is.
+fn single_archive_in(uri: String) -> anyhow::Result<String> {
+    let dir = std::path::Path::new(uri.strip_prefix("file://").unwrap_or(&uri));
+    if !dir.is_dir() || dir.join("MAR-INF").exists() {
+        return Ok(uri);
+    }
+    let mut archives: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            p.is_file()
+                && [".mar", ".tar.gz", ".tgz", ".zip"]
+                    .iter()
+                    .any(|x| name.ends_with(x))
+        })
+        .collect();
+    match archives.len() {
+        0 => Ok(uri),
+        1 => Ok(archives.remove(0).display().to_string()),
+        _ => {
+            archives.sort();
+            bail!(
+                "{} holds {} archives ({}); name one in TORCHFN_MODEL_URI",
+                dir.display(),
+                archives.len(),
+                archives
+                    .iter()
+                    .map(|p| p.file_name().unwrap_or_default().to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    }
 }
 
 /// Polls the registry's default pointer (a conditional GET, cheap while nothing changes) and,
@@ -475,4 +518,37 @@ async fn run(args: Result<Args, clap::Error>) -> anyhow::Result<()> {
     .await?;
     tokio::task::spawn_blocking(move || manager.shutdown()).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::single_archive_in;
+
+    #[test]
+    fn a_folder_holding_one_archive_stands_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().display().to_string();
+        // Empty: left as it is (loading it then says what is wrong).
+        assert_eq!(single_archive_in(path.clone()).unwrap(), path);
+        std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+        std::fs::write(dir.path().join("classifier.mar"), "x").unwrap();
+        let one = dir.path().join("classifier.mar").display().to_string();
+        assert_eq!(single_archive_in(path.clone()).unwrap(), one);
+        assert_eq!(single_archive_in(format!("file://{path}")).unwrap(), one);
+        // An archive path, an S3 URI and an unpacked archive are what they say.
+        assert_eq!(single_archive_in(one.clone()).unwrap(), one);
+        assert_eq!(
+            single_archive_in("s3://b/k.mar".into()).unwrap(),
+            "s3://b/k.mar"
+        );
+        std::fs::write(dir.path().join("other.tar.gz"), "x").unwrap();
+        let err = single_archive_in(path.clone()).unwrap_err().to_string();
+        assert!(
+            err.contains("2 archives (classifier.mar, other.tar.gz)"),
+            "{err}"
+        );
+        std::fs::create_dir(dir.path().join("MAR-INF")).unwrap();
+        assert_eq!(single_archive_in(path.clone()).unwrap(), path);
+    }
 }
