@@ -97,11 +97,18 @@ impl Container {
     /// `podman run` of `image` as a platform runs it, with the S3 server's settings and
     /// `env`; `extra` goes before the image (devices, entry point).
     fn run(image: &str, env: &[(&str, String)], extra: &[&str]) -> Container {
+        let mut args = extra.to_vec();
+        args.push(image);
+        Self::run_with_args(env, &args)
+    }
+
+    /// As [`Container::run`], with `args` ending in the image and what follows it.
+    fn run_with_args(env: &[(&str, String)], args: &[&str]) -> Container {
         let moto = moto::env();
         let name = format!(
             "torchfn-test-{}-{}",
             std::process::id(),
-            uuid_like(&format!("{image}{env:?}"))
+            uuid_like(&format!("{args:?}{env:?}"))
         );
         let mut cmd = container_run();
         cmd.args(["--name", &name, "--network", "host"]).args([
@@ -125,7 +132,7 @@ impl Container {
         for (k, v) in &vars {
             cmd.arg("-e").arg(format!("{k}={v}"));
         }
-        cmd.args(extra).arg(image);
+        cmd.args(args);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -479,4 +486,73 @@ fn lambda_image_answers_an_api_gateway_event_through_the_runtime_api() {
             c.started.elapsed().as_secs_f64()
         );
     });
+}
+
+/// The KServe serving runtime (`deploy/kserve/servingruntime.yaml`) as KServe runs it: the
+/// storage initializer has put the InferenceService's archive in `/mnt/models`, the container
+/// gets the runtime's arguments with `{{.Name}}` filled in, and answers KServe's v1 and v2
+/// protocols under the InferenceService's name.
+#[test]
+#[ignore = "builds and runs container images: scripts/test --images"]
+fn kserve_runtime_serves_the_archive_the_storage_initializer_left() {
+    let runtime =
+        std::fs::read_to_string(common::repo_root().join("deploy/kserve/servingruntime.yaml"))
+            .unwrap();
+    let args: Vec<String> = runtime
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- --"))
+        .map(|a| format!("--{}", a.replace("{{.Name}}", "my-classifier")))
+        .collect();
+    assert_eq!(
+        args,
+        ["--model-uri=/mnt/models", "--model-name=my-classifier"]
+    );
+    let models = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures().join("store/classifier.mar"),
+        models.path().join("classifier.mar"),
+    )
+    .unwrap();
+    let port = moto::free_port();
+    let mount = format!("{}:/mnt/models:ro", models.path().display());
+    let mut extra: Vec<&str> = vec![
+        "-v",
+        &mount,
+        "--entrypoint",
+        "/opt/torchfn/bin/torchfn-model",
+    ];
+    let image = image("TORCHFN_IMAGE_CPU");
+    // The runtime's arguments follow the image, as KServe passes them.
+    extra.push(&image);
+    extra.extend(args.iter().map(String::as_str));
+    let mut c = Container::run_with_args(
+        &[
+            ("PORT", port.to_string()),
+            ("TORCHFN_HANDLER", "classifier".into()),
+        ],
+        &extra,
+    );
+    c.wait_ping(port);
+    let reference = reference();
+    let base = format!("http://127.0.0.1:{port}");
+    let r = client()
+        .post(format!("{base}/v1/models/my-classifier:predict"))
+        .body(json!({"instances": [{"features": reference["seed_features"]}]}).to_string())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", c.log());
+    let body: serde_json::Value = r.json().unwrap();
+    assert_json_close(
+        &body["predictions"][0],
+        &reference["classifier_single"],
+        1e-5,
+        "KServe v1",
+    );
+    let r = client()
+        .get(format!("{base}/v2/models/my-classifier/ready"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", c.log());
+    c.sigterm();
+    assert!(c.wait_exit(60).success(), "{}", c.log());
 }
