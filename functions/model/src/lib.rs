@@ -421,8 +421,15 @@ async fn init(args: Result<Args, clap::Error>) -> anyhow::Result<Ready> {
     let store = ObjectStore::from_env();
     let spec = resolve(&args, &store).await?;
     let metrics = Arc::new(Metrics::new().context("could not create metrics")?);
-    let manager =
-        Arc::new(Manager::new(settings, metrics).context("could not create the unpack folder")?);
+    let unpack = std::env::temp_dir();
+    let manager = Arc::new(Manager::new(settings, metrics).with_context(|| {
+        format!(
+            "could not create the unpack folder in {}: archives unpack there, so it must be \
+             writable (a container with a read-only root filesystem needs a tmpfs there, on \
+             Kubernetes an emptyDir volume; or point TMPDIR elsewhere)",
+            unpack.display()
+        )
+    })?);
     let state = AppState::new(manager.clone());
 
     // Load before serving (during Lambda's INIT): a model that cannot load fails the start.
