@@ -556,3 +556,44 @@ fn kserve_runtime_serves_the_archive_the_storage_initializer_left() {
     c.sigterm();
     assert!(c.wait_exit(60).success(), "{}", c.log());
 }
+
+/// The Python-backend image runs an archive with its own Python handler unchanged (no
+/// handler mapping): TorchServe's MNIST example, an eager-mode model whose handler imports
+/// torchvision and answers the argmax, pulled from S3; answers equal TorchServe's.
+#[test]
+#[ignore = "builds and runs container images: scripts/test --images"]
+fn python_image_runs_a_python_handler_archive_unchanged() {
+    let uri = upload("python/mnist.mar");
+    let port = moto::free_port();
+    let mut c = Container::run(
+        &image("TORCHFN_IMAGE_PYTHON"),
+        &[
+            ("PORT", port.to_string()),
+            ("TORCHFN_MODEL_URI", uri),
+            ("RUST_LOG", "info".into()),
+        ],
+        &[],
+    );
+    c.wait_ping(port);
+    let want = reference()["mnist_answers"].clone();
+    for (k, want) in want.as_array().unwrap().iter().enumerate() {
+        let image = std::fs::read(fixtures().join(format!("python/digit{k}.png"))).unwrap();
+        let r = client()
+            .put(format!("http://127.0.0.1:{port}/predictions/mnist"))
+            .body(image)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", c.log());
+        let got: serde_json::Value = r.json().unwrap();
+        assert_eq!(got, *want, "digit{k}");
+        if k == 0 {
+            eprintln!(
+                "torchfn-model:python: first correct answer {:.2} s after `run` (Python worker, model pulled from S3)",
+                c.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    assert_eq!(c.process_uid(), 65532);
+    c.sigterm();
+    assert!(c.wait_exit(60).success(), "{}", c.log());
+}
