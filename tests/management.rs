@@ -232,6 +232,16 @@ fn management_errors_have_torchserves_statuses_and_messages() {
     let (_, d) = call(&server, Method::GET, "/models/eager");
     assert_eq!(d[0]["handler"], "base_handler", "{d}");
     assert_eq!(call(&server, Method::DELETE, "/models/eager").0, 200);
+    // With a path to TorchServe's own handler file, which TorchServe accepts: the Rust
+    // built-in cannot load an eager-mode model, so TorchServe's handler serves it in Python.
+    let (code, body) = post(&format!(
+        "?url={}&model_name=eager&handler=serve/ts/torch_handler/base_handler.py:handle",
+        eager.display()
+    ));
+    assert_eq!(code, 200, "{body}");
+    let (_, d) = call(&server, Method::GET, "/models/eager");
+    assert_eq!(d[0]["handler"], "base_handler", "{d}");
+    assert_eq!(call(&server, Method::DELETE, "/models/eager").0, 200);
 
     assert_error(
         call(
@@ -1147,4 +1157,19 @@ fn archives_register_from_allowed_http_urls() {
     let message = body["message"].as_str().unwrap();
     assert!(message.contains("allowed_urls"), "{message}");
     assert!(!store.join("third.mar").exists());
+
+    // Unregistering removes the downloaded file, as TorchServe does, so the URL registers
+    // again; a registration whose workers cannot start leaves no file behind either.
+    assert_eq!(call(&server, Method::DELETE, "/models/scripted").0, 200);
+    assert!(!store.join("scripted.mar").exists());
+    let (code, body) = call(
+        &server,
+        Method::POST,
+        &format!("/models?url={url}&handler=invalidHandler&initial_workers=1"),
+    );
+    assert_eq!(code, 500, "{body}");
+    assert!(!store.join("scripted.mar").exists());
+    let (code, body) = call(&server, Method::POST, &format!("/models?url={url}"));
+    assert_eq!(code, 200, "{body}");
+    assert!(store.join("scripted.mar").is_file());
 }

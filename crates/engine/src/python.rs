@@ -60,7 +60,13 @@ pub fn choose(
     if let Some(name) = configured {
         if let Some(h) = builtin(name)? {
             if eager {
-                return Err(eager_with_builtin(model_name, name));
+                // A path to TorchServe's own handler file runs that handler where the Rust
+                // one cannot (an eager-mode model), as TorchServe would: in its worker, by
+                // its module name.
+                return match builtin_name(name).filter(|stem| *stem != name) {
+                    Some(stem) => Ok(Choice::Python(stem.to_string())),
+                    None => Err(eager_with_builtin(model_name, name)),
+                };
             }
             return Ok(Choice::Builtin(h));
         }

@@ -330,6 +330,19 @@ async fn download_url(manager: &Arc<Manager>, url: &str) -> Result<PathBuf, Http
         })
 }
 
+/// Removes an archive a URL registration downloaded into the model store.
+fn remove_download(path: &FsPath) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            tracing::info!(file = %path.display(), "downloaded archive removed from the model store")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "could not remove a downloaded archive")
+        }
+    }
+}
+
 /// `POST /models?url=…`: loads an archive as a new model version.
 async fn register(
     State(state): State<AppState>,
@@ -351,8 +364,14 @@ async fn register(
         }
     }
     let mut source = resolve_url(&state.manager, &url)?;
+    // The file an http(s) registration downloaded: removed again when the registration fails
+    // and when the model is unregistered, as TorchServe does (so the same URL can be
+    // registered again).
+    let mut downloaded = None;
     if url.starts_with("http://") || url.starts_with("https://") {
-        source = Location::File(download_url(&state.manager, &url).await?);
+        let path = download_url(&state.manager, &url).await?;
+        downloaded = Some(path.clone());
+        source = Location::File(path);
     }
     let synchronous = params
         .get("synchronous")
@@ -392,7 +411,13 @@ async fn register(
     }) == 0;
     let synchronous = synchronous || no_workers;
     let manager = state.manager.clone();
-    let load = move || manager.load(&spec);
+    let load = move || {
+        let loaded = manager.load(&spec);
+        if let (Err(_), Some(path)) = (&loaded, &downloaded) {
+            remove_download(path);
+        }
+        loaded
+    };
     if !synchronous {
         // TorchServe answers at once and loads in the background.
         tokio::task::spawn_blocking(move || {
@@ -539,6 +564,22 @@ async fn unregister_version(
 fn unregister(state: &AppState, name: &str, version: &str) -> Result<Response, HttpError> {
     let model = state.manager.unload(name, version)?;
     tracing::info!(model = name, version, "unregistered");
+    // An archive that registering its http(s) URL downloaded into the model store goes with
+    // it, unless another registered version was loaded from the same URL.
+    if model.url.starts_with("http://") || model.url.starts_with("https://") {
+        let shared = state
+            .manager
+            .defaults()
+            .iter()
+            .flat_map(|m| state.manager.all_versions(&m.name).unwrap_or_default())
+            .any(|m| m.url == model.url);
+        let store = state.manager.settings().model_store.clone();
+        if let (false, Some(store), Some(file)) =
+            (shared, store, crate::fetch::file_name(&model.url))
+        {
+            remove_download(&store.join(file));
+        }
+    }
     retire(model);
     Ok(status(
         StatusCode::OK,
