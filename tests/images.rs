@@ -105,10 +105,11 @@ impl Container {
     /// As [`Container::run`], with `args` ending in the image and what follows it.
     fn run_with_args(env: &[(&str, String)], args: &[&str]) -> Container {
         let moto = moto::env();
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let name = format!(
             "torchfn-test-{}-{}",
             std::process::id(),
-            uuid_like(&format!("{args:?}{env:?}"))
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
         let mut cmd = container_run();
         cmd.args(["--name", &name, "--network", "host"]).args([
@@ -222,20 +223,31 @@ impl Container {
         assert!(status.success());
     }
 
-    /// Waits (up to `secs`) for the container to exit; returns its exit status.
-    fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
+    /// Waits (up to 60 s) for the container to exit, which must be with status 0.
+    fn expect_clean_exit(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
+                break status;
             }
             assert!(
                 Instant::now() < deadline,
-                "still running {secs} s after SIGTERM; its log:\n{}",
+                "still running 60 s after SIGTERM; its log:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
-        }
+        };
+        assert!(
+            status.success(),
+            "exit on SIGTERM: {status}; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// SIGTERM, then a clean exit.
+    fn terminate(&mut self) {
+        self.sigterm();
+        self.expect_clean_exit();
     }
 }
 
@@ -251,14 +263,6 @@ impl Drop for Container {
     }
 }
 
-/// A short stable token for container names.
-fn uuid_like(seed: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    seed.hash(&mut h);
-    format!("{:x}", h.finish() & 0xff_ffff)
-}
-
 fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(120))
@@ -266,22 +270,37 @@ fn client() -> reqwest::blocking::Client {
         .unwrap()
 }
 
+/// Runs `image` serving `fixture` (uploaded to S3) on a free port, with `env` and the
+/// `extra` run arguments, and waits for `/ping`; returns the container and its port.
+fn serve_from_s3(
+    image: &str,
+    fixture: &str,
+    env: &[(&str, String)],
+    extra: &[&str],
+) -> (Container, u16) {
+    let port = moto::free_port();
+    let mut vars = vec![
+        ("PORT", port.to_string()),
+        ("TORCHFN_MODEL_URI", upload(fixture)),
+    ];
+    vars.extend(env.iter().cloned());
+    let mut c = Container::run(image, &vars, extra);
+    c.wait_ping(port);
+    (c, port)
+}
+
 /// Serves the classifier from S3 with `image`; checks health, a correct answer and the
 /// metrics; returns the running container and its port.
 fn serve_classifier(image: &str, extra: &[&str]) -> (Container, u16) {
-    let uri = upload("store/classifier.mar");
-    let port = moto::free_port();
-    let mut c = Container::run(
+    let (c, port) = serve_from_s3(
         image,
+        "store/classifier.mar",
         &[
-            ("PORT", port.to_string()),
-            ("TORCHFN_MODEL_URI", uri),
             ("TORCHFN_HANDLER", "classifier".into()),
             ("RUST_LOG", "info".into()),
         ],
         extra,
     );
-    c.wait_ping(port);
     let reference = reference();
     let r = client()
         .post(format!("http://127.0.0.1:{port}/predictions/classifier"))
@@ -326,32 +345,22 @@ fn serve_classifier(image: &str, extra: &[&str]) -> (Container, u16) {
 fn cpu_image_serves_a_model_from_s3_read_only_and_not_as_root() {
     let (mut c, _) = serve_classifier(&image("TORCHFN_IMAGE_CPU"), &[]);
     assert_eq!(c.process_uid(), 65532, "the image runs as its own user");
-    c.sigterm();
-    let status = c.wait_exit(60);
-    assert!(
-        status.success(),
-        "exit on SIGTERM: {status}; log:\n{}",
-        c.log()
-    );
+    c.terminate();
 }
 
 /// SIGTERM while a request is in flight: the request is answered, then the server exits 0.
 #[test]
 #[ignore = "builds and runs container images: scripts/test --images"]
 fn cpu_image_answers_the_request_in_flight_on_sigterm() {
-    let uri = upload("slow/slow.mar");
-    let port = moto::free_port();
-    let mut c = Container::run(
+    let (mut c, port) = serve_from_s3(
         &image("TORCHFN_IMAGE_CPU"),
+        "slow/slow.mar",
         &[
-            ("PORT", port.to_string()),
-            ("TORCHFN_MODEL_URI", uri),
             ("RUST_LOG", "info,torchfn_http=debug".into()),
             ("OMP_NUM_THREADS", "1".into()),
         ],
         &[],
     );
-    c.wait_ping(port);
     let url = format!("http://127.0.0.1:{port}/predictions/slow");
     let warm = client()
         .post(&url)
@@ -387,8 +396,7 @@ fn cpu_image_answers_the_request_in_flight_on_sigterm() {
     assert_eq!(status, 200, "{body}; log:\n{}", c.log());
     let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(answer, json!([14.0]), "{body}");
-    let exit = c.wait_exit(60);
-    assert!(exit.success(), "exit on SIGTERM: {exit}; log:\n{}", c.log());
+    c.expect_clean_exit();
 }
 
 /// The GPU image without a GPU but with the driver's device node present (as on a node
@@ -443,8 +451,7 @@ fn gpu_image_loads_its_cuda_backend_and_falls_back_to_the_cpu_with_a_warning() {
             .any(|l| l.contains("WARN") && l.contains("CUDA cannot be used")),
         "no warning about the CPU fallback:\n{log}"
     );
-    c.sigterm();
-    assert!(c.wait_exit(60).success(), "{}", c.log());
+    c.terminate();
 }
 
 /// The Lambda image in Lambda mode: the binary is its own runtime and takes an API Gateway v2
@@ -553,8 +560,7 @@ fn kserve_runtime_serves_the_archive_the_storage_initializer_left() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 200, "{}", c.log());
-    c.sigterm();
-    assert!(c.wait_exit(60).success(), "{}", c.log());
+    c.terminate();
 }
 
 /// The Python-backend image runs an archive with its own Python handler unchanged (no
@@ -563,18 +569,12 @@ fn kserve_runtime_serves_the_archive_the_storage_initializer_left() {
 #[test]
 #[ignore = "builds and runs container images: scripts/test --images"]
 fn python_image_runs_a_python_handler_archive_unchanged() {
-    let uri = upload("python/mnist.mar");
-    let port = moto::free_port();
-    let mut c = Container::run(
+    let (mut c, port) = serve_from_s3(
         &image("TORCHFN_IMAGE_PYTHON"),
-        &[
-            ("PORT", port.to_string()),
-            ("TORCHFN_MODEL_URI", uri),
-            ("RUST_LOG", "info".into()),
-        ],
+        "python/mnist.mar",
+        &[("RUST_LOG", "info".into())],
         &[],
     );
-    c.wait_ping(port);
     let want = reference()["mnist_answers"].clone();
     for (k, want) in want.as_array().unwrap().iter().enumerate() {
         let image = std::fs::read(fixtures().join(format!("python/digit{k}.png"))).unwrap();
@@ -594,6 +594,5 @@ fn python_image_runs_a_python_handler_archive_unchanged() {
         }
     }
     assert_eq!(c.process_uid(), 65532);
-    c.sigterm();
-    assert!(c.wait_exit(60).success(), "{}", c.log());
+    c.terminate();
 }

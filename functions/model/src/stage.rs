@@ -107,27 +107,15 @@ mod tests {
     }
 
     fn http_api(stage: &str, raw_path: &str) -> serde_json::Value {
-        json!({
-            "version": "2.0",
-            "routeKey": "$default",
-            "rawPath": raw_path,
-            "rawQueryString": "a=1",
-            "headers": {"host": "example.execute-api.us-east-1.amazonaws.com"},
-            "requestContext": {
-                "accountId": "123456789012",
-                "apiId": "example",
-                "domainName": "example.execute-api.us-east-1.amazonaws.com",
-                "domainPrefix": "example",
-                "http": {"method": "POST", "path": raw_path, "protocol": "HTTP/1.1",
-                         "sourceIp": "127.0.0.1", "userAgent": "torchfn-test"},
-                "requestId": "r",
-                "routeKey": "$default",
-                "stage": stage,
-                "time": "25/Nov/2026:12:00:00 +0000",
-                "timeEpoch": 1_795_000_000_000u64
-            },
-            "isBase64Encoded": false
-        })
+        let mut event = torchfn_test_support::runtime_api::http_api_event(
+            "r",
+            raw_path,
+            &serde_json::Value::Null,
+        );
+        event["rawQueryString"] = json!("a=1");
+        event["requestContext"]["stage"] = json!(stage);
+        event["body"] = serde_json::Value::Null;
+        event
     }
 
     fn served(event: serde_json::Value) -> (String, Option<String>) {
