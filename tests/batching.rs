@@ -265,3 +265,51 @@ fn sigterm_answers_requests_in_flight_and_queued_then_exits() {
     };
     assert!(exit.success(), "{exit:?}");
 }
+
+#[test]
+fn server_timing_says_where_a_prediction_spent_its_time_when_asked() {
+    let (server, _dir, _serial) = slow_server("");
+    // Not asked: no Server-Timing.
+    let (status, _, headers) = server.predict("slow", json!({"data": [0, 1]}).to_string());
+    assert_eq!(status, 200);
+    assert!(headers.get("server-timing").is_none());
+    // Asked: every phase in order, the forward pass (about a tenth of a second of work)
+    // most of the total, and the total inside what the client waited.
+    let sent = Instant::now();
+    let r = server
+        .client
+        .post(format!("{}/predictions/slow", server.inference))
+        .header("content-type", "application/json")
+        .header("x-torchfn-timing", "1")
+        .body(json!({"data": [BUSY / 10, 2]}).to_string())
+        .send()
+        .unwrap();
+    let waited_ms = sent.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(r.status(), 200);
+    let timing = r.headers()["server-timing"].to_str().unwrap().to_string();
+    assert_eq!(r.json::<Value>().unwrap(), json!([4.0]));
+    let phases: Vec<(String, f64)> = timing
+        .split(", ")
+        .map(|p| {
+            let (name, ms) = p.split_once(";dur=").unwrap();
+            (name.to_string(), ms.parse().unwrap())
+        })
+        .collect();
+    let names: Vec<&str> = phases.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "route", "read", "decode", "queue", "batch", "pre", "forward", "post", "wake",
+            "encode", "total"
+        ],
+        "{timing}"
+    );
+    let ms = |name: &str| phases.iter().find(|(n, _)| n == name).unwrap().1;
+    let parts: f64 = phases[..10].iter().map(|(_, v)| v).sum();
+    assert!(ms("forward") > 0.5 * ms("total"), "{timing}");
+    assert!(parts <= ms("total") + 0.01, "{timing}");
+    assert!(
+        ms("total") <= waited_ms,
+        "{timing}, client waited {waited_ms} ms"
+    );
+}

@@ -47,6 +47,39 @@ fn seed_flow_end_to_end() {
     let (status, body, _) = server.predict("classifier/1.0", single.to_string());
     assert_eq!(status, 200);
     assert_json_close(&body, &reference["classifier_single"], 1e-5, "versioned");
+
+    // The intra-op threads were chosen by timing a batch at one thread and at the fair share
+    // (on a machine with more than one core; one core leaves nothing to choose), and this
+    // tiny model runs fastest on one.
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+        // The log's colours out (ESC [ ... m).
+        let raw = server.log();
+        let mut log = String::new();
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c == 'm' {
+                        break;
+                    }
+                }
+            } else {
+                log.push(c);
+            }
+        }
+        let line = log
+            .lines()
+            .find(|l| l.contains("intra-op threads chosen by timing a batch"))
+            .unwrap_or_else(|| panic!("no thread choice logged:\n{log}"));
+        for field in [
+            "threads=1",
+            "one_thread_us=",
+            "fair_share=",
+            "fair_share_us=",
+        ] {
+            assert!(line.contains(field), "{field} missing: {line}");
+        }
+    }
 }
 
 fn assert_error(status: u16, body: &Value, want_status: u16, want_type: &str, needle: &str) {

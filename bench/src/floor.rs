@@ -46,7 +46,7 @@ pub fn measure(
     let session = Session::load_with(path, device, precision)
         .with_context(|| format!("could not load {}", path.display()))?;
     // The same intra-op thread policy as a model's only worker.
-    let (threads, _) = warm_up_and_pick_threads(&session, 1);
+    let (threads, _) = warm_up_and_pick_threads(&session, 1, batch, 0);
     set_threads(threads);
     let input = Tensor::randn([batch as i64, features], (Kind::Float, Device::Cpu));
     // One pass as a served batch makes it: host batch → device → forward → host.

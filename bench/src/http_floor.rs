@@ -1,6 +1,11 @@
-//! The HTTP floor: torchfn's own axum stack (the same middleware as the real ports, via
-//! `with_common`) answering every prediction with a fixed small JSON after reading and
-//! parsing the body — everything torchfn does over HTTP, minus the model.
+//! The HTTP floors: servers that answer every prediction with a fixed small JSON after
+//! reading and parsing the body.
+//!
+//! - [`Stack::Torchfn`], the like-for-like floor: torchfn's own listener (`serve::serve`, with
+//!   its connection limits), the same middleware as the real ports (`with_common`) and the
+//!   same body reading — everything torchfn does over HTTP, minus the model.
+//! - [`Stack::BareAxum`], a second reference: `axum::serve` with the route alone, no torchfn
+//!   middleware.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +24,7 @@ use torchfn_archive::settings::Settings;
 use torchfn_engine::manager::Manager;
 use torchfn_engine::metrics::Metrics;
 use torchfn_http::error::HttpError;
+use torchfn_http::serve::Limits;
 use torchfn_http::{json_response, read_body, with_common, AppState};
 
 /// A no-op server on 127.0.0.1, port chosen by the OS, on a tokio runtime of its own (as
@@ -30,8 +36,25 @@ pub struct NoopServer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Which HTTP stack the no-op server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stack {
+    Torchfn,
+    BareAxum,
+}
+
+impl Stack {
+    /// The row's server name in the results.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stack::Torchfn => "http-floor",
+            Stack::BareAxum => "axum-floor",
+        }
+    }
+}
+
 impl NoopServer {
-    pub fn start() -> anyhow::Result<Self> {
+    pub fn start(stack: Stack) -> anyhow::Result<Self> {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel::<anyhow::Result<SocketAddr>>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -41,7 +64,7 @@ impl NoopServer {
                     .enable_all()
                     .build()
                     .context("could not start the no-op server's runtime")
-                    .and_then(|rt| rt.block_on(serve(addr_tx.clone(), stop_rx)));
+                    .and_then(|rt| rt.block_on(serve(stack, addr_tx.clone(), stop_rx)));
                 if let Err(e) = result {
                     let _ = addr_tx.send(Err(e));
                 }
@@ -69,6 +92,7 @@ impl Drop for NoopServer {
 }
 
 async fn serve(
+    stack: Stack,
     addr_tx: std::sync::mpsc::Sender<anyhow::Result<SocketAddr>>,
     stop: oneshot::Receiver<()>,
 ) -> anyhow::Result<()> {
@@ -78,19 +102,30 @@ async fn serve(
     );
     let state = AppState::new(manager);
     state.set_ready();
-    let router = with_common(
-        Router::new().route("/predictions/{*path}", any(noop)),
-        state,
-    );
+    let routes = Router::new().route("/predictions/{*path}", any(noop));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .context("could not bind the no-op server")?;
     let _ = addr_tx.send(Ok(listener.local_addr()?));
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = stop.await;
-        })
-        .await?;
+    let stopped = async move {
+        let _ = stop.await;
+    };
+    match stack {
+        Stack::Torchfn => {
+            torchfn_http::serve::serve(
+                listener,
+                with_common(routes, state),
+                Limits::from_env(),
+                stopped,
+            )
+            .await?;
+        }
+        Stack::BareAxum => {
+            axum::serve(listener, routes.with_state(state))
+                .with_graceful_shutdown(stopped)
+                .await?;
+        }
+    }
     Ok(())
 }
 

@@ -61,6 +61,10 @@ pub struct LoadResult {
     /// Whether a connection reached its share of `max_requests` and stopped early (the
     /// throughput is then an underestimate).
     pub capped: bool,
+    /// CPU time per answer over the window, of the server process and of the benchmark's
+    /// own process (the load generator; for the in-process HTTP floors, the server too).
+    pub server_cpu_us_per_request: Option<f64>,
+    pub bench_cpu_us_per_request: Option<f64>,
 }
 
 /// A request that takes longer than this counts as an error.
@@ -162,7 +166,37 @@ pub async fn run(target: &Target, load: Load) -> LoadResult {
         mean_queue_us: all.queue.mean(),
         mean_inference_us: all.inference.mean(),
         capped: all.capped,
+        server_cpu_us_per_request: None,
+        bench_cpu_us_per_request: None,
     }
+}
+
+/// [`run`], with the CPU time `server` (a process id) and this process use during the
+/// measuring window: sampled by a thread at the window's start and end.
+pub fn run_with_cpu(
+    rt: &tokio::runtime::Runtime,
+    target: &Target,
+    load: Load,
+    server: Option<u32>,
+) -> LoadResult {
+    let me = std::process::id();
+    let sampler = std::thread::spawn(move || {
+        std::thread::sleep(load.warmup);
+        let start = (server.and_then(cpu_time), cpu_time(me));
+        std::thread::sleep(load.duration);
+        let end = (server.and_then(cpu_time), cpu_time(me));
+        (start, end)
+    });
+    let mut r = rt.block_on(run(target, load));
+    if let Ok(((s0, b0), (s1, b1))) = sampler.join() {
+        let per = |a: Option<Duration>, b: Option<Duration>| {
+            let used = b?.checked_sub(a?)?;
+            (r.requests > 0).then(|| used.as_secs_f64() * 1e6 / r.requests as f64)
+        };
+        r.server_cpu_us_per_request = per(s0, s1);
+        r.bench_cpu_us_per_request = per(b0, b1);
+    }
+    r
 }
 
 /// Nearest-rank percentile of sorted values (0 when empty).
@@ -291,4 +325,16 @@ pub async fn once(
     tokio::time::timeout(REQUEST_TIMEOUT, exchange)
         .await
         .with_context(|| format!("no answer from {addr}{path} within {REQUEST_TIMEOUT:?}"))?
+}
+
+/// CPU time a process has used, all its threads, user and system (`/proc/PID/stat`; the
+/// kernel reports it in USER_HZ ticks, 100 per second on Linux).
+pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the command.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(std::time::Duration::from_millis(ticks * 10))
 }

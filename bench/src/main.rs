@@ -15,6 +15,7 @@ mod functions;
 mod http_floor;
 mod load;
 mod machine;
+mod phases;
 mod process;
 mod report;
 mod stats;
@@ -316,9 +317,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    // 2. The HTTP floor: the same axum stack with a no-op handler.
-    {
-        let noop = http_floor::NoopServer::start()?;
+    // 2. The HTTP floors: torchfn's own listener and middleware with a no-op handler (the
+    // like-for-like floor the targets use), and bare axum as a second reference.
+    for stack in [http_floor::Stack::Torchfn, http_floor::Stack::BareAxum] {
+        let noop = http_floor::NoopServer::start(stack)?;
         for w in &workloads {
             let target = Target {
                 addr: noop.addr,
@@ -326,11 +328,15 @@ fn main() -> anyhow::Result<()> {
                 body: w.body.clone(),
             };
             for &c in &settings.concurrency {
-                eprintln!("bench: HTTP floor, {} body, concurrency {c}", w.label);
-                let r = rt.block_on(load::run(&target, load(c)));
+                eprintln!(
+                    "bench: HTTP floor ({}), {} body, concurrency {c}",
+                    stack.name(),
+                    w.label
+                );
+                let r = load::run_with_cpu(&rt, &target, load(c), None);
                 results
                     .http_floor
-                    .push(Point::new("http-floor", w.label, None, r));
+                    .push(Point::new(stack.name(), w.label, None, r));
             }
         }
     }
@@ -356,12 +362,54 @@ fn main() -> anyhow::Result<()> {
                     .torchfn
                     .push(Point::new("torchfn", w.label, Some(batching), r));
             }
+            // Where the time goes, from torchfn's Server-Timing, at concurrency 1 and 16.
+            let (warm, count) = match (quick, w.label) {
+                (true, _) => (50, 200),
+                (false, "seed") => (500, 4000),
+                (false, _) => (50, 400),
+            };
+            for c in [1, 16] {
+                eprintln!(
+                    "bench: torchfn, {} batching {name}, phases at concurrency {c}",
+                    w.label
+                );
+                match rt.block_on(phases::breakdown(&target, w.label, name, c, warm, count)) {
+                    Ok(b) => results.breakdown.push(b),
+                    Err(e) => eprintln!("bench: the phase breakdown failed: {e:#}"),
+                }
+            }
             results.torchfn_rss.push(report::Rss {
                 model: w.label.into(),
                 batching: name.into(),
                 peak_rss_kib: server.peak_rss_kib(),
             });
             server.stop();
+        }
+    }
+
+    // 3a. The libtorch floor at the batch size the wide model actually ran at c64 with
+    // batching on, when the floor above did not time that size.
+    if let Some(w) = workloads.iter().find(|w| w.label == "wide") {
+        let ran = report::find(&results.torchfn, "wide", "on", 64)
+            .and_then(|p| p.mean_batch_size)
+            .map(|b| b.round().max(1.0) as usize);
+        if let Some(batch) = ran.filter(|&b| {
+            !results
+                .floor
+                .iter()
+                .any(|f| f.model == "wide" && f.batch == b && f.precision == "fp32")
+        }) {
+            eprintln!("bench: libtorch floor, wide batch {batch} (the size it ran at c64)");
+            let path = fixtures.join("models").join(w.torchscript);
+            results.floor.push(floor::measure(
+                w.label,
+                &path,
+                w.features,
+                batch,
+                budget,
+                device,
+                Precision::Fp32,
+            )?);
         }
     }
 
@@ -485,7 +533,7 @@ fn measure(
     settings: load::Load,
     server: &Torchfn,
 ) -> load::LoadResult {
-    let r = rt.block_on(load::run(target, settings));
+    let r = load::run_with_cpu(rt, target, settings, Some(server.pid()));
     if r.errors > 0 {
         eprintln!(
             "bench: {} errors, first: {}; server's last output:\n{}",

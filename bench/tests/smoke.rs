@@ -60,7 +60,7 @@ fn quick_run_writes_every_section() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(
-        stdout.contains("targets (issues 3 and 4)"),
+        stdout.contains("targets (issues 3, 4 and 18)"),
         "no table:\n{stdout}"
     );
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
@@ -157,8 +157,38 @@ fn quick_run_writes_every_section() {
         );
     }
 
+    // Where the time goes: torchfn's Server-Timing phases at concurrency 1 and 16, per
+    // model and batching, each with its total and the client's view.
+    let breakdown = array(&r, "breakdown");
+    assert_eq!(
+        breakdown.len(),
+        8,
+        "2 models × batching off/on × concurrency 1/16"
+    );
+    for b in breakdown {
+        let phases: Vec<&str> = array(b, "phases_us")
+            .iter()
+            .map(|p| p[0].as_str().unwrap())
+            .collect();
+        assert_eq!(phases.first(), Some(&"route"), "{b}");
+        assert_eq!(phases.last(), Some(&"total"), "{b}");
+        assert!(num(b, "client_mean_us") > 0.0, "{b}");
+    }
+    // Both HTTP floors, and the CPU each torchfn point cost the server.
+    let floors: Vec<&str> = array(&r, "http_floor")
+        .iter()
+        .map(|p| p["server"].as_str().unwrap())
+        .collect();
+    assert!(
+        floors.contains(&"http-floor") && floors.contains(&"axum-floor"),
+        "{floors:?}"
+    );
+    for p in array(&r, "torchfn") {
+        assert!(num(p, "server_cpu_us_per_request") > 0.0, "{p}");
+    }
+
     let targets = array(&r, "targets");
-    assert_eq!(targets.len(), 9);
+    assert_eq!(targets.len(), 10);
     for t in targets {
         assert!(t["target"].is_string() && t["measured"].is_string(), "{t}");
     }

@@ -55,11 +55,35 @@ pub struct Outcome {
     pub inference_time: Duration,
     /// Instances in the forward pass that carried this request's first instance.
     pub batch_size: usize,
+    /// Where `queue_time` and `inference_time` went (for `Server-Timing`).
+    pub phases: Phases,
 }
+
+/// Where one request's time went in the batcher. `queue + batch_wait` is the outcome's
+/// `queue_time`; the other three are the handler's steps in the forward pass that carried the
+/// request's first instance (summed over retries when a batch was split).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Phases {
+    /// Queued until a worker took the request.
+    pub queue: Duration,
+    /// Taken, waiting for the rest of its batch (and for earlier groups of the batch).
+    pub batch_wait: Duration,
+    pub preprocess: Duration,
+    pub forward: Duration,
+    pub postprocess: Duration,
+    /// When the worker handed the answer over (the caller measures how long it took to
+    /// resume from here).
+    pub replied: Option<Instant>,
+}
+
+/// Time spent in each step of the handler: preprocess, forward, postprocess.
+type StepTimes = [Duration; 3];
 
 struct Job {
     instances: Vec<Instance>,
     enqueued: Instant,
+    /// When a worker took it from the queue.
+    taken: Option<Instant>,
     reply: oneshot::Sender<Outcome>,
 }
 
@@ -167,6 +191,7 @@ impl Batcher {
                     queue_time: job.enqueued.elapsed(),
                     inference_time: Duration::ZERO,
                     batch_size: 0,
+                    phases: Phases::default(),
                 });
             }
         }
@@ -279,6 +304,7 @@ impl Batcher {
         let job = Job {
             instances,
             enqueued: Instant::now(),
+            taken: None,
             reply,
         };
         self.replace_stuck();
@@ -374,6 +400,31 @@ impl Drop for Batcher {
     }
 }
 
+/// How long a model worker keeps polling its queue after a pass before it sleeps, unless
+/// `TORCHFN_WORKER_SPIN_US` says otherwise (0 turns polling off).
+///
+/// A sleeping thread's wake-up costs about 30 µs on a 2-CPU VM, once for the worker and once
+/// for the request's task; a client's next request typically comes 60–150 µs after an
+/// answer. Polling for 300 µs takes that first wake-up out of the path (`scripts/bench`,
+/// seed model at concurrency 1: p50 190 → 93 µs). Between polls the core goes to any other
+/// runnable thread, and an idle worker (no pass in the last 300 µs) sleeps, so the cost is
+/// at most 300 µs of CPU per pass at low traffic and nothing when the server is idle.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(300);
+
+fn spin_time() -> Duration {
+    static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| match std::env::var("TORCHFN_WORKER_SPIN_US") {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(us) => Duration::from_micros(us),
+            Err(_) => {
+                tracing::warn!(TORCHFN_WORKER_SPIN_US = %v, "not a whole number of µs; ignored");
+                DEFAULT_SPIN
+            }
+        },
+        Err(_) => DEFAULT_SPIN,
+    })
+}
+
 fn no_worker(model_label: &str, why: &str) -> ServeError {
     ServeError::new(
         ErrorKind::ServiceUnavailable,
@@ -402,20 +453,20 @@ impl Worker {
         set_threads(self.threads);
         // The previous pass: how many instances it ran and how long it took.
         let mut last = (0usize, Duration::ZERO);
+        let spin = spin_time();
+        let mut last_done: Option<Instant> = None;
         loop {
-            let first = crossbeam_channel::select! {
-                recv(self.rx) -> job => match job {
-                    Ok(job) => job,
-                    Err(_) => break,
-                },
-                recv(self.stop) -> _ => break,
+            let Some(mut first) = self.next_job(last_done.map(|t| t + spin)) else {
+                break;
             };
+            first.taken = Some(Instant::now());
             let oldest = first.enqueued;
             let mut items = first.instances.len();
             let mut jobs = vec![first];
             while items < self.batch_size {
                 match self.rx.try_recv() {
-                    Ok(job) => {
+                    Ok(mut job) => {
+                        job.taken = Some(Instant::now());
                         items += job.instances.len();
                         jobs.push(job);
                     }
@@ -434,7 +485,8 @@ impl Worker {
                         break;
                     };
                     match self.rx.recv_timeout(left) {
-                        Ok(job) => {
+                        Ok(mut job) => {
+                            job.taken = Some(Instant::now());
                             items += job.instances.len();
                             jobs.push(job);
                         }
@@ -464,7 +516,32 @@ impl Worker {
             self.run_batch(jobs);
             self.pass_started.store(0, Ordering::Relaxed);
             last = (items, started.elapsed());
+            last_done = Some(Instant::now());
             self.busy.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The next request, or `None` when the worker must stop. Until `spin_until` the queue is
+    /// polled (giving the core to any other runnable thread between polls), so a request that
+    /// follows soon after the previous pass is taken without a sleeping thread's wake-up;
+    /// after it, the worker sleeps until a request or the stop signal comes.
+    fn next_job(&self, spin_until: Option<Instant>) -> Option<Job> {
+        if let Some(until) = spin_until {
+            while Instant::now() < until {
+                match self.rx.try_recv() {
+                    Ok(job) => return Some(job),
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => return None,
+                    Err(crossbeam_channel::TryRecvError::Empty) => {}
+                }
+                if let Err(crossbeam_channel::TryRecvError::Disconnected) = self.stop.try_recv() {
+                    return None;
+                }
+                std::thread::yield_now();
+            }
+        }
+        crossbeam_channel::select! {
+            recv(self.rx) -> job => job.ok(),
+            recv(self.stop) -> _ => None,
         }
     }
 
@@ -473,7 +550,7 @@ impl Worker {
         let queue_times: Vec<Duration> = jobs.iter().map(|j| started - j.enqueued).collect();
         let outcome = catch_unwind(AssertUnwindSafe(|| self.compute(&jobs)));
         let inference_time = started.elapsed();
-        let (results, sizes) = match outcome {
+        let (results, sizes, steps) = match outcome {
             Ok(r) => r,
             Err(_) => {
                 tracing::error!("a handler panicked; the batch's requests get 503");
@@ -482,11 +559,19 @@ impl Worker {
                     .iter()
                     .map(|j| j.instances.iter().map(|_| Err(err.clone())).collect())
                     .collect();
-                (results, vec![0; jobs.len()])
+                (
+                    results,
+                    vec![0; jobs.len()],
+                    vec![StepTimes::default(); jobs.len()],
+                )
             }
         };
-        for (((job, result), queue_time), batch_size) in
-            jobs.into_iter().zip(results).zip(queue_times).zip(sizes)
+        for ((((job, result), queue_time), batch_size), steps) in jobs
+            .into_iter()
+            .zip(results)
+            .zip(queue_times)
+            .zip(sizes)
+            .zip(steps)
         {
             let many = job.instances.len() > 1;
             let outputs = result
@@ -501,18 +586,36 @@ impl Worker {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>();
+            let taken = job.taken.unwrap_or(started);
+            let phases = Phases {
+                queue: taken.saturating_duration_since(job.enqueued),
+                batch_wait: started.saturating_duration_since(taken),
+                preprocess: steps[0],
+                forward: steps[1],
+                postprocess: steps[2],
+                replied: Some(Instant::now()),
+            };
             let _ = job.reply.send(Outcome {
                 outputs,
                 queue_time,
                 inference_time,
                 batch_size,
+                phases,
             });
         }
     }
 
-    /// Per job, per instance results, and per job the size of its first forward pass.
+    /// Per job, per instance results, and per job the size of its first forward pass and
+    /// the time that pass's steps took.
     #[allow(clippy::type_complexity)]
-    fn compute(&self, jobs: &[Job]) -> (Vec<Vec<Result<Value, ServeError>>>, Vec<usize>) {
+    fn compute(
+        &self,
+        jobs: &[Job],
+    ) -> (
+        Vec<Vec<Result<Value, ServeError>>>,
+        Vec<usize>,
+        Vec<StepTimes>,
+    ) {
         // Group (job, instance) pairs that can share a forward pass (same kind of input,
         // same shape), keeping arrival order.
         let mut groups: Vec<(&Instance, Vec<(usize, usize)>)> = Vec::new();
@@ -532,17 +635,20 @@ impl Worker {
             .map(|j| (0..j.instances.len()).map(|_| None).collect())
             .collect();
         let mut sizes = vec![0usize; jobs.len()];
+        let mut steps = vec![StepTimes::default(); jobs.len()];
         for (_, members) in &groups {
             for chunk in members.chunks(self.batch_size) {
                 self.metrics.batch_size.observe(chunk.len() as f64);
+                let items: Vec<&Instance> =
+                    chunk.iter().map(|&(j, i)| &jobs[j].instances[i]).collect();
+                let mut took = StepTimes::default();
+                let values = self.forward_or_split(&items, &mut took);
                 for &(j, i) in chunk {
                     if i == 0 {
                         sizes[j] = chunk.len();
+                        steps[j] = took;
                     }
                 }
-                let items: Vec<&Instance> =
-                    chunk.iter().map(|&(j, i)| &jobs[j].instances[i]).collect();
-                let values = self.forward_or_split(&items);
                 for (&(j, i), v) in chunk.iter().zip(values) {
                     results[j][i] = Some(v);
                 }
@@ -556,30 +662,46 @@ impl Worker {
                     .collect()
             })
             .collect();
-        (results, sizes)
+        (results, sizes, steps)
     }
 
-    fn forward(&self, items: &[&Instance]) -> Result<Vec<Value>, SessionError> {
-        let inputs = self.handler.preprocess(items, self.session.device())?;
-        let output = self.handler.inference(&self.session, &inputs)?;
-        self.handler.postprocess(output, items.len())
+    /// The handler's three steps on `items`, adding the time of each to `took`.
+    fn forward(
+        &self,
+        items: &[&Instance],
+        took: &mut StepTimes,
+    ) -> Result<Vec<Value>, SessionError> {
+        let t0 = Instant::now();
+        let inputs = self.handler.preprocess(items, self.session.device());
+        let t1 = Instant::now();
+        took[0] += t1 - t0;
+        let output = self.handler.inference(&self.session, &inputs?);
+        let t2 = Instant::now();
+        took[1] += t2 - t1;
+        let values = self.handler.postprocess(output?, items.len());
+        took[2] += t2.elapsed();
+        values
     }
 
-    fn forward_or_split(&self, items: &[&Instance]) -> Vec<Result<Value, ServeError>> {
-        match self.forward(items) {
+    fn forward_or_split(
+        &self,
+        items: &[&Instance],
+        took: &mut StepTimes,
+    ) -> Vec<Result<Value, ServeError>> {
+        match self.forward(items, took) {
             Ok(values) => values.into_iter().map(Ok).collect(),
             Err(e) if items.len() > 1 => {
                 tracing::warn!(error = %e.summary(), rows = items.len(), "batch failed; retrying its instances one by one");
                 items
                     .iter()
-                    .map(|item| match self.forward(std::slice::from_ref(item)) {
-                        Ok(mut v) if v.len() == 1 => Ok(v.remove(0)),
-                        Ok(_) => {
-                            Err(self
-                                .classify(&SessionError::BatchMismatch { sent: 1, got: 0 }, item))
-                        }
-                        Err(e) => Err(self.classify(&e, item)),
-                    })
+                    .map(
+                        |item| match self.forward(std::slice::from_ref(item), took) {
+                            Ok(mut v) if v.len() == 1 => Ok(v.remove(0)),
+                            Ok(_) => Err(self
+                                .classify(&SessionError::BatchMismatch { sent: 1, got: 0 }, item)),
+                            Err(e) => Err(self.classify(&e, item)),
+                        },
+                    )
                     .collect()
             }
             Err(e) => items

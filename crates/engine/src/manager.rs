@@ -707,9 +707,14 @@ impl Manager {
                         )
                     })?;
                 let session_loaded = started.elapsed();
-                // Warm up on this (blocking) thread with the threads the workers would get,
-                // then give tiny models one thread per worker.
-                let (threads, warm_up) = warm_up_and_pick_threads(&session, settings.batch.workers);
+                // Warm up on this (blocking) thread, then time a batch at one intra-op
+                // thread and at the fair share, and keep the faster.
+                let (threads, warm_up) = warm_up_and_pick_threads(
+                    &session,
+                    settings.batch.workers,
+                    settings.batch.batch_size,
+                    self.model_threads(),
+                );
                 settings.batch.threads_per_worker = threads;
                 let session = Arc::new(session);
                 if device.is_cuda() {
@@ -1089,6 +1094,19 @@ impl Manager {
             .set(running as i64);
         tracing::info!(model = name, version = %model.version, workers = running, "scaled");
         Ok(model)
+    }
+
+    /// Model worker threads running now, all models and versions together (Rust workers;
+    /// Python workers are processes, counted too as they take a core each).
+    pub fn model_threads(&self) -> usize {
+        let Ok(models) = self.models.read() else {
+            return 0;
+        };
+        models
+            .values()
+            .flat_map(|f| f.versions.values())
+            .map(|v| v.workers())
+            .sum()
     }
 
     /// Default versions of all models, by name.

@@ -346,25 +346,93 @@ pub fn configured_threads() -> Option<usize> {
     })
 }
 
-/// A forward pass at batch 1 faster than this is "tiny": more intra-op threads cannot speed
-/// it up, and an idle OpenMP team spinning between passes would take a core from the HTTP
-/// side.
-pub const TINY_FORWARD: Duration = Duration::from_micros(200);
+/// Longest time spent timing one thread count at warm-up (at least one pass is timed).
+const THREAD_TIMING_BUDGET: Duration = Duration::from_millis(150);
 
-/// Warms `session` up and picks the intra-op threads each of `workers` model threads gets:
-/// `OMP_NUM_THREADS` when set; otherwise one for a tiny model on the CPU, else a fair share
-/// of the cores. Runs libtorch: call it from a blocking thread. Returns the threads and the
-/// warm pass's time.
-pub fn warm_up_and_pick_threads(session: &Session, workers: usize) -> (usize, Option<Duration>) {
-    let fair_share = threads_per_worker(workers);
+/// Passes timed per thread count at warm-up (the fastest counts).
+const THREAD_TIMING_PASSES: usize = 5;
+
+/// Warms `session` up and picks the intra-op threads each of its `workers` model threads
+/// gets, by measurement: `OMP_NUM_THREADS` when set; on a GPU, the fair share; otherwise a
+/// batch of `batch_size` rows (at most 64) is timed at one thread and at the fair share of the
+/// cores (the cores over this model's workers and `other_workers`, the model threads other
+/// models already run), and the faster is kept — one thread unless the fair share is at
+/// least 10% faster, since an idle OpenMP team spinning between passes takes a core from
+/// the HTTP side. Models whose input cannot be made up (no input hint) get the fair share.
+/// The choice and its timings are logged. Runs libtorch: call it from a blocking thread.
+/// Returns the threads and the warm pass's time.
+pub fn warm_up_and_pick_threads(
+    session: &Session,
+    workers: usize,
+    batch_size: usize,
+    other_workers: usize,
+) -> (usize, Option<Duration>) {
+    let fair_share = match configured_threads() {
+        Some(n) => n,
+        None => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / (workers + other_workers).max(1)).max(1)
+        }
+    };
     set_threads(fair_share);
     let warm = session.warm_up();
-    let threads = match (configured_threads(), warm) {
-        (Some(configured), _) => configured,
-        (None, Some(t)) if t < TINY_FORWARD && !session.device().is_cuda() => 1,
-        _ => fair_share,
+    if configured_threads().is_some() || session.device().is_cuda() || fair_share == 1 {
+        return (fair_share, warm);
+    }
+    let Some(hint) = session
+        .hint
+        .filter(|h| h.dim_from_end == 1 && warm.is_some())
+    else {
+        return (fair_share, warm);
     };
+    let rows = batch_size.clamp(1, 64) as i64;
+    let Ok(input) = Tensor::f_zeros([rows, hint.size], (Kind::Float, session.device)) else {
+        return (fair_share, warm);
+    };
+    let mut timings = Vec::new();
+    for threads in [1, fair_share] {
+        set_threads(threads);
+        match fastest_pass(session, &input) {
+            Some(t) => timings.push((threads, t)),
+            None => {
+                set_threads(fair_share);
+                return (fair_share, warm);
+            }
+        }
+    }
+    let (one, shared) = (timings[0].1, timings[1].1);
+    let threads = if shared.as_secs_f64() <= one.as_secs_f64() * 0.9 {
+        fair_share
+    } else {
+        1
+    };
+    set_threads(threads);
+    tracing::info!(
+        threads,
+        batch = rows,
+        one_thread_us = one.as_micros() as u64,
+        fair_share,
+        fair_share_us = shared.as_micros() as u64,
+        "intra-op threads chosen by timing a batch"
+    );
     (threads, warm)
+}
+
+/// The fastest of up to [`THREAD_TIMING_PASSES`] forward passes on `input` (one untimed
+/// first), within [`THREAD_TIMING_BUDGET`]; `None` when a pass fails.
+fn fastest_pass(session: &Session, input: &Tensor) -> Option<Duration> {
+    let _ = session.forward(input).ok()?;
+    let started = Instant::now();
+    let mut best = Duration::MAX;
+    for _ in 0..THREAD_TIMING_PASSES {
+        let t = Instant::now();
+        let _ = session.forward(input).ok()?;
+        best = best.min(t.elapsed());
+        if started.elapsed() > THREAD_TIMING_BUDGET {
+            break;
+        }
+    }
+    Some(best)
 }
 
 /// Sets libtorch's intra-op threads for the calling thread (OpenMP and MKL keep the count

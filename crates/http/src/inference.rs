@@ -16,6 +16,7 @@ use serde_json::{json, Map, Value};
 
 use super::{json_response, read_body, AppState, RequestId};
 use crate::error::HttpError;
+use crate::timing::{ServerTiming, TIMING_REQUEST};
 use torchfn_engine::batcher::Outcome;
 use torchfn_engine::handler::{tensors, Decoded, Request};
 use torchfn_engine::manager::ModelVersion;
@@ -148,6 +149,8 @@ struct Answer {
     values: Vec<Value>,
     is_list: bool,
     outcome: Outcome,
+    /// Where the request's time went, when the client asked (`x-torchfn-timing`).
+    timing: Option<ServerTiming>,
 }
 
 impl Answer {
@@ -158,6 +161,9 @@ impl Answer {
             self.outcome.inference_time,
             self.outcome.batch_size,
         );
+        if let Some(t) = self.timing {
+            resp.extensions_mut().insert(t);
+        }
     }
 }
 
@@ -298,17 +304,15 @@ fn record(
     m.queue_latency_us.inc_by(queue_us);
     m.inference_latency_ms.observe(total.as_secs_f64() * 1e3);
     m.queue_latency_ms.observe(queue_us / 1e3);
-    // One span with all of the prediction's figures, made once they are known (recording
-    // fields one by one re-formats the request span each time).
-    tracing::info_span!(
-        "prediction",
+    // One debug event with all of the prediction's figures (nothing is made at info level).
+    tracing::debug!(
         model = %model.name,
         version = %model.version,
         queue_us = queue_time.as_micros() as u64,
         inference_us = inference_time.as_micros() as u64,
         batch_size = batch_size,
-    )
-    .in_scope(|| tracing::debug!("prediction served"));
+        "prediction served"
+    );
 }
 
 /// What every built-in-handler route shares: count the request, read the body (bounded by
@@ -328,7 +332,9 @@ async fn infer(
         return Err(HttpError::internal("the model has no batcher"));
     };
     let bytes = count_and_read(state, m, headers, body).await?;
+    let read = Instant::now();
     let decoded = decode(&bytes)?;
+    let decoded_at = Instant::now();
     let max_instances = state.manager.settings().max_instances_per_request;
     if decoded.instances.len() > max_instances {
         return Err(HttpError::bad_request(format!(
@@ -340,6 +346,13 @@ async fn infer(
     let is_list = decoded.is_list;
     let reply = batcher.submit(&model.name, decoded.instances)?;
     let mut outcome = wait(&model, started, reply).await?;
+    let timing = headers.contains_key(&TIMING_REQUEST).then(|| ServerTiming {
+        handler_start: started,
+        read: read - started,
+        decode: decoded_at - read,
+        phases: outcome.phases,
+        resumed: Instant::now(),
+    });
     let values = std::mem::replace(&mut outcome.outputs, Ok(Vec::new()))?;
     record(
         &model,
@@ -354,6 +367,7 @@ async fn infer(
         values,
         is_list,
         outcome,
+        timing,
     })
 }
 
