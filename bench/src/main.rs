@@ -1,18 +1,21 @@
 //! `torchfn-bench`: how fast torchfn serves, measured in one run on one machine, next to
-//! its floors and to TorchServe.
+//! its floors and to its peers, TorchServe and LitServe.
 //!
 //! Run (builds everything, then runs the full benchmark, about 3 minutes):
 //!     scripts/bench
 //! or, with `target/release/torchfn-local` built:
-//!     cargo run --release -p torchfn-bench -- [--quick] [--no-torchserve]
+//!     cargo run --release -p torchfn-bench -- [--quick] [--no-torchserve] [--no-litserve]
 //! It prints progress on stderr, then a table on stdout: the libtorch floor, the HTTP floor,
 //! torchfn over HTTP at concurrency 1/16/64 with batching off and on for two models, cold
-//! start phases, peak RSS, TorchServe on the same archives and load, and each of issue 3's
-//! targets with PASS or MISS. The same figures go to `target/bench/results.json`.
+//! start phases, peak RSS, TorchServe on the same archives and load, LitServe on the same
+//! TorchScript files and load, and each target of issues 3, 4 and 18 with PASS or MISS. The
+//! same figures go to `target/bench/results.json`.
 
+mod answer;
 mod floor;
 mod functions;
 mod http_floor;
+mod litserve;
 mod load;
 mod machine;
 mod phases;
@@ -31,6 +34,7 @@ use clap::Parser;
 
 use torchfn_archive::settings::{DevicePreference, Precision};
 
+use crate::litserve::LitServe;
 use crate::load::{Load, Target};
 use crate::report::{Point, Results, Settings};
 use crate::torchfn::{Batching, Torchfn};
@@ -41,11 +45,12 @@ use crate::workload::Workload;
 #[derive(Parser, Debug)]
 #[command(
     name = "torchfn-bench",
-    about = "torchfn's benchmark: floors, torchfn end to end, cold start, RSS and TorchServe"
+    about = "torchfn's benchmark: floors, torchfn end to end, cold start, RSS, TorchServe and LitServe"
 )]
 struct Args {
     /// A short run for tests and CI: 0.3 s per point, concurrency 1 and 16, one cold
-    /// start, no TorchServe. Its figures are for checking the machinery, not for reading.
+    /// start, no TorchServe, no LitServe (unless --litserve). Its figures are for checking
+    /// the machinery, not for reading.
     #[arg(long, env = "TORCHFN_BENCH_QUICK")]
     quick: bool,
 
@@ -91,6 +96,16 @@ struct Args {
     /// Do not run TorchServe.
     #[arg(long, env = "TORCHFN_BENCH_NO_TORCHSERVE")]
     no_torchserve: bool,
+
+    /// Run LitServe, installing litserve==0.2.19 into the venv with pip if missing (the
+    /// default when not --quick). Where it cannot be installed or started, it is reported
+    /// as skipped with the reason and the run goes on.
+    #[arg(long, conflicts_with = "no_litserve")]
+    litserve: bool,
+
+    /// Do not run LitServe.
+    #[arg(long, env = "TORCHFN_BENCH_NO_LITSERVE")]
+    no_litserve: bool,
 
     /// The torchfn-local binary (default: beside this one, e.g. target/release/).
     #[arg(long, env = "TORCHFN_BENCH_TORCHFN_LOCAL")]
@@ -341,12 +356,22 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    // 3. torchfn end to end, one server per model and batching setting.
+    // 3. torchfn end to end, one server per model and batching setting. Its answer to each
+    // workload's body (batching off) is what the peers' answers are checked against.
+    let mut torchfn_answers = std::collections::HashMap::new();
     for w in &workloads {
         for batching in [off, on] {
             let name = report::batching_name(batching);
             eprintln!("bench: torchfn, {} batching {name}: starting", w.label);
             let server = Torchfn::start(&torchfn_local, &store, w, batching, &device_arg, &rt)?;
+            if batching.batch_size == 1 {
+                match answer::fetch(server.inference, w, &rt) {
+                    Ok(v) => {
+                        torchfn_answers.insert(w.label, v);
+                    }
+                    Err(e) => eprintln!("bench: torchfn's answer to the {} body: {e:#}", w.label),
+                }
+            }
             let target = Target {
                 addr: server.inference,
                 path: w.path(),
@@ -514,6 +539,45 @@ fn main() -> anyhow::Result<()> {
         });
     }
 
+    // 7. LitServe on the same TorchScript files and load.
+    let want_litserve = !args.no_litserve && (args.litserve || !quick);
+    if want_litserve {
+        match litserve::locate(&venv) {
+            Ok(python) => {
+                let launch = litserve::Launch {
+                    python: &python,
+                    repo: &repo,
+                    fixtures: &fixtures,
+                    device: &device_arg,
+                };
+                run_litserve(
+                    &mut results,
+                    &launch,
+                    &workloads,
+                    &torchfn_answers,
+                    [off, on],
+                    &rt,
+                    &load,
+                )
+                .unwrap_or_else(|e| {
+                    // Like TorchServe: the comparison, not the subject.
+                    eprintln!("bench: LitServe failed: {e:#}");
+                    results.litserve_skipped = Some(format!("it failed: {e:#}"));
+                })
+            }
+            Err(why) => {
+                eprintln!("bench: LitServe skipped: {why}");
+                results.litserve_skipped = Some(why);
+            }
+        }
+    } else {
+        results.litserve_skipped = Some(if args.no_litserve {
+            "--no-litserve".into()
+        } else {
+            "--quick (add --litserve to run it)".into()
+        });
+    }
+
     results.cpu_busy_after_pct = machine::cpu_busy_pct(Duration::from_millis(500));
     results.finish();
     print!("{}", report::table(&results));
@@ -601,6 +665,92 @@ fn run_torchserve(
             .push(torchserve::cold_start(bin, &store, seed, batchings[1], rt)?);
     }
     results.torchserve = Some(ts);
+    Ok(())
+}
+
+/// LitServe at every load point, one server per model and batching setting, each checked
+/// first to answer what torchfn answers.
+fn run_litserve(
+    results: &mut Results,
+    launch: &litserve::Launch,
+    workloads: &[Workload],
+    torchfn_answers: &std::collections::HashMap<&str, serde_json::Value>,
+    batchings: [Batching; 2],
+    rt: &tokio::runtime::Runtime,
+    load: &dyn Fn(usize) -> Load,
+) -> anyhow::Result<()> {
+    let began = std::time::Instant::now();
+    let s = &results.settings;
+    let mut ls = report::LitServeResults {
+        version: litserve::VERSION.into(),
+        setup: format!(
+            "bench/litserve/server.py: a LitAPI on the same TorchScript file, answering torchfn's JSON; \
+             1 inference worker, 1 API server (uvicorn), LitServe's default queue, log level warning; \
+             batching on = max_batch_size {}, batch_timeout {} ms; off = max_batch_size 1; device {}",
+            s.batch_size, s.max_batch_delay_ms, launch.device
+        ),
+        ..Default::default()
+    };
+    let concurrency = s.concurrency.clone();
+    for w in workloads {
+        for batching in batchings {
+            let name = report::batching_name(batching);
+            eprintln!("bench: LitServe, {} batching {name}: starting", w.label);
+            let server = LitServe::start(launch, w, batching, rt)?;
+            ls.torch_threads = ls.torch_threads.or(server.startup.torch_threads);
+            ls.startup.push(server.startup.clone());
+            let compared = match (torchfn_answers.get(w.label), server.answer(w, rt)) {
+                (Some(expected), Ok(got)) => answer::compare(expected, &got),
+                (None, _) => Err("torchfn gave no answer to compare with".into()),
+                (_, Err(e)) => Err(format!("{e:#}")),
+            };
+            let check = answer::AnswerCheck {
+                model: w.label.into(),
+                batching: name.into(),
+                same: compared.is_ok(),
+                detail: answer::describe(&compared),
+            };
+            eprintln!(
+                "bench: LitServe, {} batching {name}: answer {}",
+                w.label, check.detail
+            );
+            let same = check.same;
+            ls.answer_checks.push(check);
+            if !same {
+                // Not the same service: its figures would not compare.
+                server.stop();
+                continue;
+            }
+            let target = Target {
+                addr: server.inference,
+                path: w.path(),
+                body: w.body.clone(),
+            };
+            for &c in &concurrency {
+                eprintln!(
+                    "bench: LitServe, {} batching {name}, concurrency {c}",
+                    w.label
+                );
+                let r = rt.block_on(load::run(&target, load(c)));
+                if r.errors > 0 {
+                    eprintln!(
+                        "bench: {} errors, first: {}; LitServe's last output:\n{}",
+                        r.errors,
+                        r.first_error.as_deref().unwrap_or(""),
+                        server.tail()
+                    );
+                }
+                ls.points
+                    .push(Point::new("litserve", w.label, Some(batching), r));
+            }
+            if w.label == "seed" && batching.batch_size == 1 {
+                ls.rss = server.peak_rss();
+            }
+            server.stop();
+        }
+    }
+    ls.elapsed_s = began.elapsed().as_secs_f64();
+    results.litserve = Some(ls);
     Ok(())
 }
 

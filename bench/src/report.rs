@@ -1,4 +1,4 @@
-//! The results of one run: what goes to the JSON file, the targets (issues 3, 4 and 18)
+//! The results of one run: what goes to the JSON file, the targets of issues 3, 4 and 18
 //! checked against them, and the table printed at the end.
 
 use std::fmt::Write;
@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::answer::AnswerCheck;
 use crate::floor::FloorResult;
+use crate::litserve;
 use crate::load::LoadResult;
 use crate::machine::Machine;
 use crate::stats::median;
@@ -31,7 +33,7 @@ pub struct Settings {
 #[derive(Clone, Debug, Serialize)]
 pub struct Point {
     /// `http-floor` (torchfn's listener and middleware, no model), `axum-floor` (bare axum),
-    /// `torchfn`, `torchfn-python` or `torchserve`.
+    /// `torchfn`, `torchfn-python`, `torchserve` or `litserve`.
     pub server: String,
     /// `seed` or `wide` (for the HTTP floor: which body was sent).
     pub model: String,
@@ -92,6 +94,27 @@ pub struct TorchServeResults {
     pub rss_total_kib: u64,
 }
 
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LitServeResults {
+    pub version: String,
+    /// How it is served: server file, workers, queue, batching, device.
+    pub setup: String,
+    /// Each server's answer to the workload's body against torchfn's, checked before its
+    /// load: a server whose answer differs is not measured.
+    pub answer_checks: Vec<AnswerCheck>,
+    pub points: Vec<Point>,
+    /// Each server's start: spawn → model loaded → `/health` 200.
+    pub startup: Vec<litserve::Startup>,
+    /// torch's intra-op threads in LitServe's inference worker (torch's default).
+    pub torch_threads: Option<u32>,
+    /// Peak RSS of each of its processes (launcher, API server, inference worker,
+    /// multiprocessing helpers), seed classifier, batching off, after its load.
+    pub rss: Vec<ProcessRss>,
+    pub rss_total_kib: u64,
+    /// Wall time of LitServe's part of the run (its install excluded), in s.
+    pub elapsed_s: f64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Ratio {
     pub what: String,
@@ -140,6 +163,8 @@ pub struct Results {
     pub cold_start_median: Option<ColdStartMedian>,
     pub torchserve: Option<TorchServeResults>,
     pub torchserve_skipped: Option<String>,
+    pub litserve: Option<LitServeResults>,
+    pub litserve_skipped: Option<String>,
     /// The model function's cold start from S3 and the large-archive fetch.
     pub functions: Option<crate::functions::FunctionsResults>,
     pub functions_skipped: Option<String>,
@@ -177,6 +202,8 @@ impl Results {
             cold_start_median: None,
             torchserve: None,
             torchserve_skipped: None,
+            litserve: None,
+            litserve_skipped: None,
             functions: None,
             functions_skipped: None,
             cpu_busy_after_pct: None,
@@ -245,6 +272,9 @@ impl Results {
                 median(ts.cold_start.iter().map(|s| s.first_answer_ms).collect());
             ts.rss_total_kib = ts.rss.iter().map(|p| p.peak_rss_kib).sum();
         }
+        if let Some(ls) = &mut self.litserve {
+            ls.rss_total_kib = ls.rss.iter().map(|p| p.peak_rss_kib).sum();
+        }
         self.ratios = self.compute_ratios();
         self.targets = self.check_targets();
     }
@@ -292,6 +322,108 @@ impl Results {
             });
         }
         out
+    }
+
+    /// The peers' seed results at one point, by name, and why a peer has none.
+    fn peer_points(
+        &self,
+        batching: &str,
+        c: usize,
+    ) -> (Vec<(&'static str, &LoadResult)>, Vec<String>) {
+        let mut found = Vec::new();
+        let mut absent = Vec::new();
+        // A LitServe server whose answer differed from torchfn's was not measured.
+        let differs = self.litserve.as_ref().and_then(|l| {
+            l.answer_checks
+                .iter()
+                .find(|a| a.model == "seed" && a.batching == batching && !a.same)
+        });
+        for (name, points, skipped) in [
+            (
+                "TorchServe",
+                self.torchserve.as_ref().map(|t| &t.points),
+                &self.torchserve_skipped,
+            ),
+            (
+                "LitServe",
+                self.litserve.as_ref().map(|l| &l.points),
+                &self.litserve_skipped,
+            ),
+        ] {
+            match (points.and_then(|p| find(p, "seed", batching, c)), skipped) {
+                (Some(r), _) if r.requests > 0 => found.push((name, r)),
+                (_, Some(why)) => absent.push(format!("{name} not run: {why}")),
+                _ => match differs.filter(|_| name == "LitServe") {
+                    Some(a) => absent.push(format!("{name} not measured, its answer {}", a.detail)),
+                    None => absent.push(format!("{name} not measured at this point")),
+                },
+            }
+        }
+        (found, absent)
+    }
+
+    /// Issue 18's targets: torchfn against the better of TorchServe and LitServe.
+    fn check_peer_targets(&self, out: &mut Vec<TargetCheck>) {
+        let note = |absent: &[String]| {
+            if absent.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", absent.join("; "))
+            }
+        };
+        let name = "seed batching on c16: torchfn ≥ 30× the better peer's throughput".to_string();
+        let (peers, absent) = self.peer_points("on", 16);
+        let best = peers
+            .iter()
+            .max_by(|a, b| a.1.throughput_rps.total_cmp(&b.1.throughput_rps));
+        out.push(match (find(&self.torchfn, "seed", "on", 16), best) {
+            (Some(t), Some((peer, p))) => {
+                let r = t.throughput_rps / p.throughput_rps;
+                TargetCheck {
+                    target: name,
+                    measured: format!(
+                        "{r:.1}× ({:.0} vs {:.0} req/s, better peer {peer}{})",
+                        t.throughput_rps,
+                        p.throughput_rps,
+                        note(&absent)
+                    ),
+                    pass: Some(r >= 30.0),
+                }
+            }
+            (_, None) => TargetCheck {
+                target: name,
+                measured: format!("not checked: no peer measured ({})", absent.join("; ")),
+                pass: None,
+            },
+            _ => missing(name),
+        });
+        let name =
+            "seed c1 batching off: torchfn p50 ≥ 15× lower than the better peer's".to_string();
+        let (peers, absent) = self.peer_points("off", 1);
+        let best = peers
+            .iter()
+            .min_by(|a, b| a.1.p50_us.total_cmp(&b.1.p50_us));
+        out.push(match (find(&self.torchfn, "seed", "off", 1), best) {
+            (Some(t), Some((peer, p))) => {
+                let r = p.p50_us / t.p50_us;
+                TargetCheck {
+                    target: name,
+                    measured: format!(
+                        "{r:.1}× lower ({:.0} vs {:.0} µs, better peer {peer}{})",
+                        t.p50_us,
+                        p.p50_us,
+                        note(&absent)
+                    ),
+                    pass: Some(r >= 15.0),
+                }
+            }
+            (_, None) => TargetCheck {
+                target: name,
+                measured: format!("not checked: no peer measured ({})", absent.join("; ")),
+                pass: None,
+            },
+            _ => missing(name),
+        });
     }
 
     fn check_targets(&self) -> Vec<TargetCheck> {
@@ -439,6 +571,7 @@ impl Results {
                 _ => missing(name),
             },
         );
+        self.check_peer_targets(&mut out);
         out
     }
 }
@@ -560,6 +693,22 @@ pub fn table(r: &Results) -> String {
                 &mut out,
                 &format!("TorchServe {}, batching {}", p.model, p.batching),
                 &p.result,
+            );
+        }
+    }
+    if let Some(ls) = &r.litserve {
+        for p in &ls.points {
+            load_row(
+                &mut out,
+                &format!("LitServe {}, batching {}", p.model, p.batching),
+                &p.result,
+            );
+        }
+        for c in ls.answer_checks.iter().filter(|c| !c.same) {
+            let _ = writeln!(
+                out,
+                "  LitServe {}, batching {}: NOT MEASURED, its answer {}",
+                c.model, c.batching, c.detail
             );
         }
     }
@@ -685,6 +834,14 @@ pub fn table(r: &Results) -> String {
         (None, None) => {}
     }
 
+    match (&r.litserve, &r.litserve_skipped) {
+        (Some(ls), _) => litserve_section(&mut out, ls),
+        (None, Some(why)) => {
+            let _ = writeln!(out, "\nLitServe: not run ({why})");
+        }
+        (None, None) => {}
+    }
+
     match (&r.functions, &r.functions_skipped) {
         (Some(f), _) => {
             let _ = writeln!(out, "\nfunctions, with a local S3 server (moto_server)");
@@ -774,5 +931,57 @@ fn breakdown_table(out: &mut String, rows: &[crate::phases::Breakdown]) {
         "  (route: HTTP layer → handler; wake: worker's answer → request task; encode: answer → \
          response; total: inside torchfn; outside: client mean − total = HTTP parsing and \
          writing, loopback, client; batching on/off as in the rows above)"
+    );
+}
+
+/// LitServe's part of the table: how it was served, its answers against torchfn's, its
+/// start-up and its memory.
+fn litserve_section(out: &mut String, ls: &LitServeResults) {
+    let _ = writeln!(out, "\nLitServe {}", ls.version);
+    let _ = writeln!(out, "  {}", ls.setup);
+    let _ = writeln!(
+        out,
+        "  torch intra-op threads in its inference worker: {} (torch's default)",
+        ls.torch_threads.map_or("-".into(), |n| n.to_string())
+    );
+    for c in &ls.answer_checks {
+        let _ = writeln!(
+            out,
+            "  {} batching {}: answer {}",
+            c.model, c.batching, c.detail
+        );
+    }
+    let starts = ls
+        .startup
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} {:.0} ms (model loaded {} ms)",
+                s.model,
+                s.batching,
+                s.ready_ms,
+                opt(s.model_loaded_ms, 0)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = writeln!(out, "  spawn → /health 200: {starts}");
+    if !ls.rss.is_empty() {
+        let parts = ls
+            .rss
+            .iter()
+            .map(|p| format!("{} {:.1}", p.command, p.peak_rss_kib as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        let _ = writeln!(
+            out,
+            "  peak RSS (VmHWM), seed batching off: {parts} = {:.1} MiB (pages the forked API server shares are counted twice)",
+            ls.rss_total_kib as f64 / 1024.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  LitServe's part of this run took {:.0} s",
+        ls.elapsed_s
     );
 }

@@ -135,7 +135,7 @@ fn interesting(line: &str) -> bool {
 }
 
 /// Free loopback ports, held together while picked so that they differ.
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+pub(crate) fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
     let listeners = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<Vec<_>, _>>()?;

@@ -1,6 +1,6 @@
-//! Runs `torchfn-bench --quick` against the emulator of this build (target/debug, built
-//! here when missing) and checks that the JSON it writes has every section, with sane
-//! values. No timing is asserted: CI machines vary; the figures are for reading, not gating.
+//! Runs `torchfn-bench --quick --litserve` against the emulator of this build (target/debug,
+//! built here when missing) and checks that the JSON it writes has every section, with sane
+//! values. LitServe (about 15 s of the run) is installed into the venv with pip on first use. No timing is asserted: CI machines vary; the figures are for reading, not gating.
 
 #![allow(clippy::unwrap_used)]
 
@@ -47,6 +47,7 @@ fn quick_run_writes_every_section() {
     let out = out_dir.path().join("results.json");
     let run = Command::new(env!("CARGO_BIN_EXE_torchfn-bench"))
         .arg("--quick")
+        .arg("--litserve")
         .arg("--torchfn-local")
         .arg(&local)
         .arg("--out")
@@ -129,6 +130,30 @@ fn quick_run_writes_every_section() {
 
     assert!(r["torchserve"].is_null());
     assert_eq!(r["torchserve_skipped"], "--quick");
+    // LitServe, both models, batching off and on: each server answers what torchfn answers
+    // before its load. It may be skipped only where pip cannot install it.
+    let litserve = &r["litserve"];
+    if litserve.is_null() {
+        let why = r["litserve_skipped"].as_str().unwrap();
+        assert!(why.starts_with("pip could not install"), "LitServe: {why}");
+    } else {
+        let checks = array(litserve, "answer_checks");
+        assert_eq!(checks.len(), 4, "2 models × batching off/on");
+        for c in checks {
+            assert_eq!(c["same"], true, "{c}");
+        }
+        let points = array(litserve, "points");
+        assert_eq!(
+            points.len(),
+            8,
+            "2 models × batching off/on × concurrency 1/16"
+        );
+        for p in points {
+            assert_eq!(num(p, "errors"), 0.0, "errors at {p}");
+            assert!(num(p, "throughput_rps") > 0.0, "{p}");
+        }
+        assert!(num(litserve, "rss_total_kib") > 10_000.0, "{litserve}");
+    }
     // The functions' figures: the model function's cold start from a local S3 server, and
     // the large archive fetched from both local S3 servers.
     let functions = &r["functions"];
@@ -188,7 +213,7 @@ fn quick_run_writes_every_section() {
     }
 
     let targets = array(&r, "targets");
-    assert_eq!(targets.len(), 10);
+    assert_eq!(targets.len(), 12);
     for t in targets {
         assert!(t["target"].is_string() && t["measured"].is_string(), "{t}");
     }
