@@ -103,15 +103,22 @@ async fn predict_inner(
             .map_err(HttpError::from)
     })
     .await?;
+    let mut answer = answer;
+    let values = std::mem::take(&mut answer.values);
     let body = if answer.is_list {
-        Value::Array(answer.values.clone())
+        Value::Array(values)
     } else {
-        answer.values.first().cloned().unwrap_or(Value::Null)
+        values.into_iter().next().unwrap_or(Value::Null)
     };
     // Numbers come back as a .npy file when the client asks for one.
     let wants_npy = header_str(headers, header::ACCEPT.as_str())
         .is_some_and(|a| a.contains("application/x-npy"));
-    let mut resp = match tensors::json_to_tensor(&body).filter(|_| wants_npy) {
+    let npy = if wants_npy {
+        tensors::json_to_tensor(&body)
+    } else {
+        None
+    };
+    let mut resp = match npy {
         Some((kind, shape, bytes)) => {
             let mut r = tensors::write_npy(kind, &shape, &bytes).into_response();
             r.headers_mut().insert(
@@ -180,9 +187,11 @@ fn timing_headers(
         ("x-torchfn-inference-us", inference.as_micros()),
         ("x-torchfn-batch-size", batch_size as u128),
     ] {
-        if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
-            h.insert(name, v);
-        }
+        let value = u64::try_from(value).unwrap_or(u64::MAX);
+        h.insert(
+            axum::http::HeaderName::from_static(name),
+            HeaderValue::from(value),
+        );
     }
 }
 

@@ -311,38 +311,76 @@ pub fn tensor_from_json(value: &Value, at: &str) -> Result<Instance, ServeError>
 }
 
 fn fill(value: &Value, shape: &[i64], at: &str, out: &mut Vec<f32>) -> Result<(), ServeError> {
+    // The indices down to the failing element; its name (`at[2][0]`) is only made for an
+    // error message, never for every number.
+    let mut path = Vec::with_capacity(shape.len());
+    fill_at(value, shape, &mut path, out).map_err(|why| {
+        let mut name = at.to_string();
+        for i in &path {
+            name.push_str(&format!("[{i}]"));
+        }
+        ServeError::bad_request(why.message(&name))
+    })
+}
+
+/// Why an element could not be read as a float32.
+enum FillError {
+    OutOfRange(serde_json::Number),
+    Ragged { got: usize, want: i64 },
+    ArrayForNumber,
+    NumberForArray,
+    Kind(&'static str),
+}
+
+impl FillError {
+    fn message(&self, at: &str) -> String {
+        match self {
+            FillError::OutOfRange(n) => format!("{at}: {n} is outside the float32 range"),
+            FillError::Ragged { got, want } => format!(
+                "{at} has {got} elements where its siblings have {want}: arrays must be rectangular"
+            ),
+            FillError::ArrayForNumber => {
+                format!("{at} is an array where a number was expected: arrays must be rectangular")
+            }
+            FillError::NumberForArray => {
+                format!("{at} is a number where an array was expected: arrays must be rectangular")
+            }
+            FillError::Kind(kind) => format!("{at} must be a number, got {kind}"),
+        }
+    }
+}
+
+fn fill_at(
+    value: &Value,
+    shape: &[i64],
+    path: &mut Vec<usize>,
+    out: &mut Vec<f32>,
+) -> Result<(), FillError> {
     match (value, shape.split_first()) {
         (Value::Number(n), None) => {
             let x = n.as_f64().unwrap_or(f64::NAN);
             let v = x as f32;
             if !v.is_finite() {
-                return Err(ServeError::bad_request(format!(
-                    "{at}: {n} is outside the float32 range"
-                )));
+                return Err(FillError::OutOfRange(n.clone()));
             }
             out.push(v);
             Ok(())
         }
         (Value::Array(items), Some((&len, rest))) if items.len() as i64 == len => {
             for (i, item) in items.iter().enumerate() {
-                fill(item, rest, &format!("{at}[{i}]"), out)?;
+                path.push(i);
+                fill_at(item, rest, path, out)?;
+                path.pop();
             }
             Ok(())
         }
-        (Value::Array(items), Some((&len, _))) => Err(ServeError::bad_request(format!(
-            "{at} has {} elements where its siblings have {len}: arrays must be rectangular",
-            items.len()
-        ))),
-        (Value::Array(_), None) => Err(ServeError::bad_request(format!(
-            "{at} is an array where a number was expected: arrays must be rectangular"
-        ))),
-        (Value::Number(_), Some(_)) => Err(ServeError::bad_request(format!(
-            "{at} is a number where an array was expected: arrays must be rectangular"
-        ))),
-        (other, _) => Err(ServeError::bad_request(format!(
-            "{at} must be a number, got {}",
-            kind_of(other)
-        ))),
+        (Value::Array(items), Some((&len, _))) => Err(FillError::Ragged {
+            got: items.len(),
+            want: len,
+        }),
+        (Value::Array(_), None) => Err(FillError::ArrayForNumber),
+        (Value::Number(_), Some(_)) => Err(FillError::NumberForArray),
+        (other, _) => Err(FillError::Kind(kind_of(other))),
     }
 }
 
