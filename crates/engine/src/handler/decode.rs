@@ -549,7 +549,9 @@ pub fn f32_json(x: f32) -> Value {
     if !x.is_finite() {
         return Value::Null;
     }
-    let shortest: f64 = x.to_string().parse().unwrap_or(f64::from(x));
+    // Formatted on the stack (no allocation) and read back as the f64 it denotes.
+    let mut buffer = ryu::Buffer::new();
+    let shortest: f64 = buffer.format_finite(x).parse().unwrap_or(f64::from(x));
     serde_json::Number::from_f64(shortest).map_or(Value::Null, Value::Number)
 }
 
