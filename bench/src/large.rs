@@ -239,18 +239,21 @@ fn status_kib(pid: u32, key: &str) -> Option<u64> {
         .ok()
 }
 
-/// The sizes of the memory files (`/memfd:…`) a process has open.
+/// The sizes of the memory files (`/memfd:…`) a process has open, each counted once however
+/// many descriptors it has open on it (libtorch opens the model's by its /proc path).
 fn memfd_bytes(pid: u32) -> u64 {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return 0;
     };
-    fds.filter_map(Result::ok)
+    let files: BTreeMap<(u64, u64), u64> = fds
+        .filter_map(Result::ok)
         .filter(|e| {
             std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:"))
         })
         .filter_map(|e| std::fs::metadata(e.path()).ok())
-        .map(|m| m.len())
-        .sum()
+        .map(|m| ((m.dev(), m.ino()), m.len()))
+        .collect();
+    files.values().sum()
 }
 
 /// Bytes allocated on disk to the files under `dir`.
