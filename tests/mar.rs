@@ -243,6 +243,64 @@ fn every_archiver_format_opens_to_the_same_model() {
     }
 }
 
+/// With the model held in memory, a zip's serializedFile never reaches the unpack folder:
+/// libtorch reads it through `/proc/self/fd`, everything else unpacks as before, and code
+/// that asks for the file on disk (the Python backend, a handler reading it by path) gets it
+/// written out. A tar.gz unpacks everything to disk.
+#[test]
+fn the_model_file_can_be_kept_in_memory() {
+    let sb = Sandbox::new();
+    let model: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let manifest = manifest_json("held", "weights/model.pt");
+    let files: Vec<(&str, &[u8])> = vec![
+        ("index_to_name.json", b"{}"),
+        ("weights/model.pt", &model),
+        ("MAR-INF/MANIFEST.json", manifest.as_bytes()),
+    ];
+    let path = sb.put("held.mar", &zip_of(&files, deflated()));
+    let archive = mar::open_with(&path, &sb.root(), &Limits::default(), true).unwrap();
+    let on_disk = archive.dir().join("weights/model.pt");
+    assert!(!on_disk.exists(), "the held model file was written to disk");
+    assert!(archive.dir().join("index_to_name.json").is_file());
+    assert!(archive.has_file("weights/model.pt"));
+    let (from, held) = archive.model_source("weights/model.pt").unwrap();
+    let held = held.expect("a zip's model file is held where memfd exists");
+    assert!(from.starts_with("/proc/self/fd"), "{}", from.display());
+    assert_eq!(held.len(), model.len() as u64);
+    assert_eq!(fs::read(&from).unwrap(), model);
+    drop(held);
+    // Handed over once: now neither in memory nor on disk.
+    assert!(!archive.has_file("weights/model.pt"));
+
+    // Asking for its path writes it out.
+    let archive = mar::open_with(&path, &sb.root(), &Limits::default(), true).unwrap();
+    let p = archive.path_of("weights/model.pt").unwrap();
+    assert_eq!(fs::read(&p).unwrap(), model);
+    let (from, held) = archive.model_source("weights/model.pt").unwrap();
+    assert!(held.is_none());
+    assert_eq!(from, p);
+    // So does materialize.
+    let archive = mar::open_with(&path, &sb.root(), &Limits::default(), true).unwrap();
+    archive.materialize().unwrap();
+    assert_eq!(
+        fs::read(archive.dir().join("weights/model.pt")).unwrap(),
+        model
+    );
+    drop(archive);
+
+    // Without holding, and for a tar.gz, the model file is on disk.
+    let archive = mar::open_with(&path, &sb.root(), &Limits::default(), false).unwrap();
+    assert!(archive.dir().join("weights/model.pt").is_file());
+    assert!(archive
+        .model_source("weights/model.pt")
+        .unwrap()
+        .1
+        .is_none());
+    let tgz = sb.put("tiny.tar.gz", &tiny_tgz_with(&[]));
+    let archive = mar::open_with(&tgz, &sb.root(), &Limits::default(), true).unwrap();
+    assert!(archive.dir().join("model.pt").is_file());
+}
+
 #[test]
 fn unpacked_folder_is_removed_on_drop_but_a_directory_is_not() {
     let sb = Sandbox::new();

@@ -308,6 +308,17 @@ pub async fn once(
     path: &str,
     body: Bytes,
 ) -> anyhow::Result<(StatusCode, hyper::HeaderMap, Bytes)> {
+    once_as(addr, method, path, body, "application/json").await
+}
+
+/// [`once`] with a body of another media type (an image, say).
+pub async fn once_as(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Bytes,
+    content_type: &str,
+) -> anyhow::Result<(StatusCode, hyper::HeaderMap, Bytes)> {
     let exchange = async {
         let mut sender = connect(addr).await?;
         sender.ready().await?;
@@ -315,7 +326,7 @@ pub async fn once(
             .method(method)
             .uri(path)
             .header(HOST, addr.to_string())
-            .header(CONTENT_TYPE, "application/json")
+            .header(CONTENT_TYPE, content_type)
             .body(Full::new(body))?;
         let resp = sender.send_request(req).await?;
         let (parts, body) = resp.into_parts();

@@ -8,13 +8,15 @@
 //! It prints progress on stderr, then a table on stdout: the libtorch floor, the HTTP floor,
 //! torchfn over HTTP at concurrency 1/16/64 with batching off and on for two models, cold
 //! start phases, peak RSS, TorchServe on the same archives and load, LitServe on the same
-//! TorchScript files and load, and each target of issues 3, 4 and 18 with PASS or MISS. The
-//! same figures go to `target/bench/results.json`.
+//! TorchScript files and load, the cold start of two real-size models (module `large`), and
+//! each target of issues 3, 4 and 18 with PASS or MISS. The same figures go to
+//! `target/bench/results.json`. `--only-large` runs the real-size models alone.
 
 mod answer;
 mod floor;
 mod functions;
 mod http_floor;
+mod large;
 mod litserve;
 mod load;
 mod machine;
@@ -123,6 +125,23 @@ struct Args {
     /// Skip the functions' figures (S3 cold start, archive fetch).
     #[arg(long, env = "TORCHFN_BENCH_NO_FUNCTIONS")]
     no_functions: bool,
+
+    /// The real-size models whose cold start is measured (issue 18): resnet18 (~47 MB),
+    /// encoder (~438 MB). Default both; none with --quick unless named here.
+    #[arg(long, value_delimiter = ',', env = "TORCHFN_BENCH_LARGE_MODELS")]
+    large_models: Vec<String>,
+
+    /// Cold starts of each real-size model per server (default 3; 1 with --quick).
+    #[arg(long, env = "TORCHFN_BENCH_LARGE_RUNS")]
+    large_runs: Option<usize>,
+
+    /// Skip the real-size models.
+    #[arg(long, env = "TORCHFN_BENCH_NO_LARGE", conflicts_with = "only_large")]
+    no_large: bool,
+
+    /// Run only the real-size models' cold starts (and print only their section).
+    #[arg(long, env = "TORCHFN_BENCH_ONLY_LARGE")]
+    only_large: bool,
 
     /// The project's venv (default: what scripts/setup prints).
     #[arg(long, env = "TORCHFN_BENCH_VENV")]
@@ -307,6 +326,21 @@ fn main() -> anyhow::Result<()> {
         max_batch_delay_ms: settings.max_batch_delay_ms,
     };
     let mut results = Results::new(machine, settings.clone(), source.clone());
+    results.only_large = args.only_large;
+    if args.only_large {
+        run_large(
+            &args,
+            &mut results,
+            &pinned,
+            &torchfn_local,
+            torchfn_model.as_deref(),
+            &repo,
+            &target,
+            &venv,
+            &rt,
+        )?;
+        return finish(results, &out);
+    }
 
     // 1. The libtorch floor, in this process.
     let budget = Duration::from_millis(if quick { 100 } else { 1000 });
@@ -578,15 +612,106 @@ fn main() -> anyhow::Result<()> {
         });
     }
 
+    // 8. Cold start of the real-size models (issue 18).
+    if args.no_large {
+        results.large_skipped = Some("--no-large".into());
+    } else {
+        run_large(
+            &args,
+            &mut results,
+            &pinned,
+            &torchfn_local,
+            torchfn_model.as_deref(),
+            &repo,
+            &target,
+            &venv,
+            &rt,
+        )?;
+    }
+    finish(results, &out)
+}
+
+/// The figures summed up, the table printed and the JSON written.
+fn finish(mut results: Results, out: &Path) -> anyhow::Result<()> {
     results.cpu_busy_after_pct = machine::cpu_busy_pct(Duration::from_millis(500));
     results.finish();
     print!("{}", report::table(&results));
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&out, serde_json::to_vec_pretty(&results)?)
+    std::fs::write(out, serde_json::to_vec_pretty(&results)?)
         .with_context(|| format!("could not write {}", out.display()))?;
     println!("\nJSON: {}", out.display());
+    Ok(())
+}
+
+/// Section 7: the real-size models (made once with the venv's torch and torchvision), cold
+/// started through the model function from S3 and through the emulator from a local store,
+/// next to their floors.
+#[allow(clippy::too_many_arguments)]
+fn run_large(
+    args: &Args,
+    results: &mut Results,
+    pinned: &tempfile::TempDir,
+    torchfn_local: &Path,
+    torchfn_model: Option<&Path>,
+    repo: &Path,
+    target: &Path,
+    venv: &Path,
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    let quick = args.quick;
+    // --quick (what the bench crate's test runs) makes and loads no real-size model unless
+    // asked to by name.
+    if quick && args.large_models.is_empty() && !args.only_large {
+        results.large_skipped = Some("--quick (name them with --large-models)".into());
+        return Ok(());
+    }
+    let labels: Vec<String> = if args.large_models.is_empty() {
+        vec!["resnet18".into(), "encoder".into()]
+    } else {
+        args.large_models.clone()
+    };
+    let floor = {
+        let source = std::env::current_exe()?.with_file_name("torchfn-load-floor");
+        let p = pinned.path().join("torchfn-load-floor");
+        if !source.is_file() {
+            results.large_skipped = Some(format!(
+                "{} not found (cargo build --release -p torchfn-bench)",
+                source.display()
+            ));
+            return Ok(());
+        }
+        if std::fs::hard_link(&source, &p).is_err() {
+            std::fs::copy(&source, &p)?;
+        }
+        p
+    };
+    let fixtures = workload::made_by(repo, target, venv, "make_large_fixtures.py", "bench-large")?;
+    // An older set (the script changed since) is half a gigabyte: remove it.
+    if let Ok(entries) = std::fs::read_dir(target) {
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("bench-large-") && e.path() != fixtures {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let models = large::models(&fixtures, &labels)?;
+    let runs = args.large_runs.unwrap_or(if quick { 1 } else { 3 }).max(1);
+    let bins = large::Bins {
+        model: torchfn_model,
+        local: torchfn_local,
+        floor: &floor,
+    };
+    results.large = Some(large::run(
+        &bins,
+        &models,
+        &fixtures,
+        &target.join("bench/large"),
+        runs,
+        rt,
+    )?);
     Ok(())
 }
 

@@ -168,6 +168,11 @@ pub struct Results {
     /// The model function's cold start from S3 and the large-archive fetch.
     pub functions: Option<crate::functions::FunctionsResults>,
     pub functions_skipped: Option<String>,
+    /// Cold start of the real-size models (issue 18).
+    pub large: Option<crate::large::LargeResults>,
+    pub large_skipped: Option<String>,
+    /// `--only-large`: nothing else was run.
+    pub only_large: bool,
     /// Share of all CPUs busy during half a second after the run (every server stopped).
     pub cpu_busy_after_pct: Option<f64>,
     pub ratios: Vec<Ratio>,
@@ -206,6 +211,9 @@ impl Results {
             litserve_skipped: None,
             functions: None,
             functions_skipped: None,
+            large: None,
+            large_skipped: None,
+            only_large: false,
             cpu_busy_after_pct: None,
             ratios: Vec::new(),
             targets: Vec::new(),
@@ -427,6 +435,85 @@ impl Results {
     }
 
     fn check_targets(&self) -> Vec<TargetCheck> {
+        if self.only_large {
+            return self.large_targets();
+        }
+        let mut out = self.small_targets();
+        out.extend(self.large_targets());
+        out
+    }
+
+    /// Issue 18's targets 5 and 6, per real-size model.
+    fn large_targets(&self) -> Vec<TargetCheck> {
+        let mut out = Vec::new();
+        let Some(large) = &self.large else {
+            return out;
+        };
+        for m in &large.models {
+            for s in &m.series {
+                let name = format!(
+                    "{} ({:.0} MB) {}: first answer ≤ {}× floor",
+                    m.model,
+                    m.archive_bytes as f64 / 1e6,
+                    s.server,
+                    crate::large::TARGET_RATIO
+                );
+                out.push(match (s.median_ms, s.floor_ms, s.ratio) {
+                    (Some(ms), Some(floor), Some(r)) => TargetCheck {
+                        target: name,
+                        measured: format!("{r:.2}× ({ms:.0} vs {floor:.0} ms)"),
+                        pass: Some(r <= crate::large::TARGET_RATIO),
+                    },
+                    _ => missing(name),
+                });
+            }
+            // The floor process holds libtorch and the weights; a server holding the model
+            // file once more while libtorch reads it (and nothing else twice) stays within
+            // one model file and a serving runtime (HTTP, S3 client, download buffers: 128
+            // MiB) of it. A second copy of the archive would not.
+            if let Some(floor) = m.floor_peak_rss_kib {
+                for s in &m.series {
+                    let name = format!(
+                        "{} {}: peak memory ≤ floor's + 1 model file + 128 MiB",
+                        m.model, s.server
+                    );
+                    let peak = s
+                        .runs
+                        .iter()
+                        .map(|r| r.peaks.peak_rss_and_memfd_kib)
+                        .max()
+                        .unwrap_or(0);
+                    let allowed = floor + m.torchscript_bytes / 1024 + 128 * 1024;
+                    out.push(TargetCheck {
+                        target: name,
+                        measured: format!(
+                            "{:.0} MiB (RSS + memfd, worst run) vs {:.0} MiB allowed (floor {:.0})",
+                            peak as f64 / 1024.0,
+                            allowed as f64 / 1024.0,
+                            floor as f64 / 1024.0
+                        ),
+                        pass: Some(peak <= allowed),
+                    });
+                }
+            }
+            for s in &m.series {
+                let peak = s
+                    .runs
+                    .iter()
+                    .map(|r| r.peaks.peak_tmp_bytes)
+                    .max()
+                    .unwrap_or(0);
+                out.push(TargetCheck {
+                    target: format!("{} {}: /tmp use ≤ Lambda's 512 MiB", m.model, s.server),
+                    measured: format!("{:.0} MB at peak (worst run)", peak as f64 / 1e6),
+                    pass: Some(peak <= crate::large::LAMBDA_TMP_BYTES),
+                });
+            }
+        }
+        out
+    }
+
+    fn small_targets(&self) -> Vec<TargetCheck> {
         let mut out = Vec::new();
         // The like-for-like floor: torchfn's own listener and middleware, no model.
         let floor_points: Vec<Point> = self
@@ -614,8 +701,39 @@ pub fn table(r: &Results) -> String {
         "\ntorchfn-bench ({} run) — device: {}; machine: {} CPUs (nproc), {}, {:.0} GiB, Linux {}",
         s.mode, m.device, m.nproc, m.cpu_model, m.memory_gib, m.kernel
     );
+    if !r.only_large {
+        small_sections(&mut out, r);
+    }
+    match (&r.large, &r.large_skipped) {
+        (Some(l), _) => large_section(&mut out, l),
+        (None, Some(why)) => {
+            let _ = writeln!(out, "\nreal-size models: not run ({why})");
+        }
+        (None, None) => {}
+    }
+
     let _ = writeln!(
         out,
+        "\ntargets (issues {})",
+        if r.only_large { "18" } else { "3, 4 and 18" }
+    );
+    for t in &r.targets {
+        let verdict = match t.pass {
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+            None => "n/a",
+        };
+        let _ = writeln!(out, "  {verdict:<4}  {:<70} {}", t.target, t.measured);
+    }
+    out
+}
+
+/// The tables of issues 3 and 4: floors, load points, cold start, RSS, TorchServe, functions.
+fn small_sections(out: &mut String, r: &Results) {
+    let m = &r.machine;
+    let s = &r.settings;
+    let _ = writeln!(
+        *out,
         "The load generator ({} thread), the servers and their model threads share these {} CPUs. \
          CPU busy with other work: {}% before the run, {}% after.",
         s.client_threads,
@@ -624,7 +742,7 @@ pub fn table(r: &Results) -> String {
         opt(r.cpu_busy_after_pct, 0)
     );
     let _ = writeln!(
-        out,
+        *out,
         "Each point: {:.1} s closed loop after {:.1} s warm-up, keep-alive HTTP/1.1 on loopback. \
          Batching on = batch_size {}, max_batch_delay {} ms; off = batch_size 1. \
          1 worker per model (libtorch threads: 1 for a model whose batch-1 pass is under \
@@ -638,7 +756,7 @@ pub fn table(r: &Results) -> String {
     );
 
     let _ = writeln!(
-        out,
+        *out,
         "\nlibtorch floor (Session::forward in-process)  first µs  median µs    p99 µs  µs/instance"
     );
     for f in &r.floor {
@@ -658,7 +776,7 @@ pub fn table(r: &Results) -> String {
     }
 
     let _ = writeln!(
-        out,
+        *out,
         "\nover HTTP                             conc     req/s    p50 µs    p99 µs errors  batch  infer µs  srvCPU  bchCPU"
     );
     for p in &r.http_floor {
@@ -668,21 +786,21 @@ pub fn table(r: &Results) -> String {
             "bare axum"
         };
         load_row(
-            &mut out,
+            out,
             &format!("HTTP floor ({stack}), {} body", p.model),
             &p.result,
         );
     }
     for p in &r.torchfn {
         load_row(
-            &mut out,
+            out,
             &format!("torchfn {}, batching {}", p.model, p.batching),
             &p.result,
         );
     }
     for p in &r.python_backend {
         load_row(
-            &mut out,
+            out,
             &format!("torchfn {} via Python, batching {}", p.model, p.batching),
             &p.result,
         );
@@ -690,7 +808,7 @@ pub fn table(r: &Results) -> String {
     if let Some(ts) = &r.torchserve {
         for p in &ts.points {
             load_row(
-                &mut out,
+                out,
                 &format!("TorchServe {}, batching {}", p.model, p.batching),
                 &p.result,
             );
@@ -699,7 +817,7 @@ pub fn table(r: &Results) -> String {
     if let Some(ls) = &r.litserve {
         for p in &ls.points {
             load_row(
-                &mut out,
+                out,
                 &format!("LitServe {}, batching {}", p.model, p.batching),
                 &p.result,
             );
@@ -713,12 +831,12 @@ pub fn table(r: &Results) -> String {
         }
     }
     let _ = writeln!(
-        out,
+        *out,
         "  (batch, infer µs: means of torchfn's x-torchfn-batch-size and x-torchfn-inference-us headers; \
          srvCPU, bchCPU: CPU µs per answer over the window of the server process and of the \
          benchmark process — the load generator, and for the HTTP floors the server too)"
     );
-    breakdown_table(&mut out, &r.breakdown);
+    breakdown_table(out, &r.breakdown);
 
     if let Some(c) = &r.cold_start_median {
         let _ = writeln!(
@@ -835,7 +953,7 @@ pub fn table(r: &Results) -> String {
     }
 
     match (&r.litserve, &r.litserve_skipped) {
-        (Some(ls), _) => litserve_section(&mut out, ls),
+        (Some(ls), _) => litserve_section(out, ls),
         (None, Some(why)) => {
             let _ = writeln!(out, "\nLitServe: not run ({why})");
         }
@@ -884,17 +1002,87 @@ pub fn table(r: &Results) -> String {
         }
         (None, None) => {}
     }
+}
 
-    let _ = writeln!(out, "\ntargets (issues 3, 4 and 18)");
-    for t in &r.targets {
-        let verdict = match t.pass {
-            Some(true) => "PASS",
-            Some(false) => "MISS",
-            None => "n/a",
+/// Issue 18: cold start of the real-size models, phases, floors, memory and /tmp.
+fn large_section(out: &mut String, l: &crate::large::LargeResults) {
+    let _ = writeln!(
+        out,
+        "\nreal-size models, cold start to the first correct answer (medians of {} runs; S3 server: {})",
+        l.runs, l.s3_server
+    );
+    for m in &l.models {
+        let _ = writeln!(
+            out,
+            "\n  {}: archive {:.1} MB, TorchScript file {:.1} MB",
+            m.model,
+            m.archive_bytes as f64 / 1e6,
+            m.torchscript_bytes as f64 / 1e6
+        );
+        let fp = |f: fn(&crate::large::FloorProcess) -> Option<f64>| {
+            median(m.floor_process.iter().filter_map(f).collect())
         };
-        let _ = writeln!(out, "  {verdict:<4}  {:<70} {}", t.target, t.measured);
+        let _ = writeln!(
+            out,
+            "    floor process (fresh process: libtorch loads the file, one forward): {} ms \
+             [load {} ms, forward {} ms, peak RSS {} MiB]",
+            opt(m.floor_process_median_ms, 0),
+            opt(fp(|f| f.load_ms), 0),
+            opt(fp(|f| f.forward_ms), 0),
+            opt(m.floor_peak_rss_kib.map(|k| k as f64 / 1024.0), 0)
+        );
+        for s in &m.series {
+            let p = crate::large::phase_medians(&s.runs);
+            let g = |k: &str| opt(p.get(k).copied(), 0);
+            let _ = writeln!(out, "    {}", s.server);
+            let _ = writeln!(
+                out,
+                "      phases after spawn (ms): first log {}, download done {} (download {}), model file ready {}, \
+                 TorchScript loaded {} (load {}), model loaded {}, ready {}, first answer {} (forward {})",
+                g("first_log_ms"),
+                g("fetched_ms"),
+                g("download_ms"),
+                g("model_file_ms"),
+                g("torchscript_ms"),
+                g("torchscript_load_ms"),
+                g("model_loaded_ms"),
+                g("ready_ms"),
+                g("answer_ms"),
+                g("first_forward_ms"),
+            );
+            let _ = writeln!(
+                out,
+                "      first answer {} ms; floor {} ms = {} {} ms + floor process {} ms; ratio {} (target ≤ {})",
+                opt(s.median_ms, 0),
+                opt(s.floor_ms, 0),
+                s.fetch_floor,
+                opt(s.fetch_floor_ms, 0),
+                opt(m.floor_process_median_ms, 0),
+                opt(s.ratio, 2),
+                crate::large::TARGET_RATIO
+            );
+            let _ = writeln!(
+                out,
+                "      memory: peak RSS {} MiB, peak RSS + memfd {} MiB (memfd peak {} MB); /tmp: peak {} MB, after the load {} MB",
+                g("peak_rss_mib"),
+                g("peak_rss_and_memfd_mib"),
+                opt(
+                    median(s.runs.iter().map(|r| r.peaks.peak_memfd_bytes as f64 / 1e6).collect()),
+                    0
+                ),
+                g("peak_tmp_mb"),
+                g("tmp_after_mb"),
+            );
+            let runs = s
+                .runs
+                .iter()
+                .map(|r| format!("{:.0}", r.answer_ms))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let checks = s.runs.first().map_or(String::new(), |r| r.check.clone());
+            let _ = writeln!(out, "      runs: {runs} ms; answer: {checks}");
+        }
     }
-    out
 }
 
 /// Where a request's time goes: torchfn's Server-Timing phases (means, µs), its total, what the

@@ -98,22 +98,35 @@ pub fn venv(repo: &Path, given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 /// The fixtures, made once per version of the fixture script into
 /// `<target>/bench-fixtures-<hash>` (or the folder given).
 pub fn fixtures(repo: &Path, target: &Path, venv: &Path) -> anyhow::Result<PathBuf> {
-    let script = repo.join("tests/fixtures/make_fixtures.py");
+    made_by(repo, target, venv, "make_fixtures.py", "bench-fixtures")
+}
+
+/// What `tests/fixtures/<script>` makes, once per version of the script, into
+/// `<target>/<prefix>-<hash>`.
+pub fn made_by(
+    repo: &Path,
+    target: &Path,
+    venv: &Path,
+    script: &str,
+    prefix: &str,
+) -> anyhow::Result<PathBuf> {
+    let script = repo.join("tests/fixtures").join(script);
     let text =
         std::fs::read(&script).with_context(|| format!("could not read {}", script.display()))?;
     let mut h = DefaultHasher::new();
     text.hash(&mut h);
-    let dir = target.join(format!("bench-fixtures-{:016x}", h.finish()));
+    let dir = target.join(format!("{prefix}-{:016x}", h.finish()));
     if dir.join("reference.json").exists() {
         return Ok(dir);
     }
     std::fs::create_dir_all(target)?;
     // Made beside the final folder and renamed into place, so a run that is cut short
     // leaves no half-made set behind.
-    let tmp = target.join(format!("bench-fixtures.tmp.{}", std::process::id()));
+    let tmp = target.join(format!("{prefix}.tmp.{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     eprintln!(
-        "bench: making fixtures with real PyTorch into {}",
+        "bench: making fixtures with real PyTorch ({}) into {}",
+        script.display(),
         dir.display()
     );
     let out = Command::new(venv.join("bin/python"))
@@ -123,7 +136,8 @@ pub fn fixtures(repo: &Path, target: &Path, venv: &Path) -> anyhow::Result<PathB
         .context("could not run the fixture script")?;
     if !out.status.success() {
         bail!(
-            "tests/fixtures/make_fixtures.py failed:\n{}",
+            "{} failed:\n{}",
+            script.display(),
             String::from_utf8_lossy(&out.stderr)
         );
     }

@@ -64,6 +64,11 @@ fn quick_run_writes_every_section() {
         stdout.contains("targets (issues 3, 4 and 18)"),
         "no table:\n{stdout}"
     );
+    // --quick makes and loads no real-size model.
+    assert!(
+        stdout.contains("real-size models: not run (--quick"),
+        "{stdout}"
+    );
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
 
     assert_eq!(r["machine"]["device"], "cpu");
@@ -154,6 +159,10 @@ fn quick_run_writes_every_section() {
         }
         assert!(num(litserve, "rss_total_kib") > 10_000.0, "{litserve}");
     }
+    assert!(r["large"].is_null());
+    assert!(r["large_skipped"]
+        .as_str()
+        .is_some_and(|s| s.starts_with("--quick")));
     // The functions' figures: the model function's cold start from a local S3 server, and
     // the large archive fetched from both local S3 servers.
     let functions = &r["functions"];

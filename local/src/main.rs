@@ -225,6 +225,8 @@ async fn main() -> anyhow::Result<()> {
         return convert::run(c);
     }
     init_logging(args.log_json);
+    // libtorch sets itself up while the start-up archives unpack.
+    torchfn_engine::session::warm_libtorch_in_background();
     let settings = settings(&args)?;
     let metrics = Arc::new(Metrics::new().context("could not create metrics")?);
     let manager = Arc::new(

@@ -103,6 +103,80 @@ pub struct ModelArchive {
     source: PathBuf,
     /// Whether `dir` was made by [`open`] and must be removed on drop.
     owns_dir: bool,
+    /// The model file, when unpacking kept it in memory instead of `dir` (see
+    /// [`open_with`]).
+    held: std::sync::Mutex<Option<HeldFile>>,
+}
+
+/// An archive entry kept in memory rather than written to the unpack folder: the model file
+/// (the manifest's `serializedFile`), streamed out of the archive into an anonymous memory
+/// file (Linux `memfd`), from which libtorch reads it by its `/proc/self/fd` path. The
+/// model's bytes are then in memory once (not on disk, not read back), and only until the
+/// model is loaded: dropping this frees them.
+#[derive(Debug)]
+pub struct HeldFile {
+    file: File,
+    /// The entry's path relative to the archive root, cleaned.
+    rel: PathBuf,
+    len: u64,
+}
+
+impl HeldFile {
+    /// A new, empty memory file; `None` where the system has none (not Linux, or
+    /// `memfd_create` refused), and the entry is then unpacked to disk as any other.
+    fn create() -> Option<Self> {
+        #[cfg(target_os = "linux")]
+        {
+            let fd = rustix::fs::memfd_create("torchfn-model", rustix::fs::MemfdFlags::CLOEXEC)
+                .map_err(|e| debug!(error = %e, "no memory file; the model file goes to disk"))
+                .ok()?;
+            Some(HeldFile {
+                file: File::from(fd),
+                rel: PathBuf::new(),
+                len: 0,
+            })
+        }
+        #[cfg(not(target_os = "linux"))]
+        None
+    }
+
+    /// A path that opens this file while it lives (`/proc/self/fd/N`); `None` where `/proc`
+    /// is not mounted.
+    pub fn path(&self) -> Option<PathBuf> {
+        use std::os::fd::AsRawFd;
+        let path = PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()));
+        path.exists().then_some(path)
+    }
+
+    /// The file's size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The entry's path relative to the archive root.
+    pub fn name(&self) -> &Path {
+        &self.rel
+    }
+
+    /// Writes the bytes to a new file at `dest`.
+    fn write_to(&self, dest: &Path) -> Result<(), MarError> {
+        let what = || format!("write {}", self.rel.display());
+        let mut from = &self.file;
+        from.seek(SeekFrom::Start(0))
+            .map_err(|e| MarError::io(what(), e))?;
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dest)
+            .map_err(|e| MarError::io(what(), e))?;
+        io::copy(&mut from, &mut out).map_err(|e| MarError::io(what(), e))?;
+        Ok(())
+    }
 }
 
 impl ModelArchive {
@@ -142,18 +216,66 @@ impl ModelArchive {
     }
 
     /// The path of a file named relative to the archive root (as the manifest names files).
-    /// Refuses names that are absolute or climb out with `..`.
+    /// Refuses names that are absolute or climb out with `..`. A model file kept in memory
+    /// is written into the folder first, so the path always names a file on disk.
     pub fn path_of(&self, rel: &str) -> Result<PathBuf, MarError> {
         let rel_path = relative_path(rel)?;
         if rel_path.as_os_str().is_empty() {
             return Err(MarError::unsafe_entry(rel, "does not name a file"));
         }
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.as_ref().is_some_and(|h| h.rel == rel_path) {
+            if let Some(h) = held.take() {
+                h.write_to(&self.dir.join(&rel_path))?;
+            }
+        }
         Ok(self.dir.join(rel_path))
     }
 
-    /// Whether the archive holds a regular file at `name` (relative to its root).
+    /// Whether the archive holds a regular file at `name` (relative to its root), on disk or
+    /// kept in memory.
     pub fn has_file(&self, name: &str) -> bool {
-        self.path_of(name).map(|p| p.is_file()).unwrap_or(false)
+        let held = relative_path(name).is_ok_and(|rel| {
+            self.held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_some_and(|h| h.rel == rel)
+        });
+        held || self.path_of(name).map(|p| p.is_file()).unwrap_or(false)
+    }
+
+    /// Where libtorch can read the model file `rel` from: its copy in memory when the archive
+    /// kept it there (handed over with it: keep it until the file has been read, then drop it
+    /// to free the memory; the file is then neither in memory nor in [`dir`](Self::dir)),
+    /// else its path in the folder.
+    pub fn model_source(&self, rel: &str) -> Result<(PathBuf, Option<HeldFile>), MarError> {
+        let rel_path = relative_path(rel)?;
+        let taken = {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            match held.as_ref() {
+                Some(h) if h.rel == rel_path => held.take(),
+                _ => None,
+            }
+        };
+        if let Some(h) = taken {
+            match h.path() {
+                Some(path) => return Ok((path, Some(h))),
+                // No /proc to open it by: on disk after all.
+                None => h.write_to(&self.dir.join(&rel_path))?,
+            }
+        }
+        Ok((self.path_of(rel)?, None))
+    }
+
+    /// Writes a model file kept in memory into the folder, for code that reads the folder
+    /// itself (the Python backend's workers).
+    pub fn materialize(&self) -> Result<(), MarError> {
+        let taken = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match taken {
+            Some(h) => h.write_to(&self.dir.join(&h.rel)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -178,6 +300,19 @@ impl Drop for ModelArchive {
 /// (created if missing), a directory is used in place. On any error nothing is left under
 /// `unpack_root`.
 pub fn open(source: &Path, unpack_root: &Path, limits: &Limits) -> Result<ModelArchive, MarError> {
+    open_with(source, unpack_root, limits, false)
+}
+
+/// [`open`], keeping the model file (the manifest's `serializedFile`) of a zip archive in
+/// memory instead of the unpack folder when `hold_model` is set (see [`HeldFile`]; read it
+/// with [`ModelArchive::model_source`]). The other files, and every file of a tar.gz, are
+/// unpacked to disk as [`open`] unpacks them.
+pub fn open_with(
+    source: &Path,
+    unpack_root: &Path,
+    limits: &Limits,
+    hold_model: bool,
+) -> Result<ModelArchive, MarError> {
     let meta = match fs::metadata(source) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -193,7 +328,7 @@ pub fn open(source: &Path, unpack_root: &Path, limits: &Limits) -> Result<ModelA
         // directory later is.
         let source = fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
         let source = source.as_path();
-        let (manifest, config) = read_and_check(source)?;
+        let (manifest, config) = read_and_check(source, None)?;
         debug!(
             source = %source.display(),
             model = manifest.model_name(),
@@ -206,11 +341,12 @@ pub fn open(source: &Path, unpack_root: &Path, limits: &Limits) -> Result<ModelA
             format: ArchiveFormat::Directory,
             source: source.to_path_buf(),
             owns_dir: false,
+            held: Default::default(),
         });
     }
 
     let reopen = || -> io::Result<Box<dyn ReadSeek>> { Ok(Box::new(File::open(source)?)) };
-    open_archive(source, &reopen, unpack_root, limits)
+    open_archive_with(source, &reopen, unpack_root, limits, hold_model)
 }
 
 /// Something an archive can be read from.
@@ -226,6 +362,18 @@ pub fn open_archive(
     unpack_root: &Path,
     limits: &Limits,
 ) -> Result<ModelArchive, MarError> {
+    open_archive_with(source, reopen, unpack_root, limits, false)
+}
+
+/// [`open_archive`], keeping a zip's model file in memory when `hold_model` is set (see
+/// [`open_with`]).
+pub fn open_archive_with(
+    source: &Path,
+    reopen: &dyn Fn() -> io::Result<Box<dyn ReadSeek>>,
+    unpack_root: &Path,
+    limits: &Limits,
+    hold_model: bool,
+) -> Result<ModelArchive, MarError> {
     let format = detect_format(reopen)?;
     fs::create_dir_all(unpack_root).map_err(|e| MarError::io("create the unpack folder", e))?;
     // Unpack under a hidden name and rename only on success, so a failure (or a crash)
@@ -237,21 +385,25 @@ pub fn open_archive(
 
     let started = Instant::now();
     let mut budget = Budget::new(limits, tmp.path());
-    match format {
-        ArchiveFormat::Zip => unpack_zip(reopen, tmp.path(), &mut budget)?,
-        ArchiveFormat::Tgz => unpack_tgz(reopen, tmp.path(), &mut budget)?,
-        ArchiveFormat::Directory => {}
-    }
+    let held = match format {
+        ArchiveFormat::Zip => unpack_zip(reopen, tmp.path(), &mut budget, hold_model)?,
+        ArchiveFormat::Tgz => {
+            unpack_tgz(reopen, tmp.path(), &mut budget)?;
+            None
+        }
+        ArchiveFormat::Directory => None,
+    };
     debug!(
         source = %source.display(),
         format = format.as_str(),
         entries = budget.entries,
         bytes = budget.bytes,
+        in_memory = held.as_ref().map_or(0, |h| h.len),
         ms = started.elapsed().as_millis() as u64,
         "unpacked model archive"
     );
 
-    let (manifest, config) = read_and_check(tmp.path())?;
+    let (manifest, config) = read_and_check(tmp.path(), held.as_ref().map(|h| h.rel.as_path()))?;
     let dir = persist(tmp, unpack_root, manifest.model_name())?;
     Ok(ModelArchive {
         dir,
@@ -260,6 +412,7 @@ pub fn open_archive(
         format,
         source: source.to_path_buf(),
         owns_dir: true,
+        held: std::sync::Mutex::new(held),
     })
 }
 
@@ -342,7 +495,10 @@ fn folder_stem(model_name: &str) -> String {
 }
 
 /// Reads the manifest and config YAML under `dir` and checks the files the manifest names.
-fn read_and_check(dir: &Path) -> Result<(Manifest, Option<ModelConfig>), MarError> {
+fn read_and_check(
+    dir: &Path,
+    held: Option<&Path>,
+) -> Result<(Manifest, Option<ModelConfig>), MarError> {
     let manifest_path = dir.join(MANIFEST_PATH);
     if !manifest_path.is_file() {
         return Err(MarError::MissingManifest);
@@ -376,7 +532,8 @@ fn read_and_check(dir: &Path) -> Result<(Manifest, Option<ModelConfig>), MarErro
                 "{field} {file:?} must name a file inside the archive"
             ))
         })?;
-        if rel.as_os_str().is_empty() || !dir.join(&rel).is_file() {
+        let in_memory = held == Some(rel.as_path());
+        if rel.as_os_str().is_empty() || !(in_memory || dir.join(&rel).is_file()) {
             return Err(MarError::MissingFile {
                 field,
                 file: file.to_string(),
@@ -548,10 +705,17 @@ impl Budget {
     /// Refuses early when an entry's declared size cannot fit (the honest case); the copy
     /// still counts what is really written.
     fn check_declared(&self, size: u64) -> Result<(), MarError> {
+        self.check_size(size)?;
+        self.check_space(size)
+    }
+
+    /// [`check_declared`](Self::check_declared) for an entry kept in memory: the size limit
+    /// only.
+    fn check_size(&self, size: u64) -> Result<(), MarError> {
         if size > self.limits.max_unpacked_bytes.saturating_sub(self.bytes) {
             return Err(self.too_large());
         }
-        self.check_space(size)
+        Ok(())
     }
 }
 
@@ -607,8 +771,8 @@ impl<'a> Writer<'a> {
             .map_err(|e| MarError::io(format!("create folder {entry:?}"), e))
     }
 
-    /// Creates the file for `rel` (its parents included); it must not exist yet.
-    fn file(&mut self, entry: &str, rel: &Path) -> Result<File, MarError> {
+    /// Records `rel` as a file (its parents created); it must not have been seen.
+    fn claim(&mut self, entry: &str, rel: &Path) -> Result<(), MarError> {
         if self.seen.contains_key(rel) {
             return Err(MarError::Duplicate {
                 entry: entry.to_string(),
@@ -618,6 +782,12 @@ impl<'a> Writer<'a> {
             self.dir(entry, parent)?;
         }
         self.seen.insert(rel.to_path_buf(), Seen::File);
+        Ok(())
+    }
+
+    /// Creates the file for `rel` (its parents included); it must not exist yet.
+    fn file(&mut self, entry: &str, rel: &Path) -> Result<File, MarError> {
+        self.claim(entry, rel)?;
         // `create_new` never follows or overwrites what is there (the folder is fresh and
         // links are refused, so this is a second line of defence).
         OpenOptions::new()
@@ -687,11 +857,32 @@ fn zip_error(e: zip::result::ZipError) -> MarError {
     }
 }
 
+/// The manifest's `serializedFile`, read ahead of the other entries (the manifest is small;
+/// torch-model-archiver writes it last, and a download fetches its last part first). `None`
+/// when there is no readable manifest naming one: the unpack then reports what is wrong.
+fn serialized_entry<R: Read + Seek>(archive: &mut zip::ZipArchive<R>) -> Option<PathBuf> {
+    let entry = archive.by_name(MANIFEST_PATH).ok()?;
+    let mut bytes = Vec::new();
+    entry
+        .take(MAX_METADATA_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    if bytes.len() as u64 > MAX_METADATA_BYTES {
+        return None;
+    }
+    let file = Manifest::parse(&bytes).ok()?.model.serialized_file?;
+    let rel = relative_path(&file).ok()?;
+    (!rel.as_os_str().is_empty()).then_some(rel)
+}
+
+/// Unpacks a zip into `dest`; with `hold_model`, the manifest's model file goes to a
+/// [`HeldFile`] instead (where the system has memory files), which is returned.
 fn unpack_zip(
     reopen: &dyn Fn() -> io::Result<Box<dyn ReadSeek>>,
     dest: &Path,
     budget: &mut Budget,
-) -> Result<(), MarError> {
+    hold_model: bool,
+) -> Result<Option<HeldFile>, MarError> {
     let file = reopen().map_err(|e| MarError::io("read the model archive", e))?;
     let mut archive = zip::ZipArchive::new(BufReader::new(file)).map_err(zip_error)?;
 
@@ -703,10 +894,21 @@ fn unpack_zip(
         budget.limits.max_entries,
     )?;
 
-    // Room for everything the directory declares, before anything is written.
+    let hold = if hold_model {
+        serialized_entry(&mut archive)
+    } else {
+        None
+    };
+    let mut held: Option<HeldFile> = None;
+
+    // Room for everything the directory declares to go to disk, before anything is written.
     let mut declared = 0u64;
     for i in 0..archive.len() {
-        declared = declared.saturating_add(archive.by_index_raw(i).map_err(zip_error)?.size());
+        let entry = archive.by_index_raw(i).map_err(zip_error)?;
+        let in_memory = hold.is_some() && relative_path(entry.name()).ok() == hold;
+        if !in_memory {
+            declared = declared.saturating_add(entry.size());
+        }
     }
     budget.check_space(declared.min(budget.limits.max_unpacked_bytes))?;
 
@@ -747,9 +949,23 @@ fn unpack_zip(
         if rel.as_os_str().is_empty() {
             return Err(MarError::unsafe_entry(&name, "does not name a file"));
         }
-        budget.check_declared(entry.size())?;
-        let mut out = writer.file(&name, &rel)?;
-        let written = copy_entry(&name, &mut entry, &mut out, budget)?;
+        let memory = match hold.as_deref() {
+            Some(h) if held.is_none() && h == rel.as_path() => HeldFile::create(),
+            _ => None,
+        };
+        let written = if let Some(mut memory) = memory {
+            budget.check_size(entry.size())?;
+            writer.claim(&name, &rel)?;
+            let written = copy_entry(&name, &mut entry, &mut memory.file, budget)?;
+            memory.rel = rel;
+            memory.len = written;
+            held = Some(memory);
+            written
+        } else {
+            budget.check_declared(entry.size())?;
+            let mut out = writer.file(&name, &rel)?;
+            copy_entry(&name, &mut entry, &mut out, budget)?
+        };
         if written != entry.size() {
             return Err(MarError::Corrupt(format!(
                 "entry {name:?} declares {} bytes but holds {written}",
@@ -757,7 +973,7 @@ fn unpack_zip(
             )));
         }
     }
-    Ok(())
+    Ok(held)
 }
 
 /// Walks the zip central directory: counts the entries (refusing more than `max_entries`)

@@ -591,7 +591,12 @@ impl Manager {
                         format!("Model not found at: {}", spec.url),
                     ));
                 }
-                return Ok(mar::open(path, self.unpack_root.path(), &self.limits)?);
+                return Ok(mar::open_with(
+                    path,
+                    self.unpack_root.path(),
+                    &self.limits,
+                    true,
+                )?);
             }
             remote => remote,
         };
@@ -615,7 +620,7 @@ impl Manager {
                     &to,
                     expect,
                     DownloadOptions::default(),
-                    move |reopen| mar::open_archive(&label, &*reopen, &root, &limits),
+                    move |reopen| mar::open_archive_with(&label, &*reopen, &root, &limits, true),
                 )
                 .await
         })?;
@@ -691,21 +696,35 @@ impl Manager {
                         format!("model {name}: the manifest names no serializedFile"),
                     ));
                 };
-                let model_path = archive.path_of(&serialized).map_err(ServeError::from)?;
-                let session = Session::load_with(&model_path, device, self.settings.precision)
-                    .map_err(|e| {
-                        tracing::error!(model = %name, error = %e, "TorchScript load failed");
-                        ServeError::new(
-                            ErrorKind::InvalidModel,
-                            format!(
-                                "model {name}: {serialized} could not be loaded as TorchScript \
+                // The model file streamed out of the archive into memory (not written to
+                // the unpack folder and read back), or from the folder.
+                let (model_path, held) = archive
+                    .model_source(&serialized)
+                    .map_err(ServeError::from)?;
+                tracing::info!(
+                    model = %name,
+                    file = %serialized,
+                    in_memory = held.is_some(),
+                    bytes = held.as_ref().map(|h| h.len()),
+                    after_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "model file ready"
+                );
+                let loaded = Session::load_with(&model_path, device, self.settings.precision);
+                // libtorch has read it: free the memory.
+                drop(held);
+                let session = loaded.map_err(|e| {
+                    tracing::error!(model = %name, error = %e, "TorchScript load failed");
+                    ServeError::new(
+                        ErrorKind::InvalidModel,
+                        format!(
+                            "model {name}: {serialized} could not be loaded as TorchScript \
                                  ({}). torchfn's built-in handlers serve models saved with \
                                  torch.jit.script or torch.jit.trace; without a handler mapping \
                                  the archive's own handler runs in the Python backend",
-                                e.summary()
-                            ),
-                        )
-                    })?;
+                            e.summary()
+                        ),
+                    )
+                })?;
                 let session_loaded = started.elapsed();
                 // Warm up on this (blocking) thread, then time a batch at one intra-op
                 // thread and at the fair share, and keep the faster.
@@ -750,6 +769,8 @@ impl Manager {
                 )
             }
             Choice::Python(handler) => {
+                // The Python workers read the model file from the folder.
+                archive.materialize().map_err(ServeError::from)?;
                 let pool =
                     self.start_python(&archive, &name, &version, &handler, &settings, device)?;
                 (

@@ -435,6 +435,37 @@ fn fastest_pass(session: &Session, input: &Tensor) -> Option<Duration> {
     Some(best)
 }
 
+/// Starts libtorch's own one-time set-up on a thread of its own, so that it runs while the
+/// archive downloads and unpacks rather than before the first pass: CPU capability
+/// detection, the allocator, the dispatcher's first lookups, BLAS and oneDNN initialisation
+/// (a small matmul and a small convolution on zeros). Failures are ignored: the model's own
+/// load reports anything that matters.
+pub fn warm_libtorch_in_background() {
+    let spawned = std::thread::Builder::new()
+        .name("libtorch-init".into())
+        .spawn(|| {
+            let started = Instant::now();
+            let _guard = tch::no_grad_guard();
+            let opts = (Kind::Float, Device::Cpu);
+            let done = Tensor::f_zeros([16, 16], opts)
+                .and_then(|a| a.f_matmul(&a))
+                .and_then(|_| Tensor::f_zeros([1, 3, 16, 16], opts))
+                .and_then(|x| {
+                    let w = Tensor::f_zeros([4, 3, 3, 3], opts)?;
+                    x.f_conv2d(&w, None::<Tensor>, [1, 1], [1, 1], [1, 1], 1)
+                })
+                .is_ok();
+            tracing::debug!(
+                done,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "libtorch set up in the background"
+            );
+        });
+    if let Err(e) = spawned {
+        tracing::debug!(error = %e, "no thread for libtorch's set-up; it happens on first use");
+    }
+}
+
 /// Sets libtorch's intra-op threads for the calling thread (OpenMP and MKL keep the count
 /// per thread).
 pub fn set_threads(threads: usize) {

@@ -417,6 +417,9 @@ struct Ready {
 
 async fn init(args: Result<Args, clap::Error>) -> anyhow::Result<Ready> {
     let args = args.context("invalid settings")?;
+    tracing::info!("model function starting");
+    // libtorch sets itself up while the archive arrives.
+    torchfn_engine::session::warm_libtorch_in_background();
     let settings = settings(&args)?;
     let store = ObjectStore::from_env();
     let spec = resolve(&args, &store).await?;
