@@ -745,8 +745,9 @@ fn small_sections(out: &mut String, r: &Results) {
         *out,
         "Each point: {:.1} s closed loop after {:.1} s warm-up, keep-alive HTTP/1.1 on loopback. \
          Batching on = batch_size {}, max_batch_delay {} ms; off = batch_size 1. \
-         1 worker per model (libtorch threads: 1 for a model whose batch-1 pass is under \
-         200 µs, else {}), job_queue_size {}.",
+         1 worker per model (libtorch threads chosen at warm-up by timing a batch at 1 and \
+         at {}, the fair share; torchfn's log says which), job_queue_size {}. The servers' \
+         model workers poll their queue for 300 µs after a pass.",
         s.duration_s,
         s.warmup_s,
         s.batch_size,
