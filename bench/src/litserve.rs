@@ -32,45 +32,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// first when it is missing; `Err(reason)` when it cannot run (LitServe is then reported as
 /// skipped, and the run goes on).
 pub fn locate(venv: &Path) -> Result<PathBuf, String> {
-    let python = venv.join("bin/python");
-    if installed_version(&python).as_deref() == Some(VERSION) {
-        return Ok(python);
-    }
-    eprintln!(
-        "bench: installing litserve=={VERSION} into {}",
-        venv.display()
-    );
-    let out = Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check"])
-        .arg(format!("litserve=={VERSION}"))
-        .output()
-        .map_err(|e| format!("could not run pip: {e}"))?;
-    match installed_version(&python) {
-        Some(v) if v == VERSION => Ok(python),
-        found => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
-            Err(format!(
-                "pip could not install litserve=={VERSION} into {} ({}{})",
-                venv.display(),
-                found.map_or_else(|| "not installed".into(), |v| format!("{v} installed")),
-                last.map_or_else(String::new, |l| format!("; pip: {}", l.trim()))
-            ))
-        }
-    }
-}
-
-fn installed_version(python: &Path) -> Option<String> {
-    let out = Command::new(python)
-        .args([
-            "-c",
-            "import importlib.metadata as m; print(m.version('litserve'))",
-        ])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    crate::pip::ensure(venv, "litserve", VERSION)?;
+    Ok(venv.join("bin/python"))
 }
 
 /// The answer shape server.py gives a workload, the one torchfn's built-in gives it: the

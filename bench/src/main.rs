@@ -21,6 +21,7 @@ mod litserve;
 mod load;
 mod machine;
 mod phases;
+mod pip;
 mod process;
 mod report;
 mod stats;

@@ -372,30 +372,71 @@ impl Results {
 
     /// Issue 18's targets: torchfn against the better of TorchServe and LitServe.
     fn check_peer_targets(&self, out: &mut Vec<TargetCheck>) {
-        let note = |absent: &[String]| {
-            if absent.is_empty() {
-                String::new()
-            } else {
-                format!("; {}", absent.join("; "))
-            }
+        out.push(self.peer_target(
+            "seed batching on c16: torchfn ≥ 30× the better peer's throughput",
+            "on",
+            16,
+            PeerFigure::Throughput,
+            30.0,
+        ));
+        out.push(self.peer_target(
+            "seed c1 batching off: torchfn p50 ≥ 15× lower than the better peer's",
+            "off",
+            1,
+            PeerFigure::P50,
+            15.0,
+        ));
+    }
+
+    /// One target against the better peer at one point of the seed model: torchfn's figure
+    /// over the best peer's (throughput) or the peer's over torchfn's (p50), at least `times`.
+    fn peer_target(
+        &self,
+        name: &str,
+        batching: &str,
+        c: usize,
+        figure: PeerFigure,
+        times: f64,
+    ) -> TargetCheck {
+        let name = name.to_string();
+        let (peers, absent) = self.peer_points(batching, c);
+        let note = if absent.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", absent.join("; "))
         };
-        let name = "seed batching on c16: torchfn ≥ 30× the better peer's throughput".to_string();
-        let (peers, absent) = self.peer_points("on", 16);
-        let best = peers
-            .iter()
-            .max_by(|a, b| a.1.throughput_rps.total_cmp(&b.1.throughput_rps));
-        out.push(match (find(&self.torchfn, "seed", "on", 16), best) {
+        let best = match figure {
+            PeerFigure::Throughput => peers
+                .iter()
+                .max_by(|a, b| a.1.throughput_rps.total_cmp(&b.1.throughput_rps)),
+            PeerFigure::P50 => peers
+                .iter()
+                .min_by(|a, b| a.1.p50_us.total_cmp(&b.1.p50_us)),
+        };
+        match (find(&self.torchfn, "seed", batching, c), best) {
             (Some(t), Some((peer, p))) => {
-                let r = t.throughput_rps / p.throughput_rps;
+                let (r, measured) = match figure {
+                    PeerFigure::Throughput => {
+                        let r = t.throughput_rps / p.throughput_rps;
+                        let m = format!(
+                            "{r:.1}× ({:.0} vs {:.0} req/s, better peer {peer}{note})",
+                            t.throughput_rps, p.throughput_rps
+                        );
+                        (r, m)
+                    }
+                    PeerFigure::P50 => {
+                        let r = p.p50_us / t.p50_us;
+                        let m = format!(
+                            "{r:.1}× lower ({:.0} vs {:.0} µs, better peer {peer}{note})",
+                            t.p50_us, p.p50_us
+                        );
+                        (r, m)
+                    }
+                };
                 TargetCheck {
                     target: name,
-                    measured: format!(
-                        "{r:.1}× ({:.0} vs {:.0} req/s, better peer {peer}{})",
-                        t.throughput_rps,
-                        p.throughput_rps,
-                        note(&absent)
-                    ),
-                    pass: Some(r >= 30.0),
+                    measured,
+                    pass: Some(r >= times),
                 }
             }
             (_, None) => TargetCheck {
@@ -404,34 +445,7 @@ impl Results {
                 pass: None,
             },
             _ => missing(name),
-        });
-        let name =
-            "seed c1 batching off: torchfn p50 ≥ 15× lower than the better peer's".to_string();
-        let (peers, absent) = self.peer_points("off", 1);
-        let best = peers
-            .iter()
-            .min_by(|a, b| a.1.p50_us.total_cmp(&b.1.p50_us));
-        out.push(match (find(&self.torchfn, "seed", "off", 1), best) {
-            (Some(t), Some((peer, p))) => {
-                let r = p.p50_us / t.p50_us;
-                TargetCheck {
-                    target: name,
-                    measured: format!(
-                        "{r:.1}× lower ({:.0} vs {:.0} µs, better peer {peer}{})",
-                        t.p50_us,
-                        p.p50_us,
-                        note(&absent)
-                    ),
-                    pass: Some(r >= 15.0),
-                }
-            }
-            (_, None) => TargetCheck {
-                target: name,
-                measured: format!("not checked: no peer measured ({})", absent.join("; ")),
-                pass: None,
-            },
-            _ => missing(name),
-        });
+        }
     }
 
     fn check_targets(&self) -> Vec<TargetCheck> {
@@ -661,6 +675,13 @@ impl Results {
         self.check_peer_targets(&mut out);
         out
     }
+}
+
+/// Which figure a peer target compares.
+#[derive(Clone, Copy)]
+enum PeerFigure {
+    Throughput,
+    P50,
 }
 
 fn missing(target: String) -> TargetCheck {

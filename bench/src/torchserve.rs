@@ -29,43 +29,16 @@ pub fn locate(venv: &Path, install: bool) -> anyhow::Result<Result<PathBuf, Stri
         return Ok(Err("no java on PATH (TorchServe needs Java 17)".into()));
     }
     let bin = venv.join("bin/torchserve");
-    if installed_version(venv).as_deref() != Some(VERSION) {
+    if crate::pip::installed_version(venv, "torchserve").as_deref() != Some(VERSION) {
         if !install {
             return Ok(Err(format!(
                 "torchserve {VERSION} is not installed in {}",
                 venv.display()
             )));
         }
-        eprintln!(
-            "bench: installing torchserve=={VERSION} into {}",
-            venv.display()
-        );
-        let status = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check"])
-            .arg(format!("torchserve=={VERSION}"))
-            .status()
-            .context("could not run pip")?;
-        if !status.success() || installed_version(venv).as_deref() != Some(VERSION) {
-            bail!(
-                "pip could not install torchserve=={VERSION} into {}",
-                venv.display()
-            );
-        }
+        crate::pip::ensure(venv, "torchserve", VERSION).map_err(anyhow::Error::msg)?;
     }
     Ok(Ok(bin))
-}
-
-fn installed_version(venv: &Path) -> Option<String> {
-    let out = Command::new(venv.join("bin/python"))
-        .args([
-            "-c",
-            "import importlib.metadata as m; print(m.version('torchserve'))",
-        ])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// TorchServe's model store: the fixture's classifier.mar as it is (its handler.py runs in
