@@ -248,14 +248,19 @@ async fn publish(store: &ObjectStore, registry: &Registry, archive: &Path) -> an
 
 /// Creates the benchmark's bucket.
 pub async fn create_bucket(store: &ObjectStore) -> anyhow::Result<()> {
+    create_named_bucket(store, BUCKET).await
+}
+
+/// Creates bucket `name` on the store's S3 server.
+pub async fn create_named_bucket(store: &ObjectStore, name: &str) -> anyhow::Result<()> {
     store
         .s3_client()
         .await?
         .create_bucket()
-        .bucket(BUCKET)
+        .bucket(name)
         .send()
         .await
-        .context("could not create the benchmark bucket")?;
+        .with_context(|| format!("could not create the bucket {name}"))?;
     Ok(())
 }
 

@@ -612,14 +612,7 @@ pub fn run(
     let s3 = FsS3Server::start(scratch)?;
     let store = ObjectStore::with_s3_endpoint(s3.endpoint.clone());
     rt.block_on(async {
-        store
-            .s3_client()
-            .await?
-            .create_bucket()
-            .bucket(BUCKET)
-            .send()
-            .await
-            .context("could not create the bucket")?;
+        crate::functions::create_named_bucket(&store, BUCKET).await?;
         for m in models {
             let at: Location = format!("s3://{BUCKET}/archives/{}.mar", m.label).parse()?;
             store.put(&at, std::fs::read(&m.mar)?).await?;
