@@ -367,13 +367,7 @@ pub fn warm_up_and_pick_threads(
     batch_size: usize,
     other_workers: usize,
 ) -> (usize, Option<Duration>) {
-    let fair_share = match configured_threads() {
-        Some(n) => n,
-        None => {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            (cores / (workers + other_workers).max(1)).max(1)
-        }
-    };
+    let fair_share = threads_per_worker(workers + other_workers);
     set_threads(fair_share);
     let warm = session.warm_up();
     if configured_threads().is_some() || session.device().is_cuda() || fair_share == 1 {
@@ -389,18 +383,14 @@ pub fn warm_up_and_pick_threads(
     let Ok(input) = Tensor::f_zeros([rows, hint.size], (Kind::Float, session.device)) else {
         return (fair_share, warm);
     };
-    let mut timings = Vec::new();
-    for threads in [1, fair_share] {
+    let timed = |threads| {
         set_threads(threads);
-        match fastest_pass(session, &input) {
-            Some(t) => timings.push((threads, t)),
-            None => {
-                set_threads(fair_share);
-                return (fair_share, warm);
-            }
-        }
-    }
-    let (one, shared) = (timings[0].1, timings[1].1);
+        fastest_pass(session, &input)
+    };
+    let (Some(one), Some(shared)) = (timed(1), timed(fair_share)) else {
+        set_threads(fair_share);
+        return (fair_share, warm);
+    };
     let threads = if shared.as_secs_f64() <= one.as_secs_f64() * 0.9 {
         fair_share
     } else {

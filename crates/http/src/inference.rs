@@ -93,7 +93,7 @@ async fn predict_inner(
     };
     let content_type = header_str(headers, header::CONTENT_TYPE.as_str());
     let tensor_shape = header_str(headers, "x-tensor-shape");
-    let answer = infer(state, model, version.is_some(), headers, body, |bytes| {
+    let mut answer = infer(state, model, version.is_some(), headers, body, |bytes| {
         handler
             .decode(&Request {
                 body: bytes,
@@ -103,7 +103,6 @@ async fn predict_inner(
             .map_err(HttpError::from)
     })
     .await?;
-    let mut answer = answer;
     let values = std::mem::take(&mut answer.values);
     let body = if answer.is_list {
         Value::Array(values)
