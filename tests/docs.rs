@@ -75,8 +75,8 @@ fn section<'a>(page: &'a str, program: &str) -> &'a str {
     let mut offset = 0;
     for line in page.split_inclusive('\n') {
         if line.starts_with("## ") {
-            if start.is_some() {
-                return &page[start.unwrap_or(0)..offset];
+            if let Some(start) = start {
+                return &page[start..offset];
             }
             if line.contains(program) {
                 start = Some(offset);
