@@ -102,8 +102,9 @@ pub struct Settings {
     pub model_store: Option<PathBuf>,
     /// `load_models` / `--models` entries: `all`, `file.mar` or `name=file.mar`.
     pub load_models: Vec<String>,
-    /// Workers per model loaded at start; `None` means one per GPU, else per CPU core
-    /// (capped, see `manager`).
+    /// `default_workers_per_model`: workers per model. `None` (unset, or 0) means 1 for the
+    /// models loaded at start-up and 0 for a REST registration without `initial_workers`, as
+    /// TorchServe registers (torchfn-engine's `Manager::model_settings`).
     pub default_workers_per_model: Option<usize>,
     pub job_queue_size: usize,
     pub max_request_size: usize,
