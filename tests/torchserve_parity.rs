@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use torchfn_test_support::server::Server;
-use torchfn_test_support::{fixtures, path_str, reference, venv_python};
+use torchfn_test_support::{fixtures, handler_fixtures, path_str, reference, venv_python};
 
 /// One request both servers get.
 struct Case {
@@ -178,10 +178,15 @@ fn torchserve_and_torchfn_answer_alike() {
         (fx.join("python/text.mar"), "text.mar"),
         (fx.join("python/mnist.mar"), "mnist.mar"),
         (fx.join("formats/default/classifier.mar"), "classifier.mar"),
+        (
+            handler_fixtures().join("store/text_vocab.mar"),
+            "text_vocab.mar",
+        ),
     ] {
         std::fs::copy(&from, store.path().join(to)).unwrap();
     }
-    let models = "text=text.mar,mnist=mnist.mar,classifier=classifier.mar";
+    let models =
+        "text=text.mar,mnist=mnist.mar,classifier=classifier.mar,text_vocab=text_vocab.mar";
     let seed = json!({"features": reference()["seed_features"]}).to_string();
     let digit = |k: usize| std::fs::read(fx.join(format!("python/digit{k}.png"))).unwrap();
     let case = |label, method, path: &str, content_type, body: Vec<u8>| Case {
@@ -229,6 +234,23 @@ fn torchserve_and_torchfn_answer_alike() {
             "/predictions/classifier",
             Some("application/json"),
             seed.into_bytes(),
+        ),
+        // TorchServe's text_classifier with a torchtext-style vocabulary (source_vocab.pt):
+        // a known word, and a pair of words (a bigram) the vocabulary lacks, which its
+        // handler fails on.
+        case(
+            "torchtext vocabulary",
+            Method::POST,
+            "/predictions/text_vocab",
+            Some("text/plain"),
+            b"good".to_vec(),
+        ),
+        case(
+            "torchtext vocabulary, unknown bigram",
+            Method::POST,
+            "/predictions/text_vocab",
+            Some("text/plain"),
+            b"good movie".to_vec(),
         ),
         case(
             "unknown model",
