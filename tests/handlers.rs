@@ -348,24 +348,40 @@ fn text_classifier_tokenises_and_answers_as_torchserve() {
         b"  ".to_vec(),
     );
     assert_client_error(status, &body, "empty");
-    // A torchtext archive is refused at registration, saying what to ship instead.
+    // A torchtext archive (source_vocab.pt, no tokenizer.json) is TorchServe's own handler's
+    // to serve: the Python backend runs it. Mapped onto the built-in by name, it is refused,
+    // saying what to ship instead.
     let store = handler_fixtures().join("store");
-    let r = server
-        .client
-        .post(format!(
-            "{}/models?url=text_vocab.mar&initial_workers=1&synchronous=true",
-            server.management
-        ))
-        .send()
-        .unwrap();
-    let status = r.status().as_u16();
-    let body: Value = r.json().unwrap();
+    let register = |query: &str| {
+        let r = server
+            .client
+            .post(format!(
+                "{}/models?url=text_vocab.mar&initial_workers=1&synchronous=true{query}",
+                server.management
+            ))
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().unwrap())
+    };
+    let (status, body) = register("&model_name=text_vocab_builtin&handler=text_classifier");
     assert!(status >= 400, "{body}");
     let message = body["message"].as_str().unwrap();
     assert!(
         message.contains("source_vocab.pt") && message.contains("tokenizer.json"),
         "{message}"
     );
+    let (status, body) = register("");
+    assert_eq!(status, 200, "{body}");
+    let (status, got) = post(
+        &server,
+        "/predictions/text_vocab",
+        "text/plain",
+        b"good".to_vec(),
+    );
+    assert_eq!(status, 200, "{got}");
+    let labels: Vec<&String> = got.as_object().unwrap().keys().collect();
+    assert_eq!(labels.len(), 3, "{got}");
     assert!(store.exists());
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use torchfn_test_support::server::Server;
-use torchfn_test_support::{fixtures, path_str, reference, venv_python};
+use torchfn_test_support::{fixtures, handler_fixtures, path_str, reference, venv_python};
 
 /// One request both servers get.
 struct Case {
@@ -60,7 +60,9 @@ fn java_runs() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn start_torchserve(store: &Path, models: &str) -> TorchServe {
+/// TorchServe on free loopback ports, serving `models` from `store`; `extra` is appended to
+/// its config.properties.
+fn start_torchserve(store: &Path, models: &str, extra: &str) -> TorchServe {
     let dir = tempfile::tempdir().unwrap();
     let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
     let config = dir.path().join("config.properties");
@@ -70,7 +72,7 @@ fn start_torchserve(store: &Path, models: &str) -> TorchServe {
             "inference_address=http://127.0.0.1:{}\nmanagement_address=http://127.0.0.1:{}\n\
              metrics_address=http://127.0.0.1:{}\ngrpc_inference_port={}\n\
              grpc_management_port={}\ndefault_workers_per_model=1\n\
-             disable_system_metrics=true\n",
+             disable_system_metrics=true\n{extra}",
             ports[0], ports[1], ports[2], ports[3], ports[4]
         ),
     )
@@ -176,10 +178,15 @@ fn torchserve_and_torchfn_answer_alike() {
         (fx.join("python/text.mar"), "text.mar"),
         (fx.join("python/mnist.mar"), "mnist.mar"),
         (fx.join("formats/default/classifier.mar"), "classifier.mar"),
+        (
+            handler_fixtures().join("store/text_vocab.mar"),
+            "text_vocab.mar",
+        ),
     ] {
         std::fs::copy(&from, store.path().join(to)).unwrap();
     }
-    let models = "text=text.mar,mnist=mnist.mar,classifier=classifier.mar";
+    let models =
+        "text=text.mar,mnist=mnist.mar,classifier=classifier.mar,text_vocab=text_vocab.mar";
     let seed = json!({"features": reference()["seed_features"]}).to_string();
     let digit = |k: usize| std::fs::read(fx.join(format!("python/digit{k}.png"))).unwrap();
     let case = |label, method, path: &str, content_type, body: Vec<u8>| Case {
@@ -213,6 +220,13 @@ fn torchserve_and_torchfn_answer_alike() {
             b"raise".to_vec(),
         ),
         case("mnist 0", Method::PUT, "/predictions/mnist", None, digit(0)),
+        case(
+            "mnist 0 explanation",
+            Method::PUT,
+            "/explanations/mnist",
+            None,
+            digit(0),
+        ),
         case("mnist 1", Method::PUT, "/predictions/mnist", None, digit(1)),
         case(
             "guide classifier",
@@ -220,6 +234,23 @@ fn torchserve_and_torchfn_answer_alike() {
             "/predictions/classifier",
             Some("application/json"),
             seed.into_bytes(),
+        ),
+        // TorchServe's text_classifier with a torchtext-style vocabulary (source_vocab.pt):
+        // a known word, and a pair of words (a bigram) the vocabulary lacks, which its
+        // handler fails on.
+        case(
+            "torchtext vocabulary",
+            Method::POST,
+            "/predictions/text_vocab",
+            Some("text/plain"),
+            b"good".to_vec(),
+        ),
+        case(
+            "torchtext vocabulary, unknown bigram",
+            Method::POST,
+            "/predictions/text_vocab",
+            Some("text/plain"),
+            b"good movie".to_vec(),
         ),
         case(
             "unknown model",
@@ -235,7 +266,7 @@ fn torchserve_and_torchfn_answer_alike() {
         .timeout(Duration::from_secs(120))
         .build()
         .unwrap();
-    let mut ts = start_torchserve(store.path(), models);
+    let mut ts = start_torchserve(store.path(), models, "");
     let torchfn = Server::start(&[
         "--model-store",
         path_str(store.path()),
@@ -245,11 +276,27 @@ fn torchserve_and_torchfn_answer_alike() {
         path_str(&fx.join("config.properties")),
     ])
     .wait_healthy();
-    wait_ready(&client, &mut ts, &[&cases[0], &cases[3], &cases[5]]);
+    let probes: Vec<&Case> = [
+        "text",
+        "mnist 0",
+        "guide classifier",
+        "torchtext vocabulary",
+    ]
+    .iter()
+    .map(|label| cases.iter().find(|c| c.label == *label).unwrap())
+    .collect();
+    wait_ready(&client, &mut ts, &probes);
 
-    for case in &cases {
-        let (ts_status, ts_type, ts_body) = send(&client, &ts.inference, case);
-        let (status, content_type, body) = send(&client, &torchfn.inference, case);
+    assert_alike(&client, &ts.inference, &torchfn.inference, &cases);
+}
+
+/// Sends every case to both servers and asserts the answers are alike: the same status; for
+/// a handler's own non-JSON bytes (and the text fixture's), the same bytes and content type;
+/// else the same JSON.
+fn assert_alike(client: &reqwest::blocking::Client, ts: &str, torchfn: &str, cases: &[Case]) {
+    for case in cases {
+        let (ts_status, ts_type, ts_body) = send(client, ts, case);
+        let (status, content_type, body) = send(client, torchfn, case);
         let show = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         assert_eq!(
             status,
@@ -275,5 +322,86 @@ fn torchserve_and_torchfn_answer_alike() {
                 show(&ts_body)
             );
         }
+    }
+}
+
+/// KServe's explain routes under TorchServe's envelopes (`service_envelope=kserve`, then
+/// `kservev2`): `/v1/models/{m}:explain` and `/v2/models/{m}/explain` reach a Python-backend
+/// handler as an explanation request (the `explain` header TorchServe's frontend sets), and
+/// its Captum answer comes back as TorchServe's; the predict routes alongside.
+#[test]
+fn kserve_explanations_answer_as_torchserve() {
+    if !java_runs() {
+        eprintln!(
+            "torchserve_parity: skipped: no Java runtime (TorchServe's frontend needs Java 17)"
+        );
+        return;
+    }
+    use base64::Engine;
+    use reqwest::Method;
+    let store = tempfile::tempdir().unwrap();
+    let fx = fixtures();
+    std::fs::copy(fx.join("python/mnist.mar"), store.path().join("mnist.mar")).unwrap();
+    let digit = std::fs::read(fx.join("python/digit1.png")).unwrap();
+    let v1 = json!({"instances": [
+        {"data": base64::engine::general_purpose::STANDARD.encode(&digit)}
+    ]});
+    let pixels: Vec<Vec<f64>> = (0..28)
+        .map(|r| (0..28).map(|c| f64::from((r * 28 + c) % 9) / 8.0).collect())
+        .collect();
+    let v2 = json!({"id": "parity-1", "inputs": [
+        {"name": "input-0", "shape": [1, 28, 28], "datatype": "FP32", "data": [pixels]}
+    ]});
+    let case = |label, path: &str, body: &Value| Case {
+        label,
+        method: Method::POST,
+        path: path.to_string(),
+        content_type: Some("application/json"),
+        body: body.to_string().into_bytes(),
+    };
+    let rounds = [
+        (
+            "kserve",
+            [
+                case("v1 predict", "/v1/models/mnist:predict", &v1),
+                case("v1 explain", "/v1/models/mnist:explain", &v1),
+            ],
+        ),
+        (
+            "kservev2",
+            [
+                case("v2 infer", "/v2/models/mnist/infer", &v2),
+                case("v2 explain", "/v2/models/mnist/explain", &v2),
+            ],
+        ),
+    ];
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    for (envelope, cases) in &rounds {
+        let extra = format!("service_envelope={envelope}\n");
+        let mut ts = start_torchserve(store.path(), "mnist=mnist.mar", &extra);
+        let config = tempfile::tempdir().unwrap();
+        let config_file = config.path().join("config.properties");
+        std::fs::write(
+            &config_file,
+            format!(
+                "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\n\
+                 metrics_address=http://127.0.0.1:0\ndefault_workers_per_model=1\n{extra}"
+            ),
+        )
+        .unwrap();
+        let torchfn = Server::start(&[
+            "--model-store",
+            path_str(store.path()),
+            "--models",
+            "mnist=mnist.mar",
+            "--ts-config",
+            path_str(&config_file),
+        ])
+        .wait_healthy();
+        wait_ready(&client, &mut ts, &[&cases[0]]);
+        assert_alike(&client, &ts.inference, &torchfn.inference, cases);
     }
 }

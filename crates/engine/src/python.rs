@@ -5,8 +5,9 @@
 //! `models` JSON, a registration's `handler`, or a path to TorchServe's own handler file that
 //! a built-in matches), when its manifest names a built-in, or when its manifest names a Python
 //! handler file and `default_service_handler` names a built-in. Everything else — a handler
-//! file of its own, a TorchServe handler torchfn has no built-in for, an eager-mode model — is
-//! served by TorchServe's own Python backend.
+//! file of its own, a TorchServe handler torchfn has no built-in for, an eager-mode model, a
+//! `text_classifier` archive with a torchtext vocabulary — is served by TorchServe's own
+//! Python backend.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -78,6 +79,9 @@ pub fn choose(
     if manifest_handler.is_empty() {
         return Ok(Choice::Builtin(Arc::new(handler::TensorHandler)));
     }
+    if torchtext_archive(manifest_handler, archive) {
+        return Ok(Choice::Python(manifest_handler.to_string()));
+    }
     if let Some(h) = builtin(manifest_handler)? {
         return Ok(Choice::Builtin(h));
     }
@@ -91,6 +95,16 @@ pub fn choose(
         }
     }
     Ok(Choice::Python(manifest_handler.to_string()))
+}
+
+/// A TorchServe text archive as its examples make them: `text_classifier` with a torchtext
+/// vocabulary (`source_vocab.pt`) and no `tokenizer.json`. Only Python reads that vocabulary,
+/// so TorchServe's own handler serves it in the Python backend, as under TorchServe; the Rust
+/// built-in serves archives that ship a `tokenizer.json`.
+fn torchtext_archive(handler: &str, archive: &ModelArchive) -> bool {
+    builtin_name(handler) == Some("text_classifier")
+        && archive.has_file("source_vocab.pt")
+        && !archive.has_file("tokenizer.json")
 }
 
 fn eager_with_builtin(model_name: &str, builtin: &str) -> ServeError {

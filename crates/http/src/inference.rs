@@ -1,6 +1,8 @@
-//! The inference API: `/ping`, `/predictions/{model}[/{version}]`, and the KServe forms:
-//! v1 (`/v1/models/{model}:predict`) and the Open Inference Protocol v2
-//! (`/v2/models/{model}[/versions/{v}]/infer`, model metadata and readiness, `/v2/health/*`).
+//! The inference API: `/ping`, `/predictions/{model}[/{version}]`,
+//! `/explanations/{model}[/{version}]`, and the KServe forms: v1
+//! (`/v1/models/{model}:predict`, `:explain`) and the Open Inference Protocol v2
+//! (`/v2/models/{model}[/versions/{v}]/infer`, `/v2/models/{model}/explain`, model metadata and
+//! readiness, `/v2/health/*`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,6 +34,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api-description", any(|| async { respond(INFERENCE) }))
         .route("/ping", any(ping))
         .route("/predictions/{*path}", any(predict))
+        .route("/explanations/{*path}", any(explain))
         .route("/v1/models/{*path}", any(kserve_v1))
         .route(
             "/v2",
@@ -66,34 +69,96 @@ async fn predict(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if method == Method::OPTIONS {
-        return describe_predictions(&state, &path).unwrap_or_else(IntoResponse::into_response);
+    let call = Call {
+        method,
+        path,
+        query,
+        id: id.map(|Extension(RequestId(id))| id),
+        headers,
+        body,
+    };
+    predict_or_explain(&state, call, false).await
+}
+
+/// `/explanations/{model}[/{version}]`: the prediction route with TorchServe's `explain`
+/// header set, so the handler answers its explanation (Captum's, for TorchServe's handlers).
+async fn explain(
+    State(state): State<AppState>,
+    method: Method,
+    Path(path): Path<String>,
+    RawQuery(query): RawQuery,
+    id: Option<Extension<RequestId>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let call = Call {
+        method,
+        path,
+        query,
+        id: id.map(|Extension(RequestId(id))| id),
+        headers,
+        body,
+    };
+    predict_or_explain(&state, call, true).await
+}
+
+/// One request to a prediction or explanation route, as it arrived.
+struct Call {
+    method: Method,
+    path: String,
+    query: Option<String>,
+    id: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+}
+
+async fn predict_or_explain(state: &AppState, call: Call, explain: bool) -> Response {
+    if call.method == Method::OPTIONS {
+        return describe_predictions(state, &call.path).unwrap_or_else(IntoResponse::into_response);
     }
-    let id = id.map(|Extension(RequestId(id))| id);
-    match predict_inner(&state, &path, query.as_deref(), id, &headers, body).await {
+    match predict_inner(state, call, explain).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn predict_inner(
-    state: &AppState,
-    path: &str,
-    query: Option<&str>,
-    id: Option<String>,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Response, HttpError> {
-    let mut segments = path.split('/').filter(|s| !s.is_empty());
-    let name = segments.next().ok_or_else(HttpError::resource_not_found)?;
-    let version = segments.next();
+async fn predict_inner(state: &AppState, call: Call, explain: bool) -> Result<Response, HttpError> {
+    let Call {
+        path,
+        query,
+        id,
+        headers,
+        body,
+        ..
+    } = call;
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (name, version) = match segments.as_slice() {
+        [] => return Err(HttpError::resource_not_found()),
+        [name] => (*name, None),
+        [name, version, ..] => (*name, Some(*version)),
+    };
     let model = state.manager.get(name, version)?;
     let Some(handler) = model.handler().cloned() else {
-        return predict_python(state, model, version.is_some(), query, id, headers, body).await;
+        // What follows the version reaches the handler as `url_path`, as in TorchServe.
+        let frontend = FrontendHeaders {
+            explain,
+            url_path: Some(segments.get(2..).unwrap_or_default().join("/")),
+        };
+        let request = PythonCall {
+            version_given: version.is_some(),
+            query: query.as_deref(),
+            id,
+            headers: &headers,
+            frontend,
+        };
+        return predict_python(state, model, request, body).await;
     };
-    let content_type = header_str(headers, header::CONTENT_TYPE.as_str());
-    let tensor_shape = header_str(headers, "x-tensor-shape");
-    let mut answer = infer(state, model, version.is_some(), headers, body, |bytes| {
+    if explain {
+        return Err(no_builtin_explanations(&model));
+    }
+    let content_type = header_str(&headers, header::CONTENT_TYPE.as_str());
+    let tensor_shape = header_str(&headers, "x-tensor-shape");
+    let mut answer = infer(state, model, version.is_some(), &headers, body, |bytes| {
         handler
             .decode(&Request {
                 body: bytes,
@@ -110,7 +175,7 @@ async fn predict_inner(
         values.into_iter().next().unwrap_or(Value::Null)
     };
     // Numbers come back as a .npy file when the client asks for one.
-    let wants_npy = header_str(headers, header::ACCEPT.as_str())
+    let wants_npy = header_str(&headers, header::ACCEPT.as_str())
         .is_some_and(|a| a.contains("application/x-npy"));
     let npy = if wants_npy {
         tensors::json_to_tensor(&body)
@@ -142,6 +207,16 @@ fn describe_predictions(state: &AppState, path: &str) -> Result<Response, HttpEr
     Ok(json_response(
         StatusCode::OK,
         &super::openapi::model_document(name, version),
+    ))
+}
+
+/// The answer to an explanation asked of a model a Rust built-in serves.
+fn no_builtin_explanations(model: &ModelVersion) -> HttpError {
+    HttpError::bad_request(format!(
+        "model {}: the built-in handler `{}` gives no explanations; explanations come from \
+         handlers run by the Python backend (an eager-mode model or a handler file of its own)",
+        model.name,
+        model.handler_name()
     ))
 }
 
@@ -194,28 +269,58 @@ fn timing_headers(
     }
 }
 
+/// The request headers TorchServe's frontend sets before handing a request to a worker, in
+/// place of any the client sent under those names: `explain` (`True` on the explanation
+/// routes, else `False`: TorchServe's handlers and envelopes read it) and, on `/predictions`
+/// and `/explanations`, `url_path` (the path's segments after the version, joined by `/`).
+struct FrontendHeaders {
+    explain: bool,
+    url_path: Option<String>,
+}
+
+/// A request on its way to a Python-backend version.
+struct PythonCall<'a> {
+    version_given: bool,
+    query: Option<&'a str>,
+    id: Option<String>,
+    headers: &'a HeaderMap,
+    frontend: FrontendHeaders,
+}
+
 /// A Python-backend version's answer to any inference route: the request goes to the worker
 /// as TorchServe hands it over (query parameters, form fields or the body, the headers), and
 /// the handler's answer comes back as it gave it: its bytes, status, content type and headers.
 async fn predict_python(
     state: &AppState,
     model: Arc<ModelVersion>,
-    version_given: bool,
-    query: Option<&str>,
-    id: Option<String>,
-    headers: &HeaderMap,
+    call: PythonCall<'_>,
     body: Body,
 ) -> Result<Response, HttpError> {
+    let PythonCall {
+        version_given,
+        query,
+        id,
+        headers,
+        frontend,
+    } = call;
     let started = Instant::now();
     let m = model.request_metrics(version_given);
     let Some(pool) = model.pool() else {
         return Err(HttpError::internal("the model has no Python workers"));
     };
     let bytes = count_and_read(state, m, headers, body).await?;
-    let request_headers = headers
+    let set_by_frontend =
+        |k: &str| k == "explain" || (k == "url_path" && frontend.url_path.is_some());
+    let mut request_headers: Vec<(String, Vec<u8>)> = headers
         .iter()
+        .filter(|(k, _)| !set_by_frontend(k.as_str()))
         .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
         .collect();
+    if let Some(url_path) = frontend.url_path {
+        request_headers.push(("url_path".into(), url_path.into_bytes()));
+    }
+    let explain = if frontend.explain { "True" } else { "False" };
+    request_headers.push(("explain".into(), explain.as_bytes().to_vec()));
     let request = torchfn_engine::python::request(
         id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         request_headers,
@@ -380,7 +485,9 @@ async fn infer(
 }
 
 /// KServe v1: `POST /v1/models/{model}:predict` with `{"instances": [...]}` answers
-/// `{"predictions": [...]}`; `GET /v1/models/{model}` says whether it is ready.
+/// `{"predictions": [...]}`; `POST /v1/models/{model}:explain` asks a Python-backend model for
+/// its explanation (TorchServe's `kserve` envelope answers `{"explanations": [...]}`);
+/// `GET /v1/models/{model}` says whether it is ready.
 async fn kserve_v1(
     State(state): State<AppState>,
     method: Method,
@@ -391,7 +498,10 @@ async fn kserve_v1(
     body: Body,
 ) -> Response {
     let result = async {
-        if let Some(name) = path.strip_suffix(":predict") {
+        let action = [(":predict", false), (":explain", true)]
+            .into_iter()
+            .find_map(|(suffix, explain)| Some((path.strip_suffix(suffix)?, explain)));
+        if let Some((name, explain)) = action {
             if method != Method::POST {
                 return Err(HttpError::method_not_allowed());
             }
@@ -399,10 +509,21 @@ async fn kserve_v1(
             let Some(handler) = model.handler().cloned() else {
                 // The Python backend gets the body as sent (the handler or its envelope
                 // reads KServe's form), as under TorchServe.
-                let id = id.map(|Extension(RequestId(id))| id);
-                return predict_python(&state, model, false, query.as_deref(), id, &headers, body)
-                    .await;
+                let call = PythonCall {
+                    version_given: false,
+                    query: query.as_deref(),
+                    id: id.map(|Extension(RequestId(id))| id),
+                    headers: &headers,
+                    frontend: FrontendHeaders {
+                        explain,
+                        url_path: None,
+                    },
+                };
+                return predict_python(&state, model, call, body).await;
             };
+            if explain {
+                return Err(no_builtin_explanations(&model));
+            }
             let answer = infer(&state, model, false, &headers, body, |bytes| {
                 let json: Value = torchfn_engine::handler::parse_json(bytes)?;
                 if !json.get("instances").is_some_and(Value::is_array) {
@@ -460,8 +581,10 @@ fn ready_status(ready: bool) -> StatusCode {
     }
 }
 
-/// The Open Inference Protocol (KServe v2): `POST .../infer`, `GET .../ready`, and `GET` of the
-/// model (its metadata), each with an optional `/versions/{v}`.
+/// The Open Inference Protocol (KServe v2): `POST .../infer`, `POST .../explain` (a
+/// Python-backend model's explanation, in TorchServe's `kservev2` envelope when configured),
+/// `GET .../ready`, and `GET` of the model (its metadata), each with an optional
+/// `/versions/{v}`.
 async fn kserve_v2(
     State(state): State<AppState>,
     method: Method,
@@ -481,20 +604,24 @@ async fn kserve_v2(
             _ => return Err(HttpError::resource_not_found()),
         };
         match (action, &method) {
-            ("infer", &Method::POST) => {
+            (action @ ("infer" | "explain"), &Method::POST) => {
+                let explain = action == "explain";
                 let model = state.manager.get(name, version)?;
                 if model.pool().is_some() {
-                    let id = id.map(|Extension(RequestId(id))| id);
-                    return predict_python(
-                        &state,
-                        model,
-                        version.is_some(),
-                        query.as_deref(),
-                        id,
-                        &headers,
-                        body,
-                    )
-                    .await;
+                    let call = PythonCall {
+                        version_given: version.is_some(),
+                        query: query.as_deref(),
+                        id: id.map(|Extension(RequestId(id))| id),
+                        headers: &headers,
+                        frontend: FrontendHeaders {
+                            explain,
+                            url_path: None,
+                        },
+                    };
+                    return predict_python(&state, model, call, body).await;
+                }
+                if explain {
+                    return Err(no_builtin_explanations(&model));
                 }
                 v2_infer(&state, model, version.is_some(), &headers, body).await
             }
@@ -526,7 +653,7 @@ async fn kserve_v2(
                     }),
                 ))
             }
-            ("infer" | "ready" | "", _) => Err(HttpError::method_not_allowed()),
+            ("infer" | "explain" | "ready" | "", _) => Err(HttpError::method_not_allowed()),
             _ => Err(HttpError::resource_not_found()),
         }
     }

@@ -6,7 +6,8 @@
 //! called as `forward(input_ids, attention_mask)` (both int64 `[N, L]`), or
 //! `forward(input_ids)` when its forward takes one argument. TorchServe's own text classifier
 //! relies on a torchtext vocabulary (`source_vocab.pt`), which cannot be read outside Python:
-//! such archives are refused with a message saying what to ship instead.
+//! such archives go to the Python backend (`python::choose`), and mapped onto this built-in
+//! by name they are refused with a message saying what to ship instead.
 //!
 //! Requests: a `text/plain` (or any non-JSON) body is one text; JSON may be a string,
 //! `{"data"|"text"|"body": "..."}`, or `{"instances": [...]}` of those; a form's `data` field.
