@@ -6,10 +6,14 @@
 //! - `torchfn-model` with `TORCHFN_MODEL_URI=s3://…` (and the archive's SHA-256) against the
 //!   s3s-fs S3 server in this process (it serves ranges by seeking, as S3 does; moto_server
 //!   reads the whole object for every ranged GET), spawn → first correct answer;
-//! - `torchfn-local` serving the same archive from a local model store, likewise;
-//! - the floor: one plain GET of the archive from the same server (for the emulator, one read
-//!   of the archive file), plus `torchfn-load-floor` in a fresh process (libtorch loads the
-//!   TorchScript file and runs one forward), spawn → exit;
+//! - `torchfn-local` with its model store in the same S3 server (`--model-store s3://…`),
+//!   likewise, and from a local model store;
+//! - the floor: one plain GET of the archive from the same server, plus `torchfn-load-floor`
+//!   in a fresh process (libtorch loads the TorchScript file and runs one forward), spawn →
+//!   exit. Both S3 series are held to 1.2× it. The local store's series is shown against a
+//!   stricter floor, one read of the archive file plus the same process, with no target: the
+//!   floor's file is the uncompressed TorchScript, and a deflated archive has to be inflated
+//!   first, which no reader of it avoids;
 //! - the phases of each cold start, from the servers' JSON log lines as they arrive;
 //! - memory and disk while it starts, sampled every 5 ms: peak RSS (VmHWM), RSS plus the
 //!   bytes the server holds in memory files (memfd, which RSS does not count), and the bytes
@@ -301,7 +305,14 @@ pub struct LargeColdStart {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Server {
     Function,
-    Emulator,
+    EmulatorS3,
+    EmulatorLocal,
+}
+
+impl Server {
+    fn emulator(self) -> bool {
+        self != Server::Function
+    }
 }
 
 fn interesting(line: &str) -> bool {
@@ -348,7 +359,7 @@ fn cold_start(
                 .env("TORCHFN_HOST", "127.0.0.1")
                 .env("PORT", "0");
         }
-        Server::Emulator => {
+        Server::EmulatorS3 | Server::EmulatorLocal => {
             let config = dir.path().join("config.properties");
             std::fs::write(
                 &config,
@@ -357,9 +368,14 @@ fn cold_start(
                  metrics_address=http://127.0.0.1:0\n\
                  default_workers_per_model=1\n",
             )?;
-            cmd.arg("--model-store")
-                .arg(store_dir)
-                .arg("--models")
+            if server == Server::EmulatorS3 {
+                cmd.env("AWS_ENDPOINT_URL_S3", endpoint)
+                    .arg("--model-store")
+                    .arg(format!("s3://{BUCKET}/archives"));
+            } else {
+                cmd.arg("--model-store").arg(store_dir);
+            }
+            cmd.arg("--models")
                 .arg(format!("{}={}.mar", model.label, model.label))
                 .arg("--ts-config")
                 .arg(&config)
@@ -421,7 +437,7 @@ fn cold_start(
             }
             _ => {}
         }
-        if server == Server::Emulator && loaded && addr.is_some() {
+        if server.emulator() && loaded && addr.is_some() {
             break t;
         }
     };
@@ -496,8 +512,12 @@ fn floor_process(bin: &Path, model: &LargeModel) -> anyhow::Result<FloorProcess>
 /// The cold starts of one server, with their medians and the floor they are held to.
 #[derive(Clone, Debug, Serialize)]
 pub struct Series {
-    /// `torchfn-model, archive in S3 (s3s-fs)` or `torchfn-local, local store`.
+    /// `torchfn-model, archive in S3 (s3s-fs)`, `torchfn-local, model store in S3 (s3s-fs)`
+    /// or `torchfn-local, local store`.
     pub server: String,
+    /// Whether the ratio is held to [`TARGET_RATIO`] (the S3 series, against the issue's
+    /// floor); the local store's stricter floor is shown beside it without a target.
+    pub targeted: bool,
     pub runs: Vec<LargeColdStart>,
     pub median_ms: Option<f64>,
     /// What the floor's first half is: one GET from the S3 server, or one read of the file.
@@ -636,7 +656,8 @@ pub fn run(
         let mut series = Vec::new();
         let servers = [
             (Server::Function, bins.model),
-            (Server::Emulator, Some(bins.local)),
+            (Server::EmulatorS3, Some(bins.local)),
+            (Server::EmulatorLocal, Some(bins.local)),
         ];
         for (server, bin) in servers {
             let Some(bin) = bin else { continue };
@@ -654,7 +675,12 @@ pub fn run(
                     "one GET of the archive from s3s-fs",
                     median(gets.clone()),
                 ),
-                Server::Emulator => (
+                Server::EmulatorS3 => (
+                    "torchfn-local, model store in S3 (s3s-fs)",
+                    "one GET of the archive from s3s-fs",
+                    median(gets.clone()),
+                ),
+                Server::EmulatorLocal => (
                     "torchfn-local, local store",
                     "one read of the archive file",
                     median(reads.clone()),
@@ -664,6 +690,7 @@ pub fn run(
             let floor_ms = fetch_ms.zip(floor_process_median_ms).map(|(a, b)| a + b);
             series.push(Series {
                 server: name.into(),
+                targeted: server != Server::EmulatorLocal,
                 ratio: median_ms.zip(floor_ms).map(|(m, f)| m / f),
                 runs: done,
                 median_ms,

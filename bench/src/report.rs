@@ -464,7 +464,7 @@ impl Results {
             return out;
         };
         for m in &large.models {
-            for s in &m.series {
+            for s in m.series.iter().filter(|s| s.targeted) {
                 let name = format!(
                     "{} ({:.0} MB) {}: first answer ≤ {}× floor",
                     m.model,
@@ -1072,17 +1072,25 @@ fn large_section(out: &mut String, l: &crate::large::LargeResults) {
                 g("answer_ms"),
                 g("first_forward_ms"),
             );
-            let _ = writeln!(
-                out,
-                "      first answer {} ms; floor {} ms = {} {} ms + floor process {} ms; ratio {} (target ≤ {})",
+            let head = format!(
+                "      first answer {} ms; floor {} ms = {} {} ms + floor process {} ms; ratio {}",
                 opt(s.median_ms, 0),
                 opt(s.floor_ms, 0),
                 s.fetch_floor,
                 opt(s.fetch_floor_ms, 0),
                 opt(m.floor_process_median_ms, 0),
                 opt(s.ratio, 2),
-                crate::large::TARGET_RATIO
             );
+            // The note starts with a space: tests/docs.rs reads the strings with ≤ that do not
+            // as the targets' names.
+            let note = if s.targeted {
+                format!(" (target ≤ {})", crate::large::TARGET_RATIO)
+            } else {
+                " (no target: the floor reads the model file uncompressed; the server first \
+                 inflates it out of the deflated archive)"
+                    .to_string()
+            };
+            let _ = writeln!(out, "{head}{note}");
             let _ = writeln!(
                 out,
                 "      memory: peak RSS {} MiB, peak RSS + memfd {} MiB (memfd peak {} MB); /tmp: peak {} MB, after the load {} MB",
