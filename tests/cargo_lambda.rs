@@ -238,9 +238,14 @@ fn an_uploaded_archive_registers_and_serves_under_cargo_lambda_watch() {
     );
 
     // The model function follows the registry's default: the version just registered.
+    // The fixtures' config.properties: ports chosen by the OS, so a server already on 8080
+    // (anyone's) cannot fail the test.
+    let config = fixtures().join("config.properties");
     let emulator = Server::start(&[
         "--models",
         &format!("classifier={}", archive.display()),
+        "--ts-config",
+        common::path_str(&config),
         "--handler",
         "classifier=classifier",
     ])
