@@ -51,13 +51,21 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Whether Java runs here (TorchServe's frontend needs Java 17); says the test is skipped
+/// when it does not.
 fn java_runs() -> bool {
-    Command::new("java")
+    let runs = Command::new("java")
         .arg("-version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success())
+        .is_ok_and(|s| s.success());
+    if !runs {
+        eprintln!(
+            "torchserve_parity: skipped: no Java runtime (TorchServe's frontend needs Java 17)"
+        );
+    }
+    runs
 }
 
 /// TorchServe on free loopback ports, serving `models` from `store`; `extra` is appended to
@@ -167,9 +175,6 @@ fn wait_ready(client: &reqwest::blocking::Client, ts: &mut TorchServe, probes: &
 #[test]
 fn torchserve_and_torchfn_answer_alike() {
     if !java_runs() {
-        eprintln!(
-            "torchserve_parity: skipped: no Java runtime (TorchServe's frontend needs Java 17)"
-        );
         return;
     }
     let store = tempfile::tempdir().unwrap();
@@ -332,9 +337,6 @@ fn assert_alike(client: &reqwest::blocking::Client, ts: &str, torchfn: &str, cas
 #[test]
 fn kserve_explanations_answer_as_torchserve() {
     if !java_runs() {
-        eprintln!(
-            "torchserve_parity: skipped: no Java runtime (TorchServe's frontend needs Java 17)"
-        );
         return;
     }
     use base64::Engine;

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Extension;
@@ -34,7 +34,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api-description", any(|| async { respond(INFERENCE) }))
         .route("/ping", any(ping))
         .route("/predictions/{*path}", any(predict))
-        .route("/explanations/{*path}", any(explain))
+        .route("/explanations/{*path}", any(predict))
         .route("/v1/models/{*path}", any(kserve_v1))
         .route(
             "/v2",
@@ -60,15 +60,21 @@ async fn ping(State(state): State<AppState>) -> Response {
     }
 }
 
+/// `/predictions/{model}[/{version}]`, and `/explanations/{model}[/{version}]`: the same
+/// route with TorchServe's `explain` header set, so the handler answers its explanation
+/// (Captum's, for TorchServe's handlers).
+#[allow(clippy::too_many_arguments)]
 async fn predict(
     State(state): State<AppState>,
     method: Method,
+    uri: Uri,
     Path(path): Path<String>,
     RawQuery(query): RawQuery,
     id: Option<Extension<RequestId>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let explain = uri.path().starts_with("/explanations/");
     let call = Call {
         method,
         path,
@@ -77,29 +83,7 @@ async fn predict(
         headers,
         body,
     };
-    predict_or_explain(&state, call, false).await
-}
-
-/// `/explanations/{model}[/{version}]`: the prediction route with TorchServe's `explain`
-/// header set, so the handler answers its explanation (Captum's, for TorchServe's handlers).
-async fn explain(
-    State(state): State<AppState>,
-    method: Method,
-    Path(path): Path<String>,
-    RawQuery(query): RawQuery,
-    id: Option<Extension<RequestId>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let call = Call {
-        method,
-        path,
-        query,
-        id: id.map(|Extension(RequestId(id))| id),
-        headers,
-        body,
-    };
-    predict_or_explain(&state, call, true).await
+    predict_or_explain(&state, call, explain).await
 }
 
 /// One request to a prediction or explanation route, as it arrived.
