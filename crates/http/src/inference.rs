@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Extension;
@@ -33,8 +33,8 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/api-description", any(|| async { respond(INFERENCE) }))
         .route("/ping", any(ping))
-        .route("/predictions/{*path}", any(predict))
-        .route("/explanations/{*path}", any(predict))
+        .route("/predictions/{*path}", any(predict::<false>))
+        .route("/explanations/{*path}", any(predict::<true>))
         .route("/v1/models/{*path}", any(kserve_v1))
         .route(
             "/v2",
@@ -60,21 +60,18 @@ async fn ping(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `/predictions/{model}[/{version}]`, and `/explanations/{model}[/{version}]`: the same
-/// route with TorchServe's `explain` header set, so the handler answers its explanation
-/// (Captum's, for TorchServe's handlers).
-#[allow(clippy::too_many_arguments)]
-async fn predict(
+/// `/predictions/{model}[/{version}]` (`EXPLAIN` false), and `/explanations/{model}[/{version}]`
+/// (`EXPLAIN` true): the same route with TorchServe's `explain` header set, so the handler
+/// answers its explanation (Captum's, for TorchServe's handlers).
+async fn predict<const EXPLAIN: bool>(
     State(state): State<AppState>,
     method: Method,
-    uri: Uri,
     Path(path): Path<String>,
     RawQuery(query): RawQuery,
     id: Option<Extension<RequestId>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let explain = uri.path().starts_with("/explanations/");
     let call = Call {
         method,
         path,
@@ -83,7 +80,7 @@ async fn predict(
         headers,
         body,
     };
-    predict_or_explain(&state, call, explain).await
+    predict_or_explain(&state, call, EXPLAIN).await
 }
 
 /// One request to a prediction or explanation route, as it arrived.
