@@ -180,6 +180,32 @@ fn bad_inputs_get_clear_errors_and_the_server_keeps_serving() {
     let mixed = json!([{"features": reference["seed_features"]}, {"features": [1, 2]}]).to_string();
     let (got, value, _) = server.predict("classifier", mixed);
     assert_error(got, &value, 400, "BadRequestException", "instance 1");
+    // An explanation asked of a model a Rust built-in serves, on each explain route.
+    let single = json!({"features": reference["seed_features"]});
+    for (route, body) in [
+        ("/explanations/classifier", single.clone()),
+        (
+            "/v1/models/classifier:explain",
+            json!({"instances": [single]}),
+        ),
+        ("/v2/models/classifier/explain", json!({"inputs": []})),
+    ] {
+        let r = server
+            .client
+            .post(format!("{}{route}", server.inference))
+            .json(&body)
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        let value: Value = r.json().unwrap();
+        assert_error(
+            status,
+            &value,
+            400,
+            "BadRequestException",
+            "gives no explanations",
+        );
+    }
     // Unknown routes and methods.
     let r = server
         .client
