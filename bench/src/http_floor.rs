@@ -27,9 +27,10 @@ use torchfn_http::error::HttpError;
 use torchfn_http::serve::Limits;
 use torchfn_http::{json_response, read_body, with_common, AppState};
 
-/// A no-op server on 127.0.0.1, port chosen by the OS, on a tokio runtime of its own (as
-/// many worker threads as cores, like `torchfn-local`'s), so that it does not share the
-/// load generator's threads.
+/// A no-op server on 127.0.0.1, port chosen by the OS, on a tokio runtime of its own, so that
+/// it does not share the load generator's threads. It has as many worker threads as cores:
+/// with no model to run, every core serves HTTP (`torchfn-local` keeps one for its model
+/// workers, `torchfn_http::serve::runtime`), so the floor is the stack at its fastest.
 pub struct NoopServer {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,

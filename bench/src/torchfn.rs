@@ -105,7 +105,7 @@ impl Torchfn {
             }
         }
         // Settings to try on the server under test, as `K=V,K=V`
-        // (e.g. TORCHFN_BENCH_SERVER_ENV=TOKIO_WORKER_THREADS=1).
+        // (e.g. TORCHFN_BENCH_SERVER_ENV=TOKIO_WORKER_THREADS=2).
         if let Ok(extra) = std::env::var("TORCHFN_BENCH_SERVER_ENV") {
             for (k, v) in extra.split(',').filter_map(|kv| kv.split_once('=')) {
                 cmd.env(k.trim(), v.trim());

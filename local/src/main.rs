@@ -218,8 +218,13 @@ async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    api::serve::runtime()
+        .context("could not start the async runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(Command::Convert(c)) = &args.command {
         return convert::run(c);

@@ -399,9 +399,7 @@ pub fn main_with(setup: impl FnOnce()) -> anyhow::Result<()> {
     // A settings error is reported once logging is up (and, under Lambda, to the Runtime API).
     let args = torchfn_lambda::settings::parse::<Args>();
     setup();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    api::serve::runtime()
         .context("could not start the async runtime")?
         .block_on(run(args))
 }
