@@ -768,13 +768,16 @@ fn small_sections(out: &mut String, r: &Results) {
          Batching on = batch_size {}, max_batch_delay {} ms; off = batch_size 1. \
          1 worker per model (libtorch threads chosen at warm-up by timing a batch at 1 and \
          at {}, the fair share; torchfn's log says which), job_queue_size {}. The servers' \
-         model workers poll their queue for 300 µs after a pass.",
+         model workers poll their queue for 300 µs after a pass. torchfn-local serves HTTP on \
+         {} async worker(s) (one per core less one), the HTTP floors on {} (one per core).",
         s.duration_s,
         s.warmup_s,
         s.batch_size,
         s.max_batch_delay_ms,
         m.torch_threads,
-        s.job_queue_size
+        s.job_queue_size,
+        server_async_workers(),
+        m.nproc
     );
 
     let _ = writeln!(
@@ -1202,4 +1205,18 @@ fn litserve_section(out: &mut String, ls: &LitServeResults) {
         "  LitServe's part of this run took {:.0} s",
         ls.elapsed_s
     );
+}
+
+/// The async workers of the `torchfn-local` servers under test: `TOKIO_WORKER_THREADS` when
+/// `TORCHFN_BENCH_SERVER_ENV` sets it, else the runtime's own choice.
+fn server_async_workers() -> usize {
+    std::env::var("TORCHFN_BENCH_SERVER_ENV")
+        .ok()
+        .and_then(|extra| {
+            extra.split(',').find_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                (k.trim() == "TOKIO_WORKER_THREADS").then(|| v.trim().parse().ok())?
+            })
+        })
+        .unwrap_or_else(torchfn_http::serve::async_workers)
 }
