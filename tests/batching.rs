@@ -232,7 +232,6 @@ fn the_response_timeout_bounds_a_request() {
 #[test]
 fn sigterm_answers_requests_in_flight_and_queued_then_exits() {
     let (mut server, _dir, _serial) = slow_server("");
-    let pid = server.child.id().to_string();
     let addr = server.inference.trim_start_matches("http://").to_string();
     std::thread::scope(|s| {
         let before = passes(&server);
@@ -240,11 +239,7 @@ fn sigterm_answers_requests_in_flight_and_queued_then_exits() {
         wait_until("the busy pass to start", || passes(&server) > before);
         let queued = s.spawn(|| server.predict("slow", json!({"data": [0, 3]}).to_string()));
         wait_until("a queued request", || pending(&server) == 1);
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        common::signal::process(&server.child, common::signal::Signal::TERM).unwrap();
         // The listener closes at once: a new client is refused...
         wait_until("the listener to close", || {
             std::net::TcpStream::connect(&addr).is_err()

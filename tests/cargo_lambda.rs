@@ -97,11 +97,7 @@ impl Watch {
         if let Ok(Some(_)) = self.child.try_wait() {
             return self.log();
         }
-        let group = format!("-{}", self.child.id());
-        let _ = Command::new("kill")
-            .args(["-TERM", "--", &group])
-            .stderr(Stdio::null())
-            .status();
+        let _ = common::signal::group(&self.child, common::signal::Signal::TERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -109,10 +105,7 @@ impl Watch {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &group])
-            .stderr(Stdio::null())
-            .status();
+        let _ = common::signal::group(&self.child, common::signal::Signal::KILL);
         let _ = self.child.wait();
         self.log()
     }

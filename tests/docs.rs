@@ -23,7 +23,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use torchfn_test_support::{fixtures, path_str, repo_root, server::Server, venv_python};
+use torchfn_test_support::{fixtures, path_str, repo_root, server::Server, signal, venv_python};
 
 // ---------------------------------------------------------------------------------------
 // The configuration reference.
@@ -901,16 +901,13 @@ fn run_block(block: &Block, stage: &Stage, timeout: Duration) -> Result<tempfile
         .process_group(0)
         .spawn()
         .expect("bash runs");
-    let group = format!("-{}", child.id());
+    let group = child.id();
     let (tx, rx) = mpsc::channel();
     let waiter = std::thread::spawn(move || {
         let _ = tx.send(child.wait());
     });
     let kill_group = || {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &group])
-            .stderr(Stdio::null())
-            .status();
+        let _ = signal::group_by_id(group, signal::Signal::KILL);
     };
     let outcome = match rx.recv_timeout(timeout) {
         Ok(status) => {

@@ -113,11 +113,7 @@ fn slow_function(addr: std::net::SocketAddr) -> Command {
 /// Sends SIGTERM to `child`; returns when it was sent.
 fn sigterm(child: &Child) -> std::time::Instant {
     let sent = std::time::Instant::now();
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    common::signal::process(child, common::signal::Signal::TERM).unwrap();
     sent
 }
 

@@ -35,9 +35,10 @@ struct TorchServe {
 impl Drop for TorchServe {
     fn drop(&mut self) {
         // The launcher, its Java frontend and their Python workers: one process group.
-        let _ = Command::new("kill")
-            .args(["-s", "KILL", "--", &format!("-{}", self.child.id())])
-            .status();
+        let _ = torchfn_test_support::signal::group(
+            &self.child,
+            torchfn_test_support::signal::Signal::KILL,
+        );
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

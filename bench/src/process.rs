@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use rustix::process::{kill_process, kill_process_group, Pid, Signal};
 
 /// One line a server printed, and when the benchmark read it.
 #[derive(Debug)]
@@ -91,20 +92,15 @@ impl Spawned {
     /// once the process (and its group) is gone.
     pub fn stop(&mut self, grace: Duration) {
         let pid = self.child.id();
-        let target = if self.group {
-            format!("-{pid}")
-        } else {
-            pid.to_string()
-        };
         if self.exited().is_none() {
-            signal("TERM", &target);
+            signal(Signal::TERM, pid, self.group);
         }
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline && !self.gone(pid) {
             std::thread::sleep(Duration::from_millis(20));
         }
         if !self.gone(pid) {
-            signal("KILL", &target);
+            signal(Signal::KILL, pid, self.group);
             let _ = self.child.kill();
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline && !self.gone(pid) {
@@ -129,16 +125,18 @@ impl Drop for Spawned {
     }
 }
 
-/// Sends a signal with kill(1): the workspace forbids unsafe code, and these are processes
-/// this benchmark started (`target` is a pid, or `-pgid` for a group it created).
-fn signal(sig: &str, target: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg("--")
-        .arg(target)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+/// Sends `sig` to `pid`, or to the process group `pid` leads when `group` (one this benchmark
+/// created). kill(2) through rustix: a minimal Debian has no kill(1), and the workspace
+/// forbids unsafe code.
+fn signal(sig: Signal, pid: u32, group: bool) {
+    let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
+        return;
+    };
+    let _ = if group {
+        kill_process_group(pid, sig)
+    } else {
+        kill_process(pid, sig)
+    };
 }
 
 fn drain(

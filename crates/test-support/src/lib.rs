@@ -9,6 +9,7 @@ pub mod archive;
 pub mod moto;
 pub mod runtime_api;
 pub mod server;
+pub mod signal;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
