@@ -405,11 +405,7 @@ fn configuration_names_every_torchfn_variable() {
 fn configuration_names_every_config_key() {
     let page = configuration();
     let local = section(&page, "torchfn-local");
-    let mut missing: Vec<String> = config_keys()
-        .into_iter()
-        .filter(|k| !local.contains(&format!("`{k}`")))
-        .map(|k| format!("config.properties `{k}`"))
-        .collect();
+    let mut missing = unnamed(local, config_keys(), "config.properties");
 
     // The `models` JSON: the fields of `ModelOverrides`, camelCase as serde reads them.
     let settings = read("crates/archive/src/settings.rs");
@@ -420,32 +416,31 @@ fn configuration_names_every_config_key() {
         .filter_map(|l| l.split_once(':').map(|(name, _)| camel_case(name.trim())))
         .collect();
     assert!(json_keys.len() > 5, "{json_keys:?}");
-    missing.extend(
-        json_keys
-            .into_iter()
-            .filter(|k| !local.contains(&format!("`{k}`")))
-            .map(|k| format!("models JSON `{k}`")),
-    );
+    missing.extend(unnamed(local, json_keys, "models JSON"));
 
     // The model-config YAML: the keys `ModelConfig::apply` matches.
     let model_config = read("crates/archive/src/model_config.rs");
     let apply = between(&model_config, "fn apply(&mut self", "_ =>");
-    let yaml_keys: Vec<&str> = apply
+    let yaml_keys: Vec<String> = apply
         .lines()
         .filter(|l| l.contains("\" =>"))
         .filter_map(leading_literal)
+        .map(str::to_string)
         .collect();
     assert!(yaml_keys.len() > 15, "{yaml_keys:?}");
-    missing.extend(
-        yaml_keys
-            .into_iter()
-            .filter(|k| !local.contains(&format!("`{k}`")))
-            .map(|k| format!("model-config YAML `{k}`")),
-    );
+    missing.extend(unnamed(local, yaml_keys, "model-config YAML"));
     assert!(
         missing.is_empty(),
         "docs/configuration.md's torchfn-local section does not name: {missing:#?}"
     );
+}
+
+/// The keys `section` does not name in backticks, each labelled with the `kind` of key it is.
+fn unnamed(section: &str, keys: impl IntoIterator<Item = String>, kind: &str) -> Vec<String> {
+    keys.into_iter()
+        .filter(|k| !section.contains(&format!("`{k}`")))
+        .map(|k| format!("{kind} `{k}`"))
+        .collect()
 }
 
 fn camel_case(snake: &str) -> String {
