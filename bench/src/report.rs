@@ -762,6 +762,7 @@ fn small_sections(out: &mut String, r: &Results) {
         opt(m.cpu_busy_before_pct, 0),
         opt(r.cpu_busy_after_pct, 0)
     );
+    let async_workers = server_async_workers();
     let _ = writeln!(
         *out,
         "Each point: {:.1} s closed loop after {:.1} s warm-up, keep-alive HTTP/1.1 on loopback. \
@@ -769,14 +770,15 @@ fn small_sections(out: &mut String, r: &Results) {
          1 worker per model (libtorch threads chosen at warm-up by timing a batch at 1 and \
          at {}, the fair share; torchfn's log says which), job_queue_size {}. The servers' \
          model workers poll their queue for 300 µs after a pass. torchfn-local serves HTTP on \
-         {} async worker(s) (one per core less one), the HTTP floors on {} (one per core).",
+         {} async worker(s) ({}), the HTTP floors on {} (one per core).",
         s.duration_s,
         s.warmup_s,
         s.batch_size,
         s.max_batch_delay_ms,
         m.torch_threads,
         s.job_queue_size,
-        server_async_workers(),
+        async_workers.0,
+        async_workers.1,
         m.nproc
     );
 
@@ -1207,16 +1209,17 @@ fn litserve_section(out: &mut String, ls: &LitServeResults) {
     );
 }
 
-/// The async workers of the `torchfn-local` servers under test: `TOKIO_WORKER_THREADS` when
-/// `TORCHFN_BENCH_SERVER_ENV` sets it, else the runtime's own choice.
-fn server_async_workers() -> usize {
-    std::env::var("TORCHFN_BENCH_SERVER_ENV")
-        .ok()
-        .and_then(|extra| {
-            extra.split(',').find_map(|kv| {
-                let (k, v) = kv.split_once('=')?;
-                (k.trim() == "TOKIO_WORKER_THREADS").then(|| v.trim().parse().ok())?
-            })
+/// The async workers of the `torchfn-local` servers under test, and why: `TOKIO_WORKER_THREADS`
+/// when `TORCHFN_BENCH_SERVER_ENV` sets it, else the runtime's own choice.
+fn server_async_workers() -> (usize, &'static str) {
+    crate::torchfn::server_env()
+        .into_iter()
+        .find_map(|(k, v)| (k == "TOKIO_WORKER_THREADS").then(|| v.parse().ok())?)
+        .map(|n| (n, "TOKIO_WORKER_THREADS"))
+        .unwrap_or_else(|| {
+            (
+                torchfn_http::serve::async_workers(),
+                "one per core less one",
+            )
         })
-        .unwrap_or_else(torchfn_http::serve::async_workers)
 }

@@ -50,6 +50,17 @@ pub struct Startup {
 }
 
 /// Lines worth timing: the bind lines on stdout and the start-up log events on stderr.
+/// Settings to try on the servers under test: `TORCHFN_BENCH_SERVER_ENV` as `K=V,K=V`
+/// (e.g. `TOKIO_WORKER_THREADS=2`).
+pub fn server_env() -> Vec<(String, String)> {
+    std::env::var("TORCHFN_BENCH_SERVER_ENV")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
 fn interesting(line: &str) -> bool {
     line.contains("API bind to:")
         || line.contains("model loaded")
@@ -104,12 +115,8 @@ impl Torchfn {
                 cmd.env_remove(k);
             }
         }
-        // Settings to try on the server under test, as `K=V,K=V`
-        // (e.g. TORCHFN_BENCH_SERVER_ENV=TOKIO_WORKER_THREADS=2).
-        if let Ok(extra) = std::env::var("TORCHFN_BENCH_SERVER_ENV") {
-            for (k, v) in extra.split(',').filter_map(|kv| kv.split_once('=')) {
-                cmd.env(k.trim(), v.trim());
-            }
+        for (k, v) in server_env() {
+            cmd.env(k, v);
         }
         if let Some(h) = workload.torchfn_handler {
             cmd.arg("--handler").arg(format!("{}={h}", workload.model));
