@@ -1,6 +1,7 @@
 //! Model and handler faults at the batcher, in-process: a handler that panics fails only its
 //! batch and the worker carries on; a model answering NaN answers `null`; passes that run past
-//! the response timeout are detached and replaced, at most `MAX_STUCK` at a time.
+//! the response timeout are detached and replaced, at most `MAX_STUCK` at a time; an async
+//! thread about to sleep waits for a lone request's answer only when its pass is short.
 
 #![allow(clippy::unwrap_used)]
 
@@ -96,6 +97,7 @@ fn wait(rx: tokio::sync::oneshot::Receiver<Outcome>) -> Result<Vec<Value>, Serve
 
 #[test]
 fn a_panicking_handler_fails_its_batch_only_and_nan_is_null() {
+    let _alone = alone();
     let (b, _) = batcher(Duration::from_secs(60));
     let err = wait(submit(&b, 0.0, 13.0)).unwrap_err();
     assert_eq!(err.kind, ErrorKind::PredictionFailed);
@@ -108,6 +110,7 @@ fn a_panicking_handler_fails_its_batch_only_and_nan_is_null() {
 
 #[test]
 fn stuck_passes_are_replaced_up_to_the_cap() {
+    let _alone = alone();
     let (b, metrics) = batcher(Duration::from_millis(200));
     // Each of these passes runs 2.5 s, far past the 200 ms limit.
     let mut long = vec![submit(&b, 2500.0, 1.0)];
@@ -135,4 +138,78 @@ fn stuck_passes_are_replaced_up_to_the_cap() {
     for rx in long {
         assert_eq!(wait(rx).unwrap(), vec![json!(1.0)]);
     }
+}
+
+#[test]
+fn an_async_thread_waits_only_for_a_lone_short_request() {
+    use torchfn_engine::batcher::{requests_due, wait_for_lone_answer, LoneWait};
+    let _alone = alone();
+    let (b, metrics) = batcher(Duration::from_secs(60));
+    assert_eq!(requests_due(), 0);
+    assert_eq!(
+        wait_for_lone_answer(),
+        LoneWait::Skipped,
+        "nothing in flight"
+    );
+    // One request in a 1.5 s pass (the first: no earlier pass says it is long). The waiting
+    // thread polls for the spin time (300 µs), then gives up.
+    let a = submit(&b, 1500.0, 1.0);
+    assert_eq!(requests_due(), 1);
+    assert_eq!(wait_for_lone_answer(), LoneWait::TimedOut);
+    // Two more, one of them abandoned by its caller: no waiting with more than one in flight.
+    let c = submit(&b, 0.0, 2.0);
+    drop(submit(&b, 0.0, 3.0));
+    assert_eq!(requests_due(), 3);
+    assert_eq!(wait_for_lone_answer(), LoneWait::Skipped);
+    assert_eq!(wait(a).unwrap(), vec![json!(1.0)]);
+    assert_eq!(wait(c).unwrap(), vec![json!(2.0)]);
+    // The abandoned request is skipped by the worker, and counted out all the same.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metrics.abandoned.get() < 1 || requests_due() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} requests still counted in flight",
+            requests_due()
+        );
+        std::thread::yield_now();
+    }
+    // A lone request after a short pass: when the wait says it was answered, it was.
+    let mut d = submit(&b, 0.0, 4.0);
+    if wait_for_lone_answer() == LoneWait::Answered {
+        let outcome = d.try_recv().expect("answered before the wait returned");
+        assert_eq!(outcome.outputs.unwrap(), vec![json!(4.0)]);
+    } else {
+        assert_eq!(wait(d).unwrap(), vec![json!(4.0)]);
+    }
+    // A pass after a long one (1 s) is expected to be long: no waiting for it.
+    let passes = metrics.batch_size.get_sample_count();
+    let e = submit(&b, 1000.0, 5.0);
+    let f = submit(&b, 1000.0, 6.0);
+    assert_eq!(wait(e).unwrap(), vec![json!(5.0)]);
+    // f's pass has started once the batch-size histogram counts it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metrics.batch_size.get_sample_count() < passes + 2 || requests_due() > 1 {
+        assert!(Instant::now() < deadline, "the second pass did not start");
+        std::thread::yield_now();
+    }
+    assert_eq!(requests_due(), 1);
+    assert_eq!(
+        wait_for_lone_answer(),
+        LoneWait::Skipped,
+        "its previous pass took 1 s"
+    );
+    assert_eq!(wait(f).unwrap(), vec![json!(6.0)]);
+    while requests_due() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the last request is still counted in flight"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// The tests of this file one at a time: the count of requests in flight is the process's.
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -16,7 +16,7 @@
 //! version; past that, none is replaced until one returns.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -81,6 +81,8 @@ type StepTimes = [Duration; 3];
 
 struct Job {
     instances: Vec<Instance>,
+    /// Counts the job in [`DUE`] until it is answered or dropped.
+    _due: Due,
     enqueued: Instant,
     /// When a worker took it from the queue.
     taken: Option<Instant>,
@@ -303,6 +305,7 @@ impl Batcher {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             instances,
+            _due: Due::new(),
             enqueued: Instant::now(),
             taken: None,
             reply,
@@ -344,7 +347,7 @@ impl Batcher {
 
     /// Workers running a batch right now.
     pub fn busy_workers(&self) -> usize {
-        self.busy.load(Ordering::Relaxed)
+        self.busy.load(Ordering::Acquire)
     }
 
     /// Stops taking requests, lets the workers finish what is queued, and joins them.
@@ -400,15 +403,91 @@ impl Drop for Batcher {
     }
 }
 
-/// How long a model worker keeps polling its queue after a pass before it sleeps, unless
-/// `TORCHFN_WORKER_SPIN_US` says otherwise (0 turns polling off).
+/// Requests queued or in a forward pass, in every batcher of the process (see
+/// [`wait_for_lone_answer`]).
+static DUE: AtomicUsize = AtomicUsize::new(0);
+/// Forward passes whose answers have been handed over, in every batcher of the process.
+static PASSES_ANSWERED: AtomicU64 = AtomicU64::new(0);
+/// Forward passes running now whose model's previous pass took longer than the spin time.
+static LONG_PASSES: AtomicUsize = AtomicUsize::new(0);
+
+/// Requests queued or in a forward pass, in every batcher of the process.
+pub fn requests_due() -> usize {
+    DUE.load(Ordering::Acquire)
+}
+
+/// What [`wait_for_lone_answer`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoneWait {
+    /// Did not wait, or stopped: not exactly one request in flight (or another one came),
+    /// its model's previous pass was long, polling is off, or another thread is waiting.
+    Skipped,
+    /// The request's answer was handed over while it polled.
+    Answered,
+    /// The spin time ran out first.
+    TimedOut,
+}
+
+/// For an async thread about to sleep (tokio's `on_thread_park`): when the process has exactly
+/// one request in flight and its model's previous pass was short (at most the spin time),
+/// polls until a pass's answers are handed over, for at most the spin time, yielding the core
+/// between polls. The answer's task is then already queued when the thread would have gone
+/// to sleep, so it is sent without a sleeping thread's wake-up (about 30 µs on a 2-CPU VM,
+/// half of a small model's whole answer at concurrency 1). With more than one request in
+/// flight the thread sleeps as before: other connections wake it, and a polling thread would
+/// take CPU from them (measured: concurrency 64 served 6% less when it polled there).
+pub fn wait_for_lone_answer() -> LoneWait {
+    static WAITING: AtomicBool = AtomicBool::new(false);
+    let spin = spin_time();
+    let lone = || DUE.load(Ordering::Acquire) == 1 && LONG_PASSES.load(Ordering::Acquire) == 0;
+    if spin.is_zero() || !lone() || WAITING.swap(true, Ordering::Acquire) {
+        return LoneWait::Skipped;
+    }
+    let answered = PASSES_ANSWERED.load(Ordering::Acquire);
+    let start = Instant::now();
+    let waited = loop {
+        if PASSES_ANSWERED.load(Ordering::Acquire) != answered || DUE.load(Ordering::Acquire) == 0 {
+            break LoneWait::Answered;
+        }
+        if !lone() {
+            break LoneWait::Skipped;
+        }
+        if start.elapsed() >= spin {
+            break LoneWait::TimedOut;
+        }
+        std::thread::yield_now();
+    };
+    WAITING.store(false, Ordering::Release);
+    waited
+}
+
+/// One request counted in [`DUE`] while it lives.
+struct Due;
+
+impl Due {
+    fn new() -> Self {
+        DUE.fetch_add(1, Ordering::Release);
+        Self
+    }
+}
+
+impl Drop for Due {
+    fn drop(&mut self) {
+        DUE.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// How long a model worker keeps polling its queue after a pass before it sleeps, and an
+/// async thread polls for a lone request's answer ([`wait_for_lone_answer`]), unless
+/// `TORCHFN_WORKER_SPIN_US` says otherwise (0 turns both off).
 ///
 /// A sleeping thread's wake-up costs about 30 µs on a 2-CPU VM, once for the worker and once
 /// for the request's task; a client's next request typically comes 60–150 µs after an
-/// answer. Polling for 300 µs takes that first wake-up out of the path (`scripts/bench`,
-/// seed model at concurrency 1: p50 190 → 93 µs). Between polls the core goes to any other
-/// runnable thread, and an idle worker (no pass in the last 300 µs) sleeps, so the cost is
-/// at most 300 µs of CPU per pass at low traffic and nothing when the server is idle.
+/// answer. Polling for 300 µs takes the worker's wake-up out of the path (`scripts/bench`,
+/// seed model at concurrency 1: p50 190 → 93 µs), and the async thread's wait the other
+/// (p50 86–95 → 36–37 µs). Between polls the core goes to any other runnable thread, and an
+/// idle worker (no pass in the last 300 µs) sleeps, so the cost is at most 300 µs of CPU per
+/// pass at low traffic and nothing when the server is idle.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(300);
 
 fn spin_time() -> Duration {
@@ -507,13 +586,20 @@ impl Worker {
                 continue;
             }
             let items: usize = jobs.iter().map(|j| j.instances.len()).sum();
-            self.busy.fetch_add(1, Ordering::Relaxed);
+            let long = last.1 > spin;
+            if long {
+                LONG_PASSES.fetch_add(1, Ordering::Release);
+            }
+            self.busy.fetch_add(1, Ordering::Release);
             let started = Instant::now();
             self.pass_started.store(
                 self.epoch.elapsed().as_micros() as u64 + 1,
                 Ordering::Relaxed,
             );
             self.run_batch(jobs);
+            if long {
+                LONG_PASSES.fetch_sub(1, Ordering::Release);
+            }
             self.pass_started.store(0, Ordering::Relaxed);
             last = (items, started.elapsed());
             last_done = Some(Instant::now());
@@ -603,6 +689,7 @@ impl Worker {
                 phases,
             });
         }
+        PASSES_ANSWERED.fetch_add(1, Ordering::Release);
     }
 
     /// Per job, per instance results, and per job the size of its first forward pass and

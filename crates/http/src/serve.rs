@@ -70,9 +70,16 @@ impl Limits {
 /// would be preempted by it and park and unpark around it. `scripts/bench` on the 2-CPU VM,
 /// seed model, batching on, concurrency 16: 37.9k → 44.5k answers/s with one async worker
 /// instead of two (concurrency 1 and 64 no slower, the wide model unchanged).
+///
+/// A worker about to sleep while the process's only request in flight is in a short forward
+/// pass polls for its answer first (`torchfn_engine::batcher::wait_for_lone_answer`), so the
+/// answer does not wait for a sleeping thread's wake-up.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
+    builder.on_thread_park(|| {
+        torchfn_engine::batcher::wait_for_lone_answer();
+    });
     // tokio reads TOKIO_WORKER_THREADS itself when no count is given.
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
         builder.worker_threads(async_workers());
