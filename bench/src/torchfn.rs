@@ -49,7 +49,6 @@ pub struct Startup {
     pub torchscript_load_ms: Option<f64>,
 }
 
-/// Lines worth timing: the bind lines on stdout and the start-up log events on stderr.
 /// Settings to try on the servers under test: `TORCHFN_BENCH_SERVER_ENV` as `K=V,K=V`
 /// (e.g. `TOKIO_WORKER_THREADS=2`).
 pub fn server_env() -> Vec<(String, String)> {
@@ -61,6 +60,7 @@ pub fn server_env() -> Vec<(String, String)> {
         .collect()
 }
 
+/// Lines worth timing: the bind lines on stdout and the start-up log events on stderr.
 fn interesting(line: &str) -> bool {
     line.contains("API bind to:")
         || line.contains("model loaded")

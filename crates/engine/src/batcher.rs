@@ -347,7 +347,7 @@ impl Batcher {
 
     /// Workers running a batch right now.
     pub fn busy_workers(&self) -> usize {
-        self.busy.load(Ordering::Acquire)
+        self.busy.load(Ordering::Relaxed)
     }
 
     /// Stops taking requests, lets the workers finish what is queued, and joins them.
@@ -590,7 +590,7 @@ impl Worker {
             if long {
                 LONG_PASSES.fetch_add(1, Ordering::Release);
             }
-            self.busy.fetch_add(1, Ordering::Release);
+            self.busy.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
             self.pass_started.store(
                 self.epoch.elapsed().as_micros() as u64 + 1,
