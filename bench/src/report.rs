@@ -746,6 +746,71 @@ pub fn table(r: &Results) -> String {
         };
         let _ = writeln!(out, "  {verdict:<4}  {:<70} {}", t.target, t.measured);
     }
+    let bounds = cpu_bounds(r);
+    if !bounds.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nwhat the CPUs allow (CPU µs per answer, the server's and the load generator's, from \
+             the srvCPU and bchCPU columns)"
+        );
+        for line in bounds {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    out
+}
+
+/// CPU µs per answer of everything on the machine that serves one: the server process and
+/// the load generator (for the in-process HTTP floor, one figure holds both).
+fn cpu_per_answer(r: &LoadResult) -> Option<f64> {
+    Some(r.server_cpu_us_per_request.unwrap_or(0.0) + r.bench_cpu_us_per_request?)
+}
+
+/// For the throughput targets, the ratio the measured CPU cost per answer allows: the seed
+/// model against the HTTP floor if torchfn kept the CPUs as busy as the floor did, and at
+/// most, with every CPU busy; the wide model against the libtorch floor with every CPU busy.
+/// A target above the "at most" needs less CPU per answer, not better scheduling.
+fn cpu_bounds(r: &Results) -> Vec<String> {
+    let cpus = r.machine.nproc as f64;
+    let mut out = Vec::new();
+    for c in [16, 64] {
+        let floor = r
+            .http_floor
+            .iter()
+            .find(|p| p.server == "http-floor" && p.model == "seed" && p.result.concurrency == c)
+            .map(|p| &p.result);
+        let (Some(t), Some(f)) = (find(&r.torchfn, "seed", "on", c), floor) else {
+            continue;
+        };
+        let (Some(t_cpu), Some(f_cpu), Some(server)) = (
+            cpu_per_answer(t),
+            cpu_per_answer(f),
+            t.server_cpu_us_per_request,
+        ) else {
+            continue;
+        };
+        let floor_use = f_cpu * f.throughput_rps / 1e6;
+        out.push(format!(
+            "seed c{c} batching on: {t_cpu:.1} µs (torchfn {server:.1}) against the HTTP floor's \
+             {f_cpu:.1} → {:.0}% of its throughput at the floor's CPU use ({floor_use:.2} of \
+             {cpus:.0} CPUs), at most {:.0}% with every CPU busy (measured {:.0}%)",
+            100.0 * f_cpu / t_cpu,
+            100.0 * cpus * 1e6 / t_cpu / f.throughput_rps,
+            100.0 * t.throughput_rps / f.throughput_rps,
+        ));
+    }
+    if let Some((t, batch, floor_rps)) = r.wide_vs_floor() {
+        if let (Some(t_cpu), Some(server)) = (cpu_per_answer(t), t.server_cpu_us_per_request) {
+            let most = cpus * 1e6 / t_cpu;
+            out.push(format!(
+                "wide c64 batching on: {t_cpu:.0} µs (torchfn {server:.0}): with every CPU busy at \
+                 most {most:.0} answers/s, {:.0}% of the libtorch floor at batch {batch} \
+                 (measured {:.0}%)",
+                100.0 * most / floor_rps,
+                100.0 * t.throughput_rps / floor_rps,
+            ));
+        }
+    }
     out
 }
 

@@ -64,6 +64,16 @@ fn quick_run_writes_every_section() {
         stdout.contains("targets (issues 3, 4 and 18)"),
         "no table:\n{stdout}"
     );
+    // What the measured CPU per answer allows the seed's concurrency-16 ratio.
+    let bound = stdout
+        .lines()
+        .find(|l| l.starts_with("  seed c16 batching on: "))
+        .unwrap_or_else(|| panic!("no CPU bound for seed c16:\n{stdout}"));
+    assert!(
+        bound.contains("against the HTTP floor's")
+            && bound.contains("with every CPU busy (measured "),
+        "{bound}"
+    );
     // --quick makes and loads no real-size model.
     assert!(
         stdout.contains("real-size models: not run (--quick"),
