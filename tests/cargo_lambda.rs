@@ -38,7 +38,7 @@ fn cargo_lambda() -> PathBuf {
 }
 
 /// A `cargo lambda watch` of the whole workspace (every function of it), in a process group
-/// of its own so that stopping it also stops the function processes it started.
+/// of its own; it starts each function instance in a group of its own too.
 struct Watch {
     child: Child,
     port: u16,
@@ -91,8 +91,9 @@ impl Watch {
 }
 
 impl Watch {
-    /// Stops the watch: SIGTERM to the group (cargo-lambda passes it on, as Lambda's
-    /// SHUTDOWN does), then SIGKILL what is left after 10 s. Returns the log.
+    /// Stops the watch: SIGTERM to its group (cargo-lambda passes it on to each function's
+    /// group, as Lambda's SHUTDOWN does), waits for cargo-lambda and the functions to end,
+    /// then SIGKILL to whatever is left after 10 s. Returns the log.
     fn stop(&mut self) -> String {
         if let Ok(Some(_)) = self.child.try_wait() {
             return self.log();
@@ -105,10 +106,33 @@ impl Watch {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        // cargo-lambda passes the signal to each function's process group, but it may exit
+        // before a function has finished its SHUTDOWN (it can fail to wait for the group):
+        // wait for the functions' groups themselves.
+        let groups = function_groups(&self.log());
+        while Instant::now() < deadline && groups.iter().any(|&g| common::signal::group_running(g))
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = common::signal::group(&self.child, common::signal::Signal::KILL);
+        for &g in &groups {
+            let _ = common::signal::group_by_id(g, common::signal::Signal::KILL);
+        }
         let _ = self.child.wait();
         self.log()
     }
+}
+
+/// The process groups cargo-lambda started function instances in, from its log lines
+/// `process group spawned pgid=N`.
+fn function_groups(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter_map(|l| l.split("process group spawned pgid=").nth(1))
+        .filter_map(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
 }
 
 impl Drop for Watch {
