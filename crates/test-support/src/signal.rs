@@ -66,7 +66,10 @@ mod tests {
         // Killed but not yet reaped (a zombie) or reaped: either way no longer running.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while group_running(pgid) {
-            assert!(std::time::Instant::now() < deadline, "group {pgid} still runs");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "group {pgid} still runs"
+            );
             std::thread::yield_now();
         }
         child.wait().unwrap();
