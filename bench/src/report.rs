@@ -232,6 +232,15 @@ impl Results {
         Some((t, batch, batch as f64 / f.median_us * 1e6))
     }
 
+    /// The like-for-like HTTP floor (torchfn's own listener and middleware, no model) with
+    /// the seed's body at concurrency `c`.
+    fn seed_http_floor(&self, c: usize) -> Option<&LoadResult> {
+        self.http_floor
+            .iter()
+            .find(|p| p.server == "http-floor" && p.model == "seed" && p.result.concurrency == c)
+            .map(|p| &p.result)
+    }
+
     fn seed_rss_kib(&self) -> Option<u64> {
         self.torchfn_rss
             .iter()
@@ -529,14 +538,7 @@ impl Results {
 
     fn small_targets(&self) -> Vec<TargetCheck> {
         let mut out = Vec::new();
-        // The like-for-like floor: torchfn's own listener and middleware, no model.
-        let floor_points: Vec<Point> = self
-            .http_floor
-            .iter()
-            .filter(|p| p.server == "http-floor")
-            .cloned()
-            .collect();
-        let floor = |c| find(&floor_points, "seed", "-", c);
+        let floor = |c| self.seed_http_floor(c);
         for c in [16, 64] {
             let name = format!("seed c{c} throughput ≥ 80% of the HTTP floor (batching on)");
             out.push(match (find(&self.torchfn, "seed", "on", c), floor(c)) {
@@ -774,12 +776,7 @@ fn cpu_bounds(r: &Results) -> Vec<String> {
     let cpus = r.machine.nproc as f64;
     let mut out = Vec::new();
     for c in [16, 64] {
-        let floor = r
-            .http_floor
-            .iter()
-            .find(|p| p.server == "http-floor" && p.model == "seed" && p.result.concurrency == c)
-            .map(|p| &p.result);
-        let (Some(t), Some(f)) = (find(&r.torchfn, "seed", "on", c), floor) else {
+        let (Some(t), Some(f)) = (find(&r.torchfn, "seed", "on", c), r.seed_http_floor(c)) else {
             continue;
         };
         let (Some(t_cpu), Some(f_cpu), Some(server)) = (
