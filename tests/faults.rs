@@ -80,6 +80,7 @@ fn batcher(stuck_after: Duration) -> (Batcher, BatchMetrics) {
         workers: 1,
         queue_size: 100,
         threads_per_worker: 1,
+        lone_pass: None,
         stuck_after,
     };
     let b = Batcher::start("faulty", Arc::new(Faulty), session, config, metrics.clone()).unwrap();

@@ -27,6 +27,7 @@ mod report;
 mod stats;
 mod torchfn;
 mod torchserve;
+mod turns;
 mod workload;
 
 use std::path::{Path, PathBuf};
@@ -113,6 +114,14 @@ struct Args {
     /// The torchfn-local binary (default: beside this one, e.g. target/release/).
     #[arg(long, env = "TORCHFN_BENCH_TORCHFN_LOCAL")]
     torchfn_local: Option<PathBuf>,
+
+    /// Another torchfn-local build to compare this one with: for each model with batching
+    /// on, both serve at once and take turns in short windows (12 rounds of 0.5 s at each
+    /// concurrency; 3 of 0.2 s with --quick), and the other's throughput over this one's is
+    /// printed, median and range.
+    /// For changes worth a few percent, which the machine's drift between points hides.
+    #[arg(long, env = "TORCHFN_BENCH_AGAINST")]
+    against: Option<PathBuf>,
 
     /// The torchfn-model binary for the functions' figures (default: beside this one).
     #[arg(long, env = "TORCHFN_BENCH_TORCHFN_MODEL")]
@@ -422,6 +431,17 @@ fn main() -> anyhow::Result<()> {
                     .torchfn
                     .push(Point::new("torchfn", w.label, Some(batching), r));
             }
+            if let (Some(other), true) = (&args.against, batching.batch_size > 1) {
+                compare(
+                    &rt,
+                    &mut results,
+                    other,
+                    (&store, w, batching, &device_arg),
+                    &target,
+                    &settings.concurrency,
+                    turns::Schedule::new(quick),
+                );
+            }
             // Where the time goes, from torchfn's Server-Timing, at concurrency 1 and 16.
             let (warm, count) = match (quick, w.label) {
                 (true, _) => (50, 200),
@@ -714,6 +734,66 @@ fn run_large(
         rt,
     )?);
     Ok(())
+}
+
+/// Starts `other` (another torchfn-local build) beside the server behind `this` and has them
+/// take turns at each concurrency ([`turns`]); a failure is reported and the run goes on.
+fn compare(
+    rt: &tokio::runtime::Runtime,
+    results: &mut Results,
+    other: &Path,
+    (store, w, batching, device): (&Path, &Workload, Batching, &str),
+    this: &Target,
+    concurrency: &[usize],
+    schedule: turns::Schedule,
+) {
+    eprintln!(
+        "bench: {} batching on, against {}: starting",
+        w.label,
+        other.display()
+    );
+    let server = match Torchfn::start(other, store, w, batching, device, rt) {
+        Ok(s) => s,
+        Err(e) => return eprintln!("bench: {} did not start: {e:#}", other.display()),
+    };
+    let that = Target {
+        addr: server.inference,
+        path: w.path(),
+        body: w.body.clone(),
+    };
+    for &c in concurrency {
+        eprintln!(
+            "bench: {} batching on, taking turns, concurrency {c}",
+            w.label
+        );
+        let window = |t: &Target| -> anyhow::Result<f64> {
+            let load = Load {
+                concurrency: c,
+                warmup: schedule.warmup(),
+                duration: schedule.window(),
+                max_requests: 4_000_000,
+            };
+            let r = rt.block_on(load::run(t, load));
+            anyhow::ensure!(
+                r.errors == 0,
+                "{} errors, the first: {}",
+                r.errors,
+                r.first_error.unwrap_or_default()
+            );
+            Ok(r.throughput_rps)
+        };
+        match turns::take(schedule.rounds, || window(this), || window(&that)) {
+            Ok(rounds) => results.against.push(turns::Turns {
+                model: w.label.into(),
+                concurrency: c,
+                other: other.display().to_string(),
+                schedule,
+                rounds,
+            }),
+            Err(e) => eprintln!("bench: taking turns failed: {e:#}\n{}", server.tail()),
+        }
+    }
+    server.stop();
 }
 
 /// One load point against a torchfn server; errors are shown with the server's last output.

@@ -154,6 +154,8 @@ pub struct Results {
     pub torchfn: Vec<Point>,
     /// Where a request's time goes in torchfn (Server-Timing means) at concurrency 1 and 16.
     pub breakdown: Vec<crate::phases::Breakdown>,
+    /// `--against`: another torchfn-local build taking turns with this one.
+    pub against: Vec<crate::turns::Turns>,
     /// The seed archive served with its own handler.py through the Python backend (no
     /// built-in mapping), batching on.
     pub python_backend: Vec<Point>,
@@ -201,6 +203,7 @@ impl Results {
             http_floor: Vec::new(),
             torchfn: Vec::new(),
             breakdown: Vec::new(),
+            against: Vec::new(),
             python_backend: Vec::new(),
             torchfn_rss: Vec::new(),
             cold_start: Vec::new(),
@@ -762,6 +765,35 @@ pub fn table(r: &Results) -> String {
     out
 }
 
+/// `--against`: the other build's throughput over this one's, taking turns.
+fn against_table(out: &mut String, against: &[crate::turns::Turns]) {
+    let Some(first) = against.first() else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\nagainst {} (both serving, batching on, taking turns: {} rounds of {:.1} s each after \
+         {:.1} s warm-up; its throughput over this build's)",
+        first.other, first.schedule.rounds, first.schedule.window_s, first.schedule.warmup_s
+    );
+    for t in against {
+        let ratios = t.ratios();
+        let (Some(median), Some(lo), Some(hi)) = (
+            crate::stats::median(ratios.clone()),
+            ratios.first(),
+            ratios.last(),
+        ) else {
+            continue;
+        };
+        let (this, other) = t.means();
+        let _ = writeln!(
+            out,
+            "  {} c{:<3} median {median:.3} (rounds {lo:.3}–{hi:.3}); means {this:.0} here, {other:.0} there",
+            t.model, t.concurrency
+        );
+    }
+}
+
 /// CPU µs per answer of everything on the machine that serves one: the server process and
 /// the load generator (for the in-process HTTP floor, one figure holds both).
 fn cpu_per_answer(r: &LoadResult) -> Option<f64> {
@@ -925,6 +957,7 @@ fn small_sections(out: &mut String, r: &Results) {
          srvCPU, bchCPU: CPU µs per answer over the window of the server process and of the \
          benchmark process — the load generator, and for the HTTP floors the server too)"
     );
+    against_table(out, &r.against);
     breakdown_table(out, &r.breakdown);
 
     if let Some(c) = &r.cold_start_median {

@@ -1,4 +1,4 @@
-//! Runs `torchfn-bench --quick --litserve` against the emulator of this build (target/debug,
+//! Runs `torchfn-bench --quick --litserve --against` (the build against itself) on the emulator of this build (target/debug,
 //! built here when missing) and checks that the JSON it writes has every section, with sane
 //! values. LitServe (about 15 s of the run) is installed into the venv with pip on first use. No timing is asserted: CI machines vary; the figures are for reading, not gating.
 
@@ -49,6 +49,9 @@ fn quick_run_writes_every_section() {
         .arg("--quick")
         .arg("--litserve")
         .arg("--torchfn-local")
+        .arg(&local)
+        // The build against itself: both serve and take turns.
+        .arg("--against")
         .arg(&local)
         .arg("--out")
         .arg(&out)
@@ -116,6 +119,23 @@ fn quick_run_writes_every_section() {
             "torchfn's headers read: {p}"
         );
     }
+    // --against: per model and concurrency, rounds in which both builds answered.
+    let against = array(&r, "against");
+    assert_eq!(against.len(), 4, "2 models × concurrency 1/16");
+    for t in against {
+        let rounds = array(t, "rounds");
+        assert_eq!(rounds.len(), 3, "{t}");
+        for pair in rounds {
+            assert!(
+                pair[0].as_f64() > Some(0.0) && pair[1].as_f64() > Some(0.0),
+                "{t}"
+            );
+        }
+    }
+    assert!(
+        stdout.contains("\nagainst "),
+        "no --against section:\n{stdout}"
+    );
     // The seed archive's own handler.py through the Python backend, batching on.
     let python = array(&r, "python_backend");
     assert_eq!(python.len(), 2, "concurrency 1/16");

@@ -73,7 +73,7 @@ pub enum Runner {
     Torch {
         handler: Arc<dyn Handler>,
         session: Arc<Session>,
-        batcher: Batcher,
+        batcher: Box<Batcher>,
     },
     /// TorchServe's Python backend: the archive's own handler, in worker processes.
     Python {
@@ -230,7 +230,7 @@ impl ModelVersion {
     /// The batcher, when a built-in serves this version.
     pub fn batcher(&self) -> Option<&Batcher> {
         match &self.runner {
-            Runner::Torch { batcher, .. } => Some(batcher),
+            Runner::Torch { batcher, .. } => Some(batcher.as_ref()),
             Runner::Python { .. } => None,
         }
     }
@@ -735,6 +735,7 @@ impl Manager {
                     self.model_threads(),
                 );
                 settings.batch.threads_per_worker = threads;
+                settings.batch.lone_pass = warm_up;
                 let session = Arc::new(session);
                 if device.is_cuda() {
                     self.metrics.enable_gpu_metrics();
@@ -762,7 +763,7 @@ impl Manager {
                     Runner::Torch {
                         handler,
                         session,
-                        batcher,
+                        batcher: Box::new(batcher),
                     },
                     warm_up,
                     session_loaded,
@@ -989,6 +990,7 @@ impl Manager {
                 workers: min_workers,
                 queue_size,
                 threads_per_worker: threads_per_worker(min_workers.max(1)),
+                lone_pass: None,
                 stuck_after: response_timeout,
             },
             min_workers,
