@@ -512,10 +512,10 @@ fn spin_time() -> Duration {
 /// Takes jobs from `rx` into `jobs` until they hold `target` instances or `deadline` passes;
 /// `items` is what they hold now. A wait shorter than `spin` polls the queue, giving the core
 /// to any other runnable thread between polls: a timed sleep oversleeps by the kernel's timer
-/// slack (50 µs by default), longer than such a wait. `scripts/bench` (alternating windows of
-/// two servers, 2-CPU VM), the seed model at concurrency 16: a cohort's wait bounded by one
-/// previous pass and made as a timed sleep served 5–8% less than bounded by a one-instance
-/// pass and 4% less than that when polled, and 8% less than no wait; the wide model at
+/// slack (50 µs by default), longer than such a wait. `torchfn-bench --against` on the 2-CPU
+/// VM, the seed model at concurrency 16: this wait (bounded by a one-instance pass, polled
+/// when short) served 10–18% more than the one before it (bounded by the previous pass, a
+/// timed sleep); not polled, it lost 8% to no wait at all, polled 1.5%; the wide model at
 /// concurrency 16 served 8–15% less with no wait.
 fn take_until(
     rx: &Receiver<Job>,
@@ -636,13 +636,14 @@ impl Worker {
                 self.epoch.elapsed().as_micros() as u64 + 1,
                 Ordering::Relaxed,
             );
-            self.run_batch(jobs);
+            let answered = self.run_batch(jobs);
             if long {
                 LONG_PASSES.fetch_sub(1, Ordering::Release);
             }
             self.pass_started.store(0, Ordering::Relaxed);
             last = (items, started.elapsed());
-            if items == 1 {
+            // Only a pass that answered counts: one that failed early says nothing of a pass's cost.
+            if items == 1 && answered {
                 self.lone_pass = Some(self.lone_pass.map_or(last.1, |l| l.min(last.1)));
             }
             last_done = Some(Instant::now());
@@ -674,7 +675,8 @@ impl Worker {
         }
     }
 
-    fn run_batch(&self, jobs: Vec<Job>) {
+    /// Runs one pass over `jobs` and answers each; whether every instance got a value.
+    fn run_batch(&self, jobs: Vec<Job>) -> bool {
         let started = Instant::now();
         let queue_times: Vec<Duration> = jobs.iter().map(|j| started - j.enqueued).collect();
         let outcome = catch_unwind(AssertUnwindSafe(|| self.compute(&jobs)));
@@ -695,6 +697,7 @@ impl Worker {
                 )
             }
         };
+        let answered = results.iter().flatten().all(Result::is_ok);
         for ((((job, result), queue_time), batch_size), steps) in jobs
             .into_iter()
             .zip(results)
@@ -733,6 +736,7 @@ impl Worker {
             });
         }
         PASSES_ANSWERED.fetch_add(1, Ordering::Release);
+        answered
     }
 
     /// Per job, per instance results, and per job the size of its first forward pass and
