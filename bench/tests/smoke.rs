@@ -1,6 +1,8 @@
-//! Runs `torchfn-bench --quick --litserve --against` (the build against itself) on the emulator of this build (target/debug,
-//! built here when missing) and checks that the JSON it writes has every section, with sane
-//! values. LitServe (about 15 s of the run) is installed into the venv with pip on first use. No timing is asserted: CI machines vary; the figures are for reading, not gating.
+//! Runs `torchfn-bench --quick --litserve --against` (the build against itself) on the
+//! emulator of this build (target/debug, built here when missing) and checks that the JSON it
+//! writes has every section, with sane values. LitServe (about 15 s of the run) is installed
+//! into the venv with pip on first use. No timing is asserted: CI machines vary; the figures
+//! are for reading, not gating.
 
 #![allow(clippy::unwrap_used)]
 
