@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tch::{Device, IValue, Tensor};
 use torchfn_engine::batcher::{BatchConfig, BatchMetrics, Batcher, Outcome, MAX_STUCK};
 use torchfn_engine::error::{ErrorKind, ServeError};
-use torchfn_engine::handler::{batch_rows, Decoded, Handler, Instance, Request};
+use torchfn_engine::handler::{batch_rows, Answer, Decoded, Handler, Instance, Request};
 use torchfn_engine::session::{Session, SessionError};
 
 /// A handler whose "model" is the instance itself: `[sleep_ms, value]` sleeps that long, then
@@ -93,7 +93,12 @@ fn submit(b: &Batcher, sleep_ms: f32, value: f32) -> tokio::sync::oneshot::Recei
 }
 
 fn wait(rx: tokio::sync::oneshot::Receiver<Outcome>) -> Result<Vec<Value>, ServeError> {
-    rx.blocking_recv().unwrap().outputs
+    rx.blocking_recv()
+        .unwrap()
+        .outputs?
+        .into_iter()
+        .map(Answer::into_value)
+        .collect()
 }
 
 #[test]
@@ -178,7 +183,7 @@ fn an_async_thread_waits_only_for_a_lone_short_request() {
     let mut d = submit(&b, 0.0, 4.0);
     if wait_for_lone_answer() == LoneWait::Answered {
         let outcome = d.try_recv().expect("answered before the wait returned");
-        assert_eq!(outcome.outputs.unwrap(), vec![json!(4.0)]);
+        assert_eq!(outcome.outputs.unwrap(), vec![Answer::Value(json!(4.0))]);
     } else {
         assert_eq!(wait(d).unwrap(), vec![json!(4.0)]);
     }

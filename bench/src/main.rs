@@ -267,13 +267,28 @@ fn main() -> anyhow::Result<()> {
             std::fs::create_dir_all(target.join("bench"))?;
             target.join("bench")
         })?;
-    let torchfn_local = {
-        let p = pinned.path().join("torchfn-local");
-        if std::fs::hard_link(&source, &p).is_err() {
-            std::fs::copy(&source, &p)
+    let pin = |source: &Path, name: &str| -> anyhow::Result<PathBuf> {
+        let p = pinned.path().join(name);
+        if std::fs::hard_link(source, &p).is_err() {
+            std::fs::copy(source, &p)
                 .with_context(|| format!("could not copy {}", source.display()))?;
         }
-        p
+        Ok(p)
+    };
+    let torchfn_local = pin(&source, "torchfn-local")?;
+    // The build compared with (--against), checked and pinned now, not when its turn comes.
+    let against = match &args.against {
+        Some(other) => {
+            anyhow::ensure!(
+                other.is_file(),
+                "{} (--against) not found: give the path of another torchfn-local build",
+                other.display()
+            );
+            let dir = pinned.path().join("against");
+            std::fs::create_dir_all(&dir)?;
+            Some((pin(other, "against/torchfn-local")?, other.clone()))
+        }
+        None => None,
     };
     // The model function, pinned the same way when it is there.
     let torchfn_model = {
@@ -431,7 +446,7 @@ fn main() -> anyhow::Result<()> {
                     .torchfn
                     .push(Point::new("torchfn", w.label, Some(batching), r));
             }
-            if let (Some(other), true) = (&args.against, batching.batch_size > 1) {
+            if let (Some(other), true) = (&against, batching.batch_size > 1) {
                 compare(
                     &rt,
                     &mut results,
@@ -736,12 +751,13 @@ fn run_large(
     Ok(())
 }
 
-/// Starts `other` (another torchfn-local build) beside the server behind `this` and has them
-/// take turns at each concurrency ([`turns`]); a failure is reported and the run goes on.
+/// Starts `other` (another torchfn-local build: its pinned copy, and the path it was given
+/// as) beside the server behind `this` and has them take turns at each concurrency
+/// ([`turns`]); a failure is reported and the run goes on.
 fn compare(
     rt: &tokio::runtime::Runtime,
     results: &mut Results,
-    other: &Path,
+    (other, given): &(PathBuf, PathBuf),
     (store, w, batching, device): (&Path, &Workload, Batching, &str),
     this: &Target,
     concurrency: &[usize],
@@ -750,11 +766,11 @@ fn compare(
     eprintln!(
         "bench: {} batching on, against {}: starting",
         w.label,
-        other.display()
+        given.display()
     );
     let server = match Torchfn::start(other, store, w, batching, device, rt) {
         Ok(s) => s,
-        Err(e) => return eprintln!("bench: {} did not start: {e:#}", other.display()),
+        Err(e) => return eprintln!("bench: {} did not start: {e:#}", given.display()),
     };
     let that = Target {
         addr: server.inference,
@@ -786,7 +802,7 @@ fn compare(
             Ok(rounds) => results.against.push(turns::Turns {
                 model: w.label.into(),
                 concurrency: c,
-                other: other.display().to_string(),
+                other: given.display().to_string(),
                 schedule,
                 rounds,
             }),

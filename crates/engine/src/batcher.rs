@@ -22,11 +22,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::error::{ErrorKind, ServeError};
-use crate::handler::{Handler, Instance};
+use crate::handler::{Answer, Handler, Instance};
 use crate::session::{set_threads, Session, SessionError};
 
 /// How a model version batches.
@@ -54,7 +53,7 @@ pub const MAX_STUCK: usize = 2;
 #[derive(Debug)]
 pub struct Outcome {
     /// One value per instance, in order, or the request's error.
-    pub outputs: Result<Vec<Value>, ServeError>,
+    pub outputs: Result<Vec<Answer>, ServeError>,
     pub queue_time: Duration,
     pub inference_time: Duration,
     /// Instances in the forward pass that carried this request's first instance.
@@ -746,7 +745,7 @@ impl Worker {
         &self,
         jobs: &[Job],
     ) -> (
-        Vec<Vec<Result<Value, ServeError>>>,
+        Vec<Vec<Result<Answer, ServeError>>>,
         Vec<usize>,
         Vec<StepTimes>,
     ) {
@@ -764,7 +763,7 @@ impl Worker {
                 }
             }
         }
-        let mut results: Vec<Vec<Option<Result<Value, ServeError>>>> = jobs
+        let mut results: Vec<Vec<Option<Result<Answer, ServeError>>>> = jobs
             .iter()
             .map(|j| (0..j.instances.len()).map(|_| None).collect())
             .collect();
@@ -804,7 +803,7 @@ impl Worker {
         &self,
         items: &[&Instance],
         took: &mut StepTimes,
-    ) -> Result<Vec<Value>, SessionError> {
+    ) -> Result<Vec<Answer>, SessionError> {
         let t0 = Instant::now();
         let inputs = self.handler.preprocess(items, self.session.device());
         let t1 = Instant::now();
@@ -812,7 +811,7 @@ impl Worker {
         let output = self.handler.inference(&self.session, &inputs?);
         let t2 = Instant::now();
         took[1] += t2 - t1;
-        let values = self.handler.postprocess(output?, items.len());
+        let values = self.handler.answers(output?, items.len());
         took[2] += t2.elapsed();
         values
     }
@@ -821,7 +820,7 @@ impl Worker {
         &self,
         items: &[&Instance],
         took: &mut StepTimes,
-    ) -> Vec<Result<Value, ServeError>> {
+    ) -> Vec<Result<Answer, ServeError>> {
         match self.forward(items, took) {
             Ok(values) => values.into_iter().map(Ok).collect(),
             Err(e) if items.len() > 1 => {

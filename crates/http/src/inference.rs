@@ -20,7 +20,7 @@ use super::{json_response, read_body, AppState, RequestId};
 use crate::error::HttpError;
 use crate::timing::{ServerTiming, TIMING_REQUEST};
 use torchfn_engine::batcher::Outcome;
-use torchfn_engine::handler::{tensors, Decoded, Request};
+use torchfn_engine::handler::{self, tensors, Decoded, Request};
 use torchfn_engine::manager::ModelVersion;
 
 pub fn routes() -> Router<AppState> {
@@ -149,30 +149,32 @@ async fn predict_inner(state: &AppState, call: Call, explain: bool) -> Result<Re
             .map_err(HttpError::from)
     })
     .await?;
-    let values = std::mem::take(&mut answer.values);
-    let body = if answer.is_list {
-        Value::Array(values)
-    } else {
-        values.into_iter().next().unwrap_or(Value::Null)
-    };
+    let answers = std::mem::take(&mut answer.values);
     // Numbers come back as a .npy file when the client asks for one.
     let wants_npy = header_str(&headers, header::ACCEPT.as_str())
         .is_some_and(|a| a.contains("application/x-npy"));
-    let npy = if wants_npy {
-        tensors::json_to_tensor(&body)
-    } else {
-        None
-    };
-    let mut resp = match npy {
-        Some((kind, shape, bytes)) => {
-            let mut r = tensors::write_npy(kind, &shape, &bytes).into_response();
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/x-npy"),
-            );
-            r
+    let mut resp = if wants_npy {
+        let body = if answer.is_list {
+            Value::Array(values_of(answers)?)
+        } else {
+            values_of(answers)?
+                .into_iter()
+                .next()
+                .unwrap_or(Value::Null)
+        };
+        match tensors::json_to_tensor(&body) {
+            Some((kind, shape, bytes)) => {
+                let mut r = tensors::write_npy(kind, &shape, &bytes).into_response();
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-npy"),
+                );
+                r
+            }
+            None => json_response(StatusCode::OK, &body),
         }
-        None => json_response(StatusCode::OK, &body),
+    } else {
+        answers_response(&answers, answer.is_list, None)
     };
     answer.add_headers(&mut resp);
     Ok(resp)
@@ -208,7 +210,7 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// A model's answers to one request, before they are shaped for the route.
 struct Answer {
     model: Arc<ModelVersion>,
-    values: Vec<Value>,
+    values: Vec<handler::Answer>,
     is_list: bool,
     outcome: Outcome,
     /// Where the request's time went, when the client asked (`x-torchfn-timing`).
@@ -383,6 +385,61 @@ async fn wait<T>(
     }
 }
 
+/// The answers as JSON values (for the routes that reshape them).
+fn values_of(answers: Vec<handler::Answer>) -> Result<Vec<Value>, HttpError> {
+    Ok(answers
+        .into_iter()
+        .map(handler::Answer::into_value)
+        .collect::<Result<_, _>>()?)
+}
+
+/// A 200 response with the answers as pretty JSON, printed as `json_response` prints the
+/// same values: the one answer, or (`list`) an array of them, held under `key` in an object
+/// when one is given (KServe v1's `{"predictions": [...]}`). Answers a handler printed are
+/// copied in, indented to their depth, not read back and printed again.
+fn answers_response(answers: &[handler::Answer], list: bool, key: Option<&str>) -> Response {
+    let mut out = Vec::with_capacity(64 + answers.len() * 192);
+    print_answers(answers, list, key, &mut out);
+    let mut resp = (StatusCode::OK, out).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn print_answers(answers: &[handler::Answer], list: bool, key: Option<&str>, out: &mut Vec<u8>) {
+    let level = usize::from(key.is_some());
+    if let Some(key) = key {
+        out.extend_from_slice(b"{\n  ");
+        let _ = serde_json::to_writer(&mut *out, key);
+        out.extend_from_slice(b": ");
+    }
+    match (list, answers) {
+        (false, [first, ..]) => first.write_pretty(level, out),
+        (false, []) => out.extend_from_slice(b"null"),
+        (true, []) => out.extend_from_slice(b"[]"),
+        (true, _) => {
+            out.push(b'[');
+            for (i, a) in answers.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.push(b'\n');
+                out.extend(std::iter::repeat_n(b' ', 2 * (level + 1)));
+                a.write_pretty(level + 1, out);
+            }
+            out.push(b'\n');
+            out.extend(std::iter::repeat_n(b' ', 2 * level));
+            out.push(b']');
+        }
+    }
+    if key.is_some() {
+        out.extend_from_slice(b"\n}");
+    }
+    out.push(b'\n');
+}
+
 /// Records a prediction's latency metrics and its span.
 fn record(
     model: &ModelVersion,
@@ -515,7 +572,7 @@ async fn kserve_v1(
                 Ok(handler.decode(&Request::json(bytes))?)
             })
             .await?;
-            let mut resp = json_response(StatusCode::OK, &json!({"predictions": answer.values}));
+            let mut resp = answers_response(&answer.values, true, Some("predictions"));
             answer.add_headers(&mut resp);
             return Ok(resp);
         }
@@ -653,7 +710,7 @@ async fn v2_infer(
     let Some(handler) = model.handler().cloned() else {
         return Err(HttpError::internal("the model has no Rust handler"));
     };
-    let answer = infer(state, model, version_given, headers, body, |bytes| {
+    let mut answer = infer(state, model, version_given, headers, body, |bytes| {
         let json = torchfn_engine::handler::parse_json(bytes)?;
         id = json.get("id").cloned();
         Ok(handler.decode_tensors(tensors::parse_v2_inputs(&json)?)?)
@@ -671,11 +728,66 @@ async fn v2_infer(
     out.insert(
         "outputs".into(),
         Value::Array(tensors::v2_outputs(
-            &answer.values,
+            &values_of(std::mem::take(&mut answer.values))?,
             answer.model.handler_name() == "tensor",
         )),
     );
     let mut resp = json_response(StatusCode::OK, &Value::Object(out));
     answer.add_headers(&mut resp);
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Printed answers, copied in at their depth, make the same bytes as `json_response`
+    /// printing the values.
+    #[test]
+    fn printed_answers_match_the_pretty_printer() {
+        let values = [
+            json!({"predicted_class": 1, "confidence": 0.5, "probabilities": [0.25, 0.5, 0.25],
+                   "class_name": "line\nbreak \"quoted\""}),
+            json!([[1, 2], [], {}, {"a": {"b": [true, null]}}]),
+            json!(3.5),
+            json!("text"),
+        ];
+        let printed: Vec<handler::Answer> = values
+            .iter()
+            .map(|v| handler::Answer::Pretty(serde_json::to_string_pretty(v).unwrap()))
+            .collect();
+        let kept: Vec<handler::Answer> =
+            values.iter().cloned().map(handler::Answer::Value).collect();
+        let pretty = |v: &Value| {
+            let mut b = serde_json::to_vec_pretty(v).unwrap();
+            b.push(b'\n');
+            b
+        };
+        for answers in [&printed, &kept] {
+            for (list, key) in [(false, None), (true, None), (true, Some("predictions"))] {
+                for n in [1, values.len()] {
+                    let mut got = Vec::new();
+                    print_answers(&answers[..n], list, key, &mut got);
+                    let body = if list {
+                        Value::Array(values[..n].to_vec())
+                    } else {
+                        values[0].clone()
+                    };
+                    let want = match key {
+                        Some(k) => pretty(&json!({ k: body })),
+                        None => pretty(&body),
+                    };
+                    assert_eq!(
+                        String::from_utf8(got).unwrap(),
+                        String::from_utf8(want).unwrap(),
+                        "list {list}, key {key:?}, {n} answers"
+                    );
+                }
+            }
+        }
+        let mut empty = Vec::new();
+        print_answers(&[], true, None, &mut empty);
+        assert_eq!(empty, b"[]\n");
+    }
 }

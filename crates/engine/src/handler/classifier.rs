@@ -6,12 +6,13 @@
 
 use std::collections::HashMap;
 
+use serde::Serialize;
 use serde_json::{Map, Value};
 use tch::{Device, IValue, Kind, Tensor};
 
-use super::decode::{decode_list, f32_json, parse_json, tensor_from_json, Decoded, Instance};
+use super::decode::{decode_list, f32_shortest, parse_json, tensor_from_json, Decoded, Instance};
 use super::output::{device_of, shape_of};
-use super::{single_tensor, tensors, Handler, Request};
+use super::{single_tensor, tensors, Answer, Handler, Request};
 use crate::error::{ErrorKind, ServeError};
 use crate::session::SessionError;
 use torchfn_archive::mar::ModelArchive;
@@ -97,9 +98,47 @@ impl Handler for ClassifierHandler {
     }
 
     fn postprocess(&self, output: IValue, rows: usize) -> Result<Vec<Value>, SessionError> {
+        self.rows(output, rows, |row| {
+            serde_json::to_value(row).map_err(unprintable)
+        })
+    }
+
+    /// The rows printed directly: the same JSON as `postprocess`'s values, without a map of
+    /// owned keys per row to build here and print again on the async side.
+    fn answers(&self, output: IValue, rows: usize) -> Result<Vec<Answer>, SessionError> {
+        self.rows(output, rows, |row| {
+            serde_json::to_string_pretty(row)
+                .map(Answer::Pretty)
+                .map_err(unprintable)
+        })
+    }
+}
+
+fn unprintable(e: serde_json::Error) -> SessionError {
+    SessionError::OutputForm(format!("cannot print the answer as JSON: {e}"))
+}
+
+/// One row's answer, in the guide's handler's key order.
+#[derive(Serialize)]
+struct Row<'a> {
+    predicted_class: usize,
+    /// `None` (JSON null) where not finite, as [`super::f32_json`] prints it.
+    confidence: Option<f64>,
+    probabilities: Vec<Option<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    class_name: Option<&'a str>,
+}
+
+impl ClassifierHandler {
+    /// Each row of the output's softmax as a [`Row`], given to `each`.
+    fn rows<T>(
+        &self,
+        output: IValue,
+        rows: usize,
+        each: impl Fn(&Row<'_>) -> Result<T, SessionError>,
+    ) -> Result<Vec<T>, SessionError> {
         let (flat, classes) = softmax_rows(&single_tensor(output)?, rows)?;
-        Ok(flat
-            .chunks(classes.max(1))
+        flat.chunks(classes.max(1))
             .map(|p| {
                 let (k, conf) =
                     p.iter()
@@ -111,20 +150,17 @@ impl Handler for ClassifierHandler {
                                 best
                             }
                         });
-                let mut out = Map::new();
-                out.insert("predicted_class".into(), Value::from(k));
-                out.insert("confidence".into(), f32_json(conf));
-                out.insert(
-                    "probabilities".into(),
-                    Value::Array(p.iter().map(|&x| f32_json(x)).collect()),
-                );
-                if let Some(labels) = &self.labels {
-                    let name = labels.get(&k.to_string()).map_or("unknown", String::as_str);
-                    out.insert("class_name".into(), Value::from(name));
-                }
-                Value::Object(out)
+                each(&Row {
+                    predicted_class: k,
+                    confidence: f32_shortest(conf),
+                    probabilities: p.iter().map(|&x| f32_shortest(x)).collect(),
+                    class_name: self
+                        .labels
+                        .as_ref()
+                        .map(|labels| labels.get(&k.to_string()).map_or("unknown", String::as_str)),
+                })
             })
-            .collect())
+            .collect()
     }
 }
 
@@ -303,5 +339,27 @@ mod tests {
         let p0 = v[0]["probabilities"][0].as_f64().unwrap();
         assert!((p0 - 1.0 / (1.0 + 1f64.exp())).abs() < 1e-6);
         assert!(h.postprocess(IValue::Tensor(out), 3).is_err());
+    }
+
+    /// The printed answers are the values `postprocess` gives, printed as the API prints them.
+    #[test]
+    fn printed_answers_are_the_values_printed() {
+        let out = Tensor::from_slice(&[0f32, 1.0, 2.0, 0.0, f32::NAN, 3.0]).view([3, 2]);
+        for h in [
+            ClassifierHandler::without_labels(),
+            ClassifierHandler::from_labels_json(br#"{"0": "a\"b", "1": "c"}"#).unwrap(),
+        ] {
+            let values = h
+                .postprocess(IValue::Tensor(out.shallow_clone()), 3)
+                .unwrap();
+            let printed = h.answers(IValue::Tensor(out.shallow_clone()), 3).unwrap();
+            assert_eq!(values.len(), 3);
+            for (v, a) in values.iter().zip(&printed) {
+                assert_eq!(a, &Answer::Pretty(serde_json::to_string_pretty(v).unwrap()));
+                assert_eq!(a.clone().into_value().unwrap(), *v);
+            }
+            assert!(values[2]["confidence"].is_null() || values[2]["probabilities"][0].is_null());
+            assert!(h.answers(IValue::Tensor(out.shallow_clone()), 2).is_err());
+        }
     }
 }

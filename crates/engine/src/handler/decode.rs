@@ -546,13 +546,20 @@ fn nest(leaves: &mut impl Iterator<Item = Value>, shape: &[i64]) -> Value {
 /// A float32 as JSON, printed with its shortest round-trip form (0.1, not
 /// 0.10000000149011612). Non-finite values (JSON has none) become null.
 pub fn f32_json(x: f32) -> Value {
+    f32_shortest(x)
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
+}
+
+/// The f64 that `x`'s shortest decimal form denotes (so it prints as that form), or `None`
+/// where `x` is not finite.
+pub fn f32_shortest(x: f32) -> Option<f64> {
     if !x.is_finite() {
-        return Value::Null;
+        return None;
     }
     // Formatted on the stack (no allocation) and read back as the f64 it denotes.
     let mut buffer = ryu::Buffer::new();
-    let shortest: f64 = buffer.format_finite(x).parse().unwrap_or(f64::from(x));
-    serde_json::Number::from_f64(shortest).map_or(Value::Null, Value::Number)
+    Some(buffer.format_finite(x).parse().unwrap_or(f64::from(x)))
 }
 
 fn f64_json(x: f64) -> Value {

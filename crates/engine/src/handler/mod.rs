@@ -30,8 +30,8 @@ use torchfn_archive::mar::ModelArchive;
 
 pub use classifier::ClassifierHandler;
 pub use decode::{
-    decode_list, f32_json, form_fields, kind_of, parse_json, stack, stack_inputs, tensor_from_json,
-    tensor_to_json, to_device, Decoded, FormField, Input, Instance,
+    decode_list, f32_json, f32_shortest, form_fields, kind_of, parse_json, stack, stack_inputs,
+    tensor_from_json, tensor_to_json, to_device, Decoded, FormField, Input, Instance,
 };
 pub use image::{decode_rgb, ImageClassifier, ImageSegmenter, ObjectDetector};
 pub use output::{batch_rows, device_of, numel_of, shape_of, single_tensor};
@@ -104,6 +104,65 @@ pub trait Handler: Send + Sync + 'static {
 
     /// One JSON value per batch row. `rows` is how many instances went in.
     fn postprocess(&self, output: IValue, rows: usize) -> Result<Vec<Value>, SessionError>;
+
+    /// What the model worker hands over for each batch row: by default `postprocess`'s
+    /// values. A handler whose answers are small and many may print them here instead
+    /// ([`Answer::Pretty`], the same JSON as its `postprocess` values): building a map of
+    /// owned keys per row on the model worker and printing it again on the async side is a
+    /// measurable part of a small model's answer.
+    fn answers(&self, output: IValue, rows: usize) -> Result<Vec<Answer>, SessionError> {
+        Ok(self
+            .postprocess(output, rows)?
+            .into_iter()
+            .map(Answer::Value)
+            .collect())
+    }
+}
+
+/// One instance's answer, as a model worker hands it to the request's task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    Value(Value),
+    /// The answer's JSON already printed in the predictions API's pretty form
+    /// (`serde_json::to_string_pretty`, two-space indents).
+    Pretty(String),
+}
+
+impl Answer {
+    /// The answer as a JSON value (a printed one is read back).
+    pub fn into_value(self) -> Result<Value, ServeError> {
+        match self {
+            Answer::Value(v) => Ok(v),
+            Answer::Pretty(text) => serde_json::from_str(&text).map_err(|e| {
+                ServeError::internal(format!("a handler printed an answer that is not JSON: {e}"))
+            }),
+        }
+    }
+
+    /// Appends the answer's pretty JSON to `out`, as it prints nested `level` deep in a
+    /// pretty-printed document (each of its lines after the first indented by two spaces
+    /// per level, as `serde_json::to_vec_pretty` indents a nested value).
+    pub fn write_pretty(&self, level: usize, out: &mut Vec<u8>) {
+        let printed;
+        let text = match self {
+            Answer::Pretty(text) => text.as_bytes(),
+            Answer::Value(v) => {
+                printed = serde_json::to_vec_pretty(v).unwrap_or_default();
+                printed.as_slice()
+            }
+        };
+        if level == 0 {
+            out.extend_from_slice(text);
+            return;
+        }
+        // JSON text holds no raw newline inside a string, so every newline starts a line.
+        for line in text.split_inclusive(|&b| b == b'\n') {
+            out.extend_from_slice(line);
+            if line.ends_with(b"\n") {
+                out.extend(std::iter::repeat_n(b' ', 2 * level));
+            }
+        }
+    }
 }
 
 /// Makes a handler for a loaded archive (custom handlers register one under their name).
