@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tch::{Device, IValue, Kind, Tensor};
 
@@ -80,6 +80,12 @@ impl Handler for ClassifierHandler {
         if let Some(decoded) = tensors::binary_body(request)? {
             return Ok(decoded);
         }
+        if let Some(instance) = flat_features(request.body) {
+            return Ok(Decoded {
+                instances: vec![instance],
+                is_list: false,
+            });
+        }
         let json = parse_json(request.body)?;
         let (items, at) = match &json {
             Value::Array(items) => (items.as_slice(), "body"),
@@ -112,6 +118,35 @@ impl Handler for ClassifierHandler {
                 .map_err(unprintable)
         })
     }
+}
+
+/// The guide's request, `{"features": [numbers]}`, read straight into floats: the instance
+/// the general path (`parse_json`, then `tensor_from_json`) makes of it, without a JSON
+/// tree first. `None` for anything else (a list, `"instances"`, nested or empty features,
+/// a duplicate key, a number no f32 holds, invalid JSON), which the general path then reads
+/// or turns into its error.
+fn flat_features(body: &[u8]) -> Option<Instance> {
+    #[derive(Deserialize)]
+    struct Flat {
+        features: Vec<f64>,
+        /// Whether the body has `"instances"` (with any value, `null` too): a list request.
+        #[serde(default, deserialize_with = "present")]
+        instances: bool,
+    }
+    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| true)
+    }
+    let flat: Flat = serde_json::from_slice(body).ok()?;
+    if flat.instances || flat.features.is_empty() {
+        return None;
+    }
+    // As the general path converts: the number as f64, then to f32, which must be finite.
+    let values: Vec<f32> = flat.features.iter().map(|&x| x as f32).collect();
+    if !values.iter().all(|x| x.is_finite()) {
+        return None;
+    }
+    let len = values.len() as i64;
+    Some(Instance::f32(values, vec![len]))
 }
 
 fn unprintable(e: serde_json::Error) -> SessionError {
@@ -360,6 +395,38 @@ mod tests {
             }
             assert!(values[2]["confidence"].is_null() || values[2]["probabilities"][0].is_null());
             assert!(h.answers(IValue::Tensor(out.shallow_clone()), 2).is_err());
+        }
+    }
+
+    /// The direct read of `{"features": [...]}` makes the instance the general path makes,
+    /// and leaves every other body to it.
+    #[test]
+    fn the_direct_read_agrees_with_the_general_path() {
+        let general = |body: &[u8]| {
+            let json = parse_json(body).unwrap();
+            tensor_from_json(&json["features"], "features").unwrap()
+        };
+        for body in [
+            &br#"{"features": [0.1, 0.2, 0.3]}"#[..],
+            br#"{"features": [1, -2, 3.5e-3, 1e30, 18446744073709551615, -9223372036854775808]}"#,
+            br#"{"other": {"x": [1]}, "features": [0.3333333333333333]}"#,
+            b" {\"features\":[16777217]} \n",
+        ] {
+            assert_eq!(flat_features(body), Some(general(body)), "{body:?}");
+        }
+        for body in [
+            &br#"{"features": [1], "instances": null}"#[..],
+            br#"{"instances": [{"features": [1]}], "features": [1]}"#,
+            br#"{"features": [[1, 2]]}"#,
+            br#"{"features": []}"#,
+            br#"{"features": [1e39]}"#,
+            br#"{"features": [1], "features": [2]}"#,
+            br#"{"features": [1, "a"]}"#,
+            br#"[{"features": [1]}]"#,
+            br#"{"features": [1]} x"#,
+            b"",
+        ] {
+            assert_eq!(flat_features(body), None, "{body:?}");
         }
     }
 }
