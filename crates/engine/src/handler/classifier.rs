@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tch::{Device, IValue, Kind, Tensor};
 
-use super::decode::{decode_list, f32_shortest, parse_json, tensor_from_json, Decoded, Instance};
+use super::decode::{
+    decode_list, f32_shortest, flat_instance, parse_json, tensor_from_json, Decoded, Instance,
+};
 use super::output::{device_of, shape_of};
 use super::{single_tensor, tensors, Answer, Handler, Request};
 use crate::error::{ErrorKind, ServeError};
@@ -137,16 +139,10 @@ fn flat_features(body: &[u8]) -> Option<Instance> {
         serde::de::IgnoredAny::deserialize(d).map(|_| true)
     }
     let flat: Flat = serde_json::from_slice(body).ok()?;
-    if flat.instances || flat.features.is_empty() {
+    if flat.instances {
         return None;
     }
-    // As the general path converts: the number as f64, then to f32, which must be finite.
-    let values: Vec<f32> = flat.features.iter().map(|&x| x as f32).collect();
-    if !values.iter().all(|x| x.is_finite()) {
-        return None;
-    }
-    let len = values.len() as i64;
-    Some(Instance::f32(values, vec![len]))
+    flat_instance(flat.features)
 }
 
 fn unprintable(e: serde_json::Error) -> SessionError {

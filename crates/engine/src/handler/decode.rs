@@ -280,6 +280,28 @@ pub fn parse_json(body: &[u8]) -> Result<Value, ServeError> {
         .map_err(|e| ServeError::bad_request(format!("request body is not valid JSON: {e}")))
 }
 
+/// A body that is a flat JSON array of numbers (`[0.1, 2, ...]`), read straight into f32s:
+/// the instance [`tensor_from_json`] makes of it, without a JSON tree first. `None` for
+/// anything else (nested or empty arrays, other values, a number no f32 holds, invalid
+/// JSON), which the general path then reads or turns into its error.
+pub fn flat_array(body: &[u8]) -> Option<Instance> {
+    flat_instance(serde_json::from_slice(body).ok()?)
+}
+
+/// Numbers read as f64 into an instance of shape `[n]`, converted as [`tensor_from_json`]
+/// converts them (f64, then f32, which must be finite); `None` when empty or not finite.
+pub(crate) fn flat_instance(numbers: Vec<f64>) -> Option<Instance> {
+    if numbers.is_empty() {
+        return None;
+    }
+    let values: Vec<f32> = numbers.iter().map(|&x| x as f32).collect();
+    if !values.iter().all(|x| x.is_finite()) {
+        return None;
+    }
+    let len = values.len() as i64;
+    Some(Instance::f32(values, vec![len]))
+}
+
 /// The most values reserved ahead of reading them from a JSON array.
 const MAX_CAPACITY_HINT: usize = 1 << 16;
 

@@ -11,7 +11,7 @@
 use serde_json::Value;
 use tch::IValue;
 
-use super::decode::{decode_list, parse_json, tensor_from_json, Decoded, Instance};
+use super::decode::{decode_list, flat_array, parse_json, tensor_from_json, Decoded, Instance};
 use super::{batch_rows, tensors, Handler, Request};
 use crate::error::ServeError;
 use crate::session::SessionError;
@@ -47,6 +47,12 @@ impl Handler for TensorHandler {
         if let Some(decoded) = tensors::binary_body(request)? {
             return Ok(decoded);
         }
+        if let Some(instance) = flat_array(request.body) {
+            return Ok(Decoded {
+                instances: vec![instance],
+                is_list: false,
+            });
+        }
         let json = parse_json(request.body)?;
         let list = match &json {
             Value::Object(map) if map.contains_key("instances") => match &map["instances"] {
@@ -74,5 +80,42 @@ impl Handler for TensorHandler {
 
     fn postprocess(&self, output: IValue, rows: usize) -> Result<Vec<Value>, SessionError> {
         batch_rows(&output, rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A bare array of numbers read directly makes the instance the general path makes; every
+    /// other body is left to the general path.
+    #[test]
+    fn the_direct_read_agrees_with_the_general_path() {
+        let general =
+            |body: &[u8]| TensorHandler::instance(&parse_json(body).unwrap(), "body").unwrap();
+        for body in [
+            &b"[0.1, 0.2, 0.3]"[..],
+            b"[1, -2, 3.5e-3, 1e30, 18446744073709551615, -9223372036854775808]",
+            b" [16777217] \n",
+        ] {
+            assert_eq!(flat_array(body), Some(general(body)), "{body:?}");
+            let decoded = TensorHandler.decode(&Request::json(body)).unwrap();
+            assert_eq!(decoded.instances, vec![general(body)]);
+            assert!(!decoded.is_list);
+        }
+        for body in [
+            &b"[[1, 2], [3, 4]]"[..],
+            b"[]",
+            b"[1e39]",
+            b"[1, \"a\"]",
+            b"[{\"data\": [1]}]",
+            b"{\"data\": [1]}",
+            b"3",
+            b"[1] x",
+            b"",
+        ] {
+            assert_eq!(flat_array(body), None, "{body:?}");
+        }
     }
 }
