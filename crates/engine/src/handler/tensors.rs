@@ -225,8 +225,8 @@ const NPY_MAX_DIMS: usize = 64;
 /// int16/32/64, float16/32/64, either byte order, C or Fortran order.
 ///
 /// What a hostile header could make expensive is checked before `npyz` reads it: the header's
-/// length (at most [`NPY_MAX_HEADER`] bytes, inside the body), its bracket nesting, and its
-/// shape (at most [`NPY_MAX_DIMS`] dimensions, none 0, whose element count the body's data
+/// length (at most `NPY_MAX_HEADER` bytes, inside the body), its bracket nesting, and its
+/// shape (at most `NPY_MAX_DIMS` dimensions, none 0, whose element count the body's data
 /// can hold), so no count or allocation can outgrow the body.
 pub fn parse_npy(body: &[u8]) -> Result<TypedTensor, ServeError> {
     let bad = |why: &str| ServeError::bad_request(format!("the .npy body is not valid: {why}"));
