@@ -16,11 +16,11 @@ use axum::Extension;
 use axum::Router;
 use serde_json::{json, Map, Value};
 
-use super::{json_response, read_body, AppState, RequestId};
+use super::{json_response, json_text_response, read_body, AppState, RequestId};
 use crate::error::HttpError;
 use crate::timing::{ServerTiming, TIMING_REQUEST};
 use torchfn_engine::batcher::Outcome;
-use torchfn_engine::handler::{self, tensors, Decoded, Request};
+use torchfn_engine::handler::{tensors, Answer, Decoded, Request};
 use torchfn_engine::manager::ModelVersion;
 
 pub fn routes() -> Router<AppState> {
@@ -149,18 +149,16 @@ async fn predict_inner(state: &AppState, call: Call, explain: bool) -> Result<Re
             .map_err(HttpError::from)
     })
     .await?;
-    let answers = std::mem::take(&mut answer.values);
+    let answers = std::mem::take(&mut answer.answers);
     // Numbers come back as a .npy file when the client asks for one.
     let wants_npy = header_str(&headers, header::ACCEPT.as_str())
         .is_some_and(|a| a.contains("application/x-npy"));
     let mut resp = if wants_npy {
+        let values = values_of(answers)?;
         let body = if answer.is_list {
-            Value::Array(values_of(answers)?)
+            Value::Array(values)
         } else {
-            values_of(answers)?
-                .into_iter()
-                .next()
-                .unwrap_or(Value::Null)
+            values.into_iter().next().unwrap_or(Value::Null)
         };
         match tensors::json_to_tensor(&body) {
             Some((kind, shape, bytes)) => {
@@ -208,16 +206,16 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// A model's answers to one request, before they are shaped for the route.
-struct Answer {
+struct Answered {
     model: Arc<ModelVersion>,
-    values: Vec<handler::Answer>,
+    answers: Vec<Answer>,
     is_list: bool,
     outcome: Outcome,
     /// Where the request's time went, when the client asked (`x-torchfn-timing`).
     timing: Option<ServerTiming>,
 }
 
-impl Answer {
+impl Answered {
     fn add_headers(&self, resp: &mut Response) {
         timing_headers(
             resp,
@@ -386,10 +384,10 @@ async fn wait<T>(
 }
 
 /// The answers as JSON values (for the routes that reshape them).
-fn values_of(answers: Vec<handler::Answer>) -> Result<Vec<Value>, HttpError> {
+fn values_of(answers: Vec<Answer>) -> Result<Vec<Value>, HttpError> {
     Ok(answers
         .into_iter()
-        .map(handler::Answer::into_value)
+        .map(Answer::into_value)
         .collect::<Result<_, _>>()?)
 }
 
@@ -397,18 +395,13 @@ fn values_of(answers: Vec<handler::Answer>) -> Result<Vec<Value>, HttpError> {
 /// same values: the one answer, or (`list`) an array of them, held under `key` in an object
 /// when one is given (KServe v1's `{"predictions": [...]}`). Answers a handler printed are
 /// copied in, indented to their depth, not read back and printed again.
-fn answers_response(answers: &[handler::Answer], list: bool, key: Option<&str>) -> Response {
+fn answers_response(answers: &[Answer], list: bool, key: Option<&str>) -> Response {
     let mut out = Vec::with_capacity(64 + answers.len() * 192);
     print_answers(answers, list, key, &mut out);
-    let mut resp = (StatusCode::OK, out).into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
+    json_text_response(StatusCode::OK, out)
 }
 
-fn print_answers(answers: &[handler::Answer], list: bool, key: Option<&str>, out: &mut Vec<u8>) {
+fn print_answers(answers: &[Answer], list: bool, key: Option<&str>, out: &mut Vec<u8>) {
     let level = usize::from(key.is_some());
     if let Some(key) = key {
         out.extend_from_slice(b"{\n  ");
@@ -476,7 +469,7 @@ async fn infer(
     headers: &HeaderMap,
     body: Body,
     decode: impl FnOnce(&[u8]) -> Result<Decoded, HttpError>,
-) -> Result<Answer, HttpError> {
+) -> Result<Answered, HttpError> {
     let started = Instant::now();
     let m = model.request_metrics(version_given);
     let Some(batcher) = model.batcher() else {
@@ -504,7 +497,7 @@ async fn infer(
         phases: outcome.phases,
         resumed: Instant::now(),
     });
-    let values = std::mem::replace(&mut outcome.outputs, Ok(Vec::new()))?;
+    let answers = std::mem::replace(&mut outcome.outputs, Ok(Vec::new()))?;
     record(
         &model,
         m,
@@ -513,9 +506,9 @@ async fn infer(
         outcome.inference_time,
         outcome.batch_size,
     );
-    Ok(Answer {
+    Ok(Answered {
         model,
-        values,
+        answers,
         is_list,
         outcome,
         timing,
@@ -572,7 +565,7 @@ async fn kserve_v1(
                 Ok(handler.decode(&Request::json(bytes))?)
             })
             .await?;
-            let mut resp = answers_response(&answer.values, true, Some("predictions"));
+            let mut resp = answers_response(&answer.answers, true, Some("predictions"));
             answer.add_headers(&mut resp);
             return Ok(resp);
         }
@@ -728,7 +721,7 @@ async fn v2_infer(
     out.insert(
         "outputs".into(),
         Value::Array(tensors::v2_outputs(
-            &values_of(std::mem::take(&mut answer.values))?,
+            &values_of(std::mem::take(&mut answer.answers))?,
             answer.model.handler_name() == "tensor",
         )),
     );
@@ -753,12 +746,11 @@ mod tests {
             json!(3.5),
             json!("text"),
         ];
-        let printed: Vec<handler::Answer> = values
+        let printed: Vec<Answer> = values
             .iter()
-            .map(|v| handler::Answer::Pretty(serde_json::to_string_pretty(v).unwrap()))
+            .map(|v| Answer::Pretty(serde_json::to_string_pretty(v).unwrap()))
             .collect();
-        let kept: Vec<handler::Answer> =
-            values.iter().cloned().map(handler::Answer::Value).collect();
+        let kept: Vec<Answer> = values.iter().cloned().map(Answer::Value).collect();
         let pretty = |v: &Value| {
             let mut b = serde_json::to_vec_pretty(v).unwrap();
             b.push(b'\n');

@@ -263,6 +263,11 @@ pub async fn read_body(
 pub fn json_response(status: axum::http::StatusCode, value: &serde_json::Value) -> Response {
     let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
     body.push(b'\n');
+    json_text_response(status, body)
+}
+
+/// A response whose body is JSON text already printed.
+pub fn json_text_response(status: axum::http::StatusCode, body: Vec<u8>) -> Response {
     let mut resp = (status, body).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

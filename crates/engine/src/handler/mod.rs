@@ -144,9 +144,13 @@ impl Answer {
     /// per level, as `serde_json::to_vec_pretty` indents a nested value).
     pub fn write_pretty(&self, level: usize, out: &mut Vec<u8>) {
         let printed;
-        let text = match self {
-            Answer::Pretty(text) => text.as_bytes(),
-            Answer::Value(v) => {
+        let text = match (self, level) {
+            (Answer::Pretty(text), _) => text.as_bytes(),
+            (Answer::Value(v), 0) => {
+                let _ = serde_json::to_writer_pretty(&mut *out, v);
+                return;
+            }
+            (Answer::Value(v), _) => {
                 printed = serde_json::to_vec_pretty(v).unwrap_or_default();
                 printed.as_slice()
             }
