@@ -180,16 +180,47 @@ pub struct Cleanup {
     pub remove: Option<PathBuf>,
 }
 
+/// How long a function whose Runtime API went away waits for the signal before it ends with
+/// the runtime's error: the signal and the closed connection arrive together, in either order.
+pub const SIGNAL_GRACE: Duration = Duration::from_millis(500);
+
+/// Whether the SHUTDOWN phase has begun, from [`on_signal`].
+pub struct Stopping {
+    signalled: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Stopping {
+    /// For a function whose runtime loop has ended (its Runtime API went away): when that is
+    /// the environment stopping (the signal came, or comes within [`SIGNAL_GRACE`]: a local
+    /// emulator signals the function, then closes its Runtime API), waits for the SHUTDOWN
+    /// phase, which exits the process; otherwise returns, and the function ends with the
+    /// runtime's error.
+    pub async fn outlast(mut self) {
+        let signalled = matches!(
+            tokio::time::timeout(SIGNAL_GRACE, self.signalled.wait_for(|&s| s)).await,
+            Ok(Ok(_))
+        );
+        if signalled {
+            tracing::info!("the Runtime API went away during SHUTDOWN; finishing it");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// When `signal` completes (SIGTERM or SIGINT): within `budget`, three quarters of it for the
 /// invocations in flight to be answered, the rest for `cleanup`; then the process exits 0.
+/// The runtime loop may end meanwhile (an emulator stops its Runtime API as it signals the
+/// function): see [`Stopping::outlast`].
 pub fn on_signal(
     signal: impl Future<Output = ()> + Send + 'static,
     inflight: Arc<InFlight>,
     budget: Duration,
     cleanup: Cleanup,
-) {
+) -> Stopping {
+    let (signalled, stopping) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         signal.await;
+        signalled.send_replace(true);
         let started = Instant::now();
         let unanswered = inflight.settle(budget * 3 / 4).await;
         let stopped = tokio::task::spawn_blocking(cleanup.stop);
@@ -214,6 +245,9 @@ pub fn on_signal(
         let _ = std::io::stdout().flush();
         std::process::exit(0);
     });
+    Stopping {
+        signalled: stopping,
+    }
 }
 
 #[cfg(test)]
@@ -241,6 +275,26 @@ mod tests {
         entered_tx.send(()).unwrap();
         answering.await.unwrap();
         assert_eq!(settled.await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_runtime_loop_ended_by_the_signal_waits_for_the_shutdown() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let stopping = Stopping { signalled: rx };
+        let waiting = tokio::spawn(stopping.outlast());
+        tx.send_replace(true);
+        // Signalled: it waits for the SHUTDOWN phase (which exits the process) however long.
+        tokio::time::sleep(SIGNAL_GRACE * 100).await;
+        assert!(!waiting.is_finished());
+        waiting.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_runtime_loop_ended_without_the_signal_returns_after_the_grace() {
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let started = tokio::time::Instant::now();
+        Stopping { signalled: rx }.outlast().await;
+        assert_eq!(started.elapsed(), SIGNAL_GRACE);
     }
 
     #[tokio::test(start_paused = true)]

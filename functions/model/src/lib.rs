@@ -496,21 +496,24 @@ async fn run(args: Result<Args, clap::Error>) -> anyhow::Result<()> {
         // answered, the model's workers stopped, the unpacked archive removed from /tmp.
         let inflight = Arc::new(shutdown::InFlight::default());
         shutdown::register_extension().await;
-        let stopping = manager.clone();
-        shutdown::on_signal(
+        let workers = manager.clone();
+        let stopping = shutdown::on_signal(
             api::shutdown_signal(),
             inflight.clone(),
             Duration::from_millis(args.shutdown_budget_ms),
             shutdown::Cleanup {
-                stop: Box::new(move || stopping.shutdown()),
+                stop: Box::new(move || workers.shutdown()),
                 remove: Some(manager.unpack_root().to_path_buf()),
             },
         );
-        return lambda_http::lambda_runtime::Runtime::new(lambda_http::Adapter::from(handler))
+        let ran = lambda_http::lambda_runtime::Runtime::new(lambda_http::Adapter::from(handler))
             .layer(shutdown::CountInvocations::layer(inflight))
             .run_concurrent()
-            .await
-            .map_err(|e| anyhow::anyhow!("Lambda runtime stopped: {e}"));
+            .await;
+        // cargo-lambda closes its Runtime API as it signals the function: the SHUTDOWN phase
+        // then still runs to its end (it exits the process) rather than being cut short here.
+        stopping.outlast().await;
+        return ran.map_err(|e| anyhow::anyhow!("Lambda runtime stopped: {e}"));
     }
     let (host, port) = (args.host.as_str(), args.port);
     let listener = tokio::net::TcpListener::bind((host, port))
