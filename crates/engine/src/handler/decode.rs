@@ -470,7 +470,7 @@ pub fn stack(items: &[&Instance], device: Device) -> Result<Tensor, SessionError
             for item in items {
                 data.extend_from_slice(item.as_f32().unwrap_or_default());
             }
-            Tensor::f_from_slice(&data)?.f_view(dims.as_slice())?
+            host_tensor(bytemuck::cast_slice(&data), &dims, Kind::Float)?
         }
         Input::Typed { kind, .. } => {
             let mut data = Vec::new();
@@ -479,7 +479,7 @@ pub fn stack(items: &[&Instance], device: Device) -> Result<Tensor, SessionError
                     data.extend_from_slice(bytes);
                 }
             }
-            Tensor::f_from_data_size(&data, &dims, *kind)?
+            host_tensor(&data, &dims, *kind)?
         }
         other => {
             return Err(SessionError::Input(format!(
@@ -493,6 +493,22 @@ pub fn stack(items: &[&Instance], device: Device) -> Result<Tensor, SessionError
         }
     };
     to_device(t, device)
+}
+
+/// A host tensor of shape `dims` copied from `data`, in one libtorch call (a flat tensor and a
+/// view of it cost two). `data` must hold exactly that many elements of `kind`: libtorch
+/// reads as many bytes as the shape says.
+fn host_tensor(data: &[u8], dims: &[i64], kind: Kind) -> Result<Tensor, SessionError> {
+    let bytes = dims.iter().try_fold(kind.elt_size_in_bytes(), |n, &d| {
+        n.checked_mul(usize::try_from(d).ok()?)
+    });
+    if bytes != Some(data.len()) {
+        return Err(SessionError::Shape(format!(
+            "{} bytes of input do not make a {kind:?} tensor of shape {dims:?}",
+            data.len()
+        )));
+    }
+    Ok(Tensor::f_from_data_size(data, dims, kind)?)
 }
 
 /// A host tensor on `device`: the batch is assembled on the host and crosses to the device
@@ -777,5 +793,34 @@ mod tests {
         assert_eq!(tensor_to_json(&t).unwrap(), json!([[0.1, 0.2], [0.3, 0.4]]));
         let c = tensor_from_json(&json!([1, 2, 3]), "c").unwrap();
         assert!(stack(&[&a, &c], Device::Cpu).is_err());
+    }
+
+    /// Typed instances stack into their kind; an instance whose bytes do not fill its shape
+    /// is refused before libtorch reads them.
+    #[test]
+    fn typed_instances_stack_and_short_bytes_are_refused() {
+        let typed = |values: &[i64], shape: Vec<i64>| Instance {
+            input: Input::Typed {
+                kind: Kind::Int64,
+                bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            },
+            shape,
+        };
+        let (a, b) = (typed(&[1, 2], vec![2]), typed(&[3, 4], vec![2]));
+        let t = stack(&[&a, &b], Device::Cpu).unwrap();
+        assert_eq!(t.kind(), Kind::Int64);
+        assert_eq!(t.size(), vec![2, 2]);
+        assert_eq!(
+            Vec::<i64>::try_from(t.flatten(0, -1)).unwrap(),
+            vec![1, 2, 3, 4]
+        );
+        let short = typed(&[5], vec![2]);
+        let err = stack(&[&a, &short], Device::Cpu).unwrap_err();
+        assert!(matches!(err, SessionError::Shape(_)), "{err}");
+        let float = Instance::f32(vec![1.0], vec![2]);
+        assert!(matches!(
+            stack(&[&float], Device::Cpu).unwrap_err(),
+            SessionError::Shape(_)
+        ));
     }
 }
