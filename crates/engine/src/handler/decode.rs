@@ -459,28 +459,9 @@ pub fn stack(items: &[&Instance], device: Device) -> Result<Tensor, SessionError
     let mut dims = Vec::with_capacity(first.shape.len() + 1);
     dims.push(items.len() as i64);
     dims.extend_from_slice(&first.shape);
-    let t = match &first.input {
-        Input::F32(_) => {
-            let mut data = Vec::with_capacity(
-                items
-                    .iter()
-                    .map(|item| item.as_f32().map_or(0, <[f32]>::len))
-                    .sum(),
-            );
-            for item in items {
-                data.extend_from_slice(item.as_f32().unwrap_or_default());
-            }
-            host_tensor(bytemuck::cast_slice(&data), &dims, Kind::Float)?
-        }
-        Input::Typed { kind, .. } => {
-            let mut data = Vec::new();
-            for item in items {
-                if let Input::Typed { bytes, .. } = &item.input {
-                    data.extend_from_slice(bytes);
-                }
-            }
-            host_tensor(&data, &dims, *kind)?
-        }
+    let kind = match &first.input {
+        Input::F32(_) => Kind::Float,
+        Input::Typed { kind, .. } => *kind,
         other => {
             return Err(SessionError::Input(format!(
                 "this handler takes tensors, got {}",
@@ -492,6 +473,19 @@ pub fn stack(items: &[&Instance], device: Device) -> Result<Tensor, SessionError
             )))
         }
     };
+    // Every item is of the first's kind (checked above): its elements as bytes.
+    fn bytes_of(item: &Instance) -> &[u8] {
+        match &item.input {
+            Input::F32(values) => bytemuck::cast_slice(values),
+            Input::Typed { bytes, .. } => bytes,
+            _ => &[],
+        }
+    }
+    let mut data = Vec::with_capacity(items.iter().map(|item| bytes_of(item).len()).sum());
+    for item in items {
+        data.extend_from_slice(bytes_of(item));
+    }
+    let t = host_tensor(&data, &dims, kind)?;
     to_device(t, device)
 }
 
