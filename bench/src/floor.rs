@@ -94,3 +94,56 @@ pub fn device_name(device: Device) -> String {
         _ => "cpu".into(),
     }
 }
+
+/// The libtorch floor as one side of a comparison taking turns ([`crate::turns`]): the model
+/// loaded once with its threads picked as [`measure`] picks them, each window a run of
+/// back-to-back passes on the calling thread.
+pub struct Passes {
+    session: Session,
+    input: Tensor,
+    device: Device,
+    batch: usize,
+    threads: usize,
+}
+
+impl Passes {
+    pub fn load(path: &Path, features: i64, batch: usize, device: Device) -> anyhow::Result<Self> {
+        let session = Session::load_with(path, device, Precision::Fp32)
+            .with_context(|| format!("could not load {}", path.display()))?;
+        let (threads, _) = warm_up_and_pick_threads(&session, 1, batch, 0);
+        let input = Tensor::randn([batch as i64, features], (Kind::Float, Device::Cpu));
+        Ok(Self {
+            session,
+            input,
+            device,
+            batch,
+            threads,
+        })
+    }
+
+    /// Instances per second over `window` of passes as [`measure`] times them (the batch
+    /// moved to the device and the answer back), after `warmup` of them; at least one pass
+    /// each.
+    pub fn window(&self, warmup: Duration, window: Duration) -> anyhow::Result<f64> {
+        set_threads(self.threads);
+        let pass = || -> anyhow::Result<()> {
+            let out = self
+                .session
+                .forward(&to_device(self.input.shallow_clone(), self.device)?)?;
+            let _ = out.f_to_device(Device::Cpu)?;
+            Ok(())
+        };
+        let until = Instant::now() + warmup;
+        pass()?;
+        while Instant::now() < until {
+            pass()?;
+        }
+        let started = Instant::now();
+        let mut passes = 0usize;
+        while passes == 0 || started.elapsed() < window {
+            pass()?;
+            passes += 1;
+        }
+        Ok((passes * self.batch) as f64 / started.elapsed().as_secs_f64())
+    }
+}

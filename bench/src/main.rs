@@ -123,6 +123,11 @@ struct Args {
     #[arg(long, env = "TORCHFN_BENCH_AGAINST")]
     against: Option<PathBuf>,
 
+    /// Skip the throughput targets' floors taking turns with torchfn (the targets are then
+    /// judged on the points measured one after the other).
+    #[arg(long, env = "TORCHFN_BENCH_NO_FLOOR_TURNS")]
+    no_floor_turns: bool,
+
     /// The torchfn-model binary for the functions' figures (default: beside this one).
     #[arg(long, env = "TORCHFN_BENCH_TORCHFN_MODEL")]
     torchfn_model: Option<PathBuf>,
@@ -457,6 +462,17 @@ fn main() -> anyhow::Result<()> {
                     turns::Schedule::new(quick),
                 );
             }
+            if batching.batch_size > 1 && !args.no_floor_turns {
+                floor_turns(
+                    &rt,
+                    &mut results,
+                    w,
+                    (&fixtures.join("models"), device),
+                    &target,
+                    &settings.concurrency,
+                    turns::Schedule::floors(quick),
+                );
+            }
             // Where the time goes, from torchfn's Server-Timing, at concurrency 1 and 16.
             let (warm, count) = match (quick, w.label) {
                 (true, _) => (50, 200),
@@ -782,22 +798,7 @@ fn compare(
             "bench: {} batching on, taking turns, concurrency {c}",
             w.label
         );
-        let window = |t: &Target| -> anyhow::Result<f64> {
-            let load = Load {
-                concurrency: c,
-                warmup: schedule.warmup(),
-                duration: schedule.window(),
-                max_requests: 4_000_000,
-            };
-            let r = rt.block_on(load::run(t, load));
-            anyhow::ensure!(
-                r.errors == 0,
-                "{} errors, the first: {}",
-                r.errors,
-                r.first_error.unwrap_or_default()
-            );
-            Ok(r.throughput_rps)
-        };
+        let window = |t: &Target| turn_window(rt, t, c, schedule);
         match turns::take(schedule.rounds, || window(this), || window(&that)) {
             Ok(rounds) => results.against.push(turns::Turns {
                 model: w.label.into(),
@@ -810,6 +811,102 @@ fn compare(
         }
     }
     server.stop();
+}
+
+/// One side's turn: the throughput of a window at concurrency `c` after its warm-up, on new
+/// connections; any error fails it.
+fn turn_window(
+    rt: &tokio::runtime::Runtime,
+    t: &Target,
+    c: usize,
+    schedule: turns::Schedule,
+) -> anyhow::Result<f64> {
+    let load = Load {
+        concurrency: c,
+        warmup: schedule.warmup(),
+        duration: schedule.window(),
+        max_requests: 4_000_000,
+    };
+    let r = rt.block_on(load::run(t, load));
+    anyhow::ensure!(
+        r.errors == 0,
+        "{} errors, the first: {}",
+        r.errors,
+        r.first_error.unwrap_or_default()
+    );
+    Ok(r.throughput_rps)
+}
+
+/// The throughput targets' floors taking turns with torchfn (batching on, the server behind
+/// `this`), as `--against` has two builds take turns: the seed model at concurrency 16 and
+/// 64 against the like-for-like HTTP floor, the wide model at 64 against the libtorch floor
+/// at the batch size torchfn ran there. Measured one after the other, a floor and a server
+/// point can land on a fast and a slow stretch of a shared VM (10–20% apart); taken in
+/// turns, the drift falls on both sides. A failure is reported and the run goes on.
+fn floor_turns(
+    rt: &tokio::runtime::Runtime,
+    results: &mut Results,
+    w: &Workload,
+    (models, device): (&Path, tch::Device),
+    this: &Target,
+    concurrency: &[usize],
+    schedule: turns::Schedule,
+) {
+    let mut take = |c: usize, other: String, floor: &mut dyn FnMut() -> anyhow::Result<f64>| {
+        eprintln!(
+            "bench: {} batching on, taking turns with the {other}, concurrency {c}",
+            w.label
+        );
+        match turns::take(
+            schedule.rounds,
+            || turn_window(rt, this, c, schedule),
+            &mut *floor,
+        ) {
+            Ok(rounds) => results.floor_turns.push(turns::Turns {
+                model: w.label.into(),
+                concurrency: c,
+                other,
+                schedule,
+                rounds,
+            }),
+            Err(e) => eprintln!("bench: taking turns with the {other} failed: {e:#}"),
+        }
+    };
+    match w.label {
+        "seed" => {
+            let noop = match http_floor::NoopServer::start(http_floor::Stack::Torchfn) {
+                Ok(n) => n,
+                Err(e) => return eprintln!("bench: the HTTP floor did not start: {e:#}"),
+            };
+            let floor = Target {
+                addr: noop.addr,
+                path: w.path(),
+                body: w.body.clone(),
+            };
+            for c in [16, 64].into_iter().filter(|c| concurrency.contains(c)) {
+                take(c, report::HTTP_FLOOR_TURNS.into(), &mut || {
+                    turn_window(rt, &floor, c, schedule)
+                });
+            }
+        }
+        "wide" if concurrency.contains(&64) => {
+            let Some(batch) = report::find(&results.torchfn, "wide", "on", 64)
+                .and_then(|t| t.mean_batch_size)
+                .map(|b| b.round().max(1.0) as usize)
+            else {
+                return;
+            };
+            let path = models.join(w.torchscript);
+            let passes = match floor::Passes::load(&path, w.features, batch, device) {
+                Ok(p) => p,
+                Err(e) => return eprintln!("bench: the libtorch floor did not load: {e:#}"),
+            };
+            take(64, report::libtorch_floor_turns(batch), &mut || {
+                passes.window(schedule.warmup(), schedule.window())
+            });
+        }
+        _ => {}
+    }
 }
 
 /// One load point against a torchfn server; errors are shown with the server's last output.

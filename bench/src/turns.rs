@@ -26,6 +26,19 @@ impl Schedule {
         }
     }
 
+    /// For a floor taking turns with torchfn: 8 rounds of 0.5 + 1 s, or with `--quick` 3 of
+    /// 0.1 + 0.2 s. Longer windows than two builds get: torchfn's threads take a while to
+    /// settle on the two CPUs after a window of idleness, which a floor with no model does
+    /// not, so shorter windows would weigh that settling against torchfn alone.
+    pub fn floors(quick: bool) -> Self {
+        let (rounds, warmup_s, window_s) = if quick { (3, 0.1, 0.2) } else { (8, 0.5, 1.0) };
+        Self {
+            rounds,
+            warmup_s,
+            window_s,
+        }
+    }
+
     pub fn warmup(&self) -> Duration {
         Duration::from_secs_f64(self.warmup_s)
     }
@@ -58,6 +71,25 @@ impl Turns {
             .collect();
         r.sort_by(f64::total_cmp);
         r
+    }
+
+    /// The rounds' ratios the other way round (this side over the other), ascending.
+    pub fn shares(&self) -> Vec<f64> {
+        let mut r: Vec<f64> = self
+            .rounds
+            .iter()
+            .filter(|[_, other]| *other > 0.0)
+            .map(|[this, other]| this / other)
+            .collect();
+        r.sort_by(f64::total_cmp);
+        r
+    }
+
+    /// Median and range of [`Turns::shares`].
+    pub fn share_summary(&self) -> Option<(f64, f64, f64)> {
+        let shares = self.shares();
+        let (lo, hi) = (*shares.first()?, *shares.last()?);
+        Some((crate::stats::median(shares)?, lo, hi))
     }
 
     /// Mean throughput of each side over the rounds: (this, other).
@@ -104,6 +136,8 @@ mod tests {
             rounds: vec![[100.0, 110.0], [100.0, 90.0], [80.0, 100.0]],
         };
         assert_eq!(t.ratios(), vec![0.9, 1.1, 1.25]);
+        assert_eq!(t.shares(), vec![0.8, 1.0 / 1.1, 100.0 / 90.0]);
+        assert_eq!(t.share_summary(), Some((1.0 / 1.1, 0.8, 100.0 / 90.0)));
         assert_eq!(crate::stats::median(t.ratios()), Some(1.1));
         let (a, b) = t.means();
         assert!((a - 93.333).abs() < 0.01 && (b - 100.0).abs() < 0.01);

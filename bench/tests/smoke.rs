@@ -138,6 +138,37 @@ fn quick_run_writes_every_section() {
         stdout.contains("\nagainst "),
         "no --against section:\n{stdout}"
     );
+    // The throughput targets' floors taking turns with torchfn: at concurrency 1 and 16 only
+    // the seed's c16 target has one, and its verdict is judged on the turns.
+    let floor_turns = array(&r, "floor_turns");
+    assert_eq!(floor_turns.len(), 1, "seed c16 only: {floor_turns:?}");
+    let t = &floor_turns[0];
+    assert!(
+        t["model"] == "seed"
+            && t["concurrency"] == 16
+            && t["other"] == "HTTP floor (torchfn stack)",
+        "{t}"
+    );
+    let rounds = array(t, "rounds");
+    assert_eq!(rounds.len(), 3, "{t}");
+    assert!(
+        rounds
+            .iter()
+            .all(|p| p[0].as_f64() > Some(0.0) && p[1].as_f64() > Some(0.0)),
+        "{t}"
+    );
+    let c16 = stdout
+        .lines()
+        .find(|l| l.contains("seed c16 throughput ≥ 80% of the HTTP floor"))
+        .unwrap_or_default();
+    assert!(
+        c16.contains("taking turns (median of 3 rounds, ") && c16.contains("one after the other "),
+        "the seed c16 target is not judged on the turns: `{c16}`"
+    );
+    assert!(
+        stdout.contains("\nthe throughput targets' floors taking turns with torchfn"),
+        "no floor turns section:\n{stdout}"
+    );
     // The seed archive's own handler.py through the Python backend, batching on.
     let python = array(&r, "python_backend");
     assert_eq!(python.len(), 2, "concurrency 1/16");
