@@ -53,7 +53,7 @@ impl Schedule {
 pub struct Turns {
     pub model: String,
     pub concurrency: usize,
-    /// The other build's path.
+    /// The other side: another build's path (`--against`), or the floor taking turns.
     pub other: String,
     pub schedule: Schedule,
     /// Per round, this build's and the other's throughput (answers per second).
@@ -63,23 +63,21 @@ pub struct Turns {
 impl Turns {
     /// The rounds' ratios (the other build over this one), ascending.
     pub fn ratios(&self) -> Vec<f64> {
-        let mut r: Vec<f64> = self
-            .rounds
-            .iter()
-            .filter(|[this, _]| *this > 0.0)
-            .map(|[this, other]| other / this)
-            .collect();
-        r.sort_by(f64::total_cmp);
-        r
+        self.sorted(|this, other| (this > 0.0).then(|| other / this))
     }
 
     /// The rounds' ratios the other way round (this side over the other), ascending.
     pub fn shares(&self) -> Vec<f64> {
+        self.sorted(|this, other| (other > 0.0).then(|| this / other))
+    }
+
+    /// `ratio` of each round's two throughputs (this side's, the other's), where it has one,
+    /// ascending.
+    fn sorted(&self, ratio: impl Fn(f64, f64) -> Option<f64>) -> Vec<f64> {
         let mut r: Vec<f64> = self
             .rounds
             .iter()
-            .filter(|[_, other]| *other > 0.0)
-            .map(|[this, other]| this / other)
+            .filter_map(|&[this, other]| ratio(this, other))
             .collect();
         r.sort_by(f64::total_cmp);
         r
