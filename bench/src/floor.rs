@@ -43,17 +43,9 @@ pub fn measure(
     device: Device,
     precision: Precision,
 ) -> anyhow::Result<FloorResult> {
-    let session = Session::load_with(path, device, precision)
-        .with_context(|| format!("could not load {}", path.display()))?;
-    // The same intra-op thread policy as a model's only worker.
-    let (threads, _) = warm_up_and_pick_threads(&session, 1, batch, 0);
-    set_threads(threads);
-    let input = Tensor::randn([batch as i64, features], (Kind::Float, Device::Cpu));
-    // One pass as a served batch makes it: host batch → device → forward → host.
-    let pass = || -> anyhow::Result<Tensor> {
-        let out = session.forward(&to_device(input.shallow_clone(), device)?)?;
-        Ok(out.f_to_device(Device::Cpu)?)
-    };
+    let passes = Passes::load(path, features, batch, device, precision)?;
+    set_threads(passes.threads);
+    let pass = || passes.pass();
     let t = Instant::now();
     let _first = pass().with_context(|| format!("forward of {model} failed"))?;
     let first_forward_us = t.elapsed().as_secs_f64() * 1e6;
@@ -78,7 +70,7 @@ pub fn measure(
         model: model.to_string(),
         batch,
         device: device_name(device),
-        precision: format!("{:?}", session.precision()).to_lowercase(),
+        precision: format!("{:?}", passes.session.precision()).to_lowercase(),
         iterations: times.len(),
         first_forward_us,
         median_us: median,
@@ -95,9 +87,10 @@ pub fn device_name(device: Device) -> String {
     }
 }
 
-/// The libtorch floor as one side of a comparison taking turns ([`crate::turns`]): the model
-/// loaded once with its threads picked as [`measure`] picks them, each window a run of
-/// back-to-back passes on the calling thread.
+/// A model loaded for floor passes: its intra-op threads picked as a model's only worker
+/// gets them, a random `[batch, features]` input. [`measure`] times single passes; as one side
+/// of a comparison taking turns ([`crate::turns`]), each window is a run of passes on the
+/// calling thread.
 pub struct Passes {
     session: Session,
     input: Tensor,
@@ -107,9 +100,16 @@ pub struct Passes {
 }
 
 impl Passes {
-    pub fn load(path: &Path, features: i64, batch: usize, device: Device) -> anyhow::Result<Self> {
-        let session = Session::load_with(path, device, Precision::Fp32)
+    pub fn load(
+        path: &Path,
+        features: i64,
+        batch: usize,
+        device: Device,
+        precision: Precision,
+    ) -> anyhow::Result<Self> {
+        let session = Session::load_with(path, device, precision)
             .with_context(|| format!("could not load {}", path.display()))?;
+        // The same intra-op thread policy as a model's only worker.
         let (threads, _) = warm_up_and_pick_threads(&session, 1, batch, 0);
         let input = Tensor::randn([batch as i64, features], (Kind::Float, Device::Cpu));
         Ok(Self {
@@ -121,27 +121,27 @@ impl Passes {
         })
     }
 
-    /// Instances per second over `window` of passes as [`measure`] times them (the batch
-    /// moved to the device and the answer back), after `warmup` of them; at least one pass
-    /// each.
+    /// One pass as a served batch makes it: host batch → device → forward → host.
+    fn pass(&self) -> anyhow::Result<Tensor> {
+        let out = self
+            .session
+            .forward(&to_device(self.input.shallow_clone(), self.device)?)?;
+        Ok(out.f_to_device(Device::Cpu)?)
+    }
+
+    /// Instances per second over `window` of passes, after `warmup` of them; at least one
+    /// pass each.
     pub fn window(&self, warmup: Duration, window: Duration) -> anyhow::Result<f64> {
         set_threads(self.threads);
-        let pass = || -> anyhow::Result<()> {
-            let out = self
-                .session
-                .forward(&to_device(self.input.shallow_clone(), self.device)?)?;
-            let _ = out.f_to_device(Device::Cpu)?;
-            Ok(())
-        };
         let until = Instant::now() + warmup;
-        pass()?;
+        let _ = self.pass()?;
         while Instant::now() < until {
-            pass()?;
+            let _ = self.pass()?;
         }
         let started = Instant::now();
         let mut passes = 0usize;
         while passes == 0 || started.elapsed() < window {
-            pass()?;
+            let _ = self.pass()?;
             passes += 1;
         }
         Ok((passes * self.batch) as f64 / started.elapsed().as_secs_f64())

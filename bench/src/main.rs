@@ -852,6 +852,7 @@ fn floor_turns(
     concurrency: &[usize],
     schedule: turns::Schedule,
 ) {
+    let wide_batch = results.wide_c64().map(|(_, batch)| batch);
     let mut take = |c: usize, other: String, floor: &mut dyn FnMut() -> anyhow::Result<f64>| {
         eprintln!(
             "bench: {} batching on, taking turns with the {other}, concurrency {c}",
@@ -890,17 +891,15 @@ fn floor_turns(
             }
         }
         "wide" if concurrency.contains(&64) => {
-            let Some(batch) = report::find(&results.torchfn, "wide", "on", 64)
-                .and_then(|t| t.mean_batch_size)
-                .map(|b| b.round().max(1.0) as usize)
-            else {
+            let Some(batch) = wide_batch else {
                 return;
             };
             let path = models.join(w.torchscript);
-            let passes = match floor::Passes::load(&path, w.features, batch, device) {
-                Ok(p) => p,
-                Err(e) => return eprintln!("bench: the libtorch floor did not load: {e:#}"),
-            };
+            let passes =
+                match floor::Passes::load(&path, w.features, batch, device, Precision::Fp32) {
+                    Ok(p) => p,
+                    Err(e) => return eprintln!("bench: the libtorch floor did not load: {e:#}"),
+                };
             take(64, report::libtorch_floor_turns(batch), &mut || {
                 passes.window(schedule.warmup(), schedule.window())
             });

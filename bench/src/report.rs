@@ -227,11 +227,16 @@ impl Results {
         }
     }
 
+    /// The wide model's c64 batching-on point and the batch size it ran (the mean, rounded).
+    pub fn wide_c64(&self) -> Option<(&LoadResult, usize)> {
+        let t = find(&self.torchfn, "wide", "on", 64)?;
+        Some((t, t.mean_batch_size?.round().max(1.0) as usize))
+    }
+
     /// The wide model's c64 batching-on point, the batch size it ran (the mean, rounded) and
     /// the libtorch floor's instances per second at that batch size.
     pub fn wide_vs_floor(&self) -> Option<(&LoadResult, usize, f64)> {
-        let t = find(&self.torchfn, "wide", "on", 64)?;
-        let batch = t.mean_batch_size?.round().max(1.0) as usize;
+        let (t, batch) = self.wide_c64()?;
         let f = self
             .floor
             .iter()
