@@ -208,23 +208,34 @@ fn the_response_timeout_bounds_a_request() {
         .contains("response timeout"));
     assert!(took < Duration::from_secs(10), "answered after {took:?}");
     // The pass cannot be cancelled and runs on for seconds; the next request detaches that
-    // worker and a replacement answers it at once.
+    // worker and a replacement answers it. On a busy machine the replacement's start (its
+    // first pass shares the CPUs with the stuck one) can itself outlast the 1 s timeout, so a
+    // request that times out while it starts is asked again: the answer must still come long
+    // before the stuck pass ends.
     let started = Instant::now();
-    let (status, body, _) = server.predict("slow", json!({"data": [0, 4]}).to_string());
-    assert_eq!((status, &body), (200, &json!([8.0])));
+    let answer = loop {
+        let (status, body, _) = server.predict("slow", json!({"data": [0, 4]}).to_string());
+        let timed_out = status == 500
+            && body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("response timeout"));
+        if !timed_out || started.elapsed() >= Duration::from_secs(10) {
+            break (status, body);
+        }
+    };
+    assert_eq!((answer.0, &answer.1), (200, &json!([8.0])));
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "answered after {:?}: the stuck worker was not replaced",
         started.elapsed()
     );
     let text = server.metrics_text();
-    assert_eq!(
+    assert!(
         server::sample(
             &text,
             "torchfn_stuck_workers_total",
             &[("model_name", "slow")]
-        ),
-        1.0,
+        ) >= 1.0,
         "{text}"
     );
 }
