@@ -936,8 +936,9 @@ fn small_sections(out: &mut String, r: &Results) {
          Batching on = batch_size {}, max_batch_delay {} ms; off = batch_size 1. \
          1 worker per model (libtorch threads chosen at warm-up by timing a batch at 1 and \
          at {}, the fair share; torchfn's log says which), job_queue_size {}. The servers' \
-         model workers poll their queue for 300 µs after a pass while their requests come alone. torchfn-local serves HTTP on \
-         {} async worker(s) ({}), the HTTP floors on {} (one per core).",
+         model workers poll their queue for 300 µs after a pass while their requests come \
+         alone. torchfn-local serves HTTP on {} async worker(s) ({}), the HTTP floors on {} \
+         (one per core).",
         s.duration_s,
         s.warmup_s,
         s.batch_size,

@@ -922,7 +922,6 @@ mod tests {
         }
     }
 
-    /// A cohort's wait takes what is queued up to its target, takes nothing once its
     /// The worker polls after passes only while they find their request alone: from the
     /// second such pass in a row, and no longer once a pass finds company.
     #[test]
@@ -943,6 +942,7 @@ mod tests {
         assert!(lone.polls());
     }
 
+    /// A cohort's wait takes what is queued up to its target, takes nothing once its
     /// deadline has passed, and, polling (shorter than the spin time) or sleeping, takes a
     /// request that comes while it waits.
     #[test]
