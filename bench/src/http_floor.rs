@@ -28,9 +28,13 @@ use torchfn_http::serve::Limits;
 use torchfn_http::{json_response, read_body, with_common, AppState};
 
 /// A no-op server on 127.0.0.1, port chosen by the OS, on a tokio runtime of its own, so that
-/// it does not share the load generator's threads. It has as many worker threads as cores:
-/// with no model to run, every core serves HTTP (`torchfn-local` keeps one for its model
-/// workers, `torchfn_http::serve::runtime`), so the floor is the stack at its fastest.
+/// it does not share the load generator's threads. The runtime is `torchfn-local`'s own
+/// (`torchfn_http::serve::runtime`: one async worker per core less one, or
+/// `TOKIO_WORKER_THREADS`), so the floor differs from `torchfn-local` only in its model. It
+/// is also the stack at its fastest here: on the 2-CPU VM, seed body, concurrency 16, this
+/// floor served 82k answers/s on one async worker against 60–63k on two (one per core, the
+/// floor's runtime before), in two runs each of `TOKIO_WORKER_THREADS=1|2 torchfn-bench
+/// --models seed --concurrency 16`.
 pub struct NoopServer {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
@@ -54,6 +58,14 @@ impl Stack {
     }
 }
 
+/// The floors' async workers: `TOKIO_WORKER_THREADS` when set, else `torchfn-local`'s count.
+pub fn async_workers() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(torchfn_http::serve::async_workers)
+}
+
 impl NoopServer {
     pub fn start(stack: Stack) -> anyhow::Result<Self> {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel::<anyhow::Result<SocketAddr>>();
@@ -61,9 +73,7 @@ impl NoopServer {
         let thread = std::thread::Builder::new()
             .name("noop-server".into())
             .spawn(move || {
-                let result = tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()
+                let result = torchfn_http::serve::runtime()
                     .context("could not start the no-op server's runtime")
                     .and_then(|rt| rt.block_on(serve(stack, addr_tx.clone(), stop_rx)));
                 if let Err(e) = result {

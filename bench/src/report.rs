@@ -938,7 +938,7 @@ fn small_sections(out: &mut String, r: &Results) {
          at {}, the fair share; torchfn's log says which), job_queue_size {}. The servers' \
          model workers poll their queue for 300 µs after a pass while their requests come \
          alone. torchfn-local serves HTTP on {} async worker(s) ({}), the HTTP floors on {} \
-         (one per core).",
+         (torchfn-local's runtime).",
         s.duration_s,
         s.warmup_s,
         s.batch_size,
@@ -947,7 +947,7 @@ fn small_sections(out: &mut String, r: &Results) {
         s.job_queue_size,
         async_workers.0,
         async_workers.1,
-        m.nproc
+        crate::http_floor::async_workers()
     );
 
     let _ = writeln!(
