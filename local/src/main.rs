@@ -25,7 +25,8 @@ use torchfn_http::{self as api, AppState};
 
 // Request handling allocates many small, short-lived buffers across threads; mimalloc does
 // that with less contention than glibc's malloc (the benchmark's profile showed malloc/free
-// at ~20% of the HTTP threads' time).
+// at ~20% of the HTTP threads' time). With the workspace's `override` feature it is the
+// process's malloc as well, so libtorch's tensors are allocated by it too.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

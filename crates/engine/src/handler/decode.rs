@@ -490,19 +490,12 @@ pub fn stack(items: &[&Instance], device: Device) -> Result<Tensor, SessionError
 }
 
 /// A host tensor of shape `dims` copied from `data`, in one libtorch call (a flat tensor and a
-/// view of it cost two). `data` must hold exactly that many elements of `kind`: libtorch
-/// reads as many bytes as the shape says.
+/// view of it cost two). `data` must hold exactly that many elements of `kind`.
 fn host_tensor(data: &[u8], dims: &[i64], kind: Kind) -> Result<Tensor, SessionError> {
-    let bytes = dims.iter().try_fold(kind.elt_size_in_bytes(), |n, &d| {
-        n.checked_mul(usize::try_from(d).ok()?)
-    });
-    if bytes != Some(data.len()) {
-        return Err(SessionError::Shape(format!(
-            "{} bytes of input do not make a {kind:?} tensor of shape {dims:?}",
-            data.len()
-        )));
-    }
-    Ok(Tensor::f_from_data_size(data, dims, kind)?)
+    crate::libtorch::host_tensor(data, dims, kind).map_err(|e| match e {
+        tch::TchError::Shape(m) => SessionError::Shape(m),
+        e => e.into(),
+    })
 }
 
 /// A host tensor on `device`: the batch is assembled on the host and crosses to the device

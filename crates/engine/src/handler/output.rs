@@ -121,12 +121,7 @@ pub fn shape_of(t: &Tensor) -> Result<Vec<i64>, TchError> {
     if !t.defined() {
         return Err(TchError::Shape("the tensor is undefined".into()));
     }
-    // `dim` does not fail on a defined tensor; the sizes may, and come back as a value here.
-    let shape = t.f_internal_shape_as_tensor()?;
-    let rank = t.dim();
-    let mut dims = vec![0i64; rank];
-    shape.f_copy_data(&mut dims, rank)?;
-    Ok(dims)
+    crate::libtorch::sizes(t)
 }
 
 /// A tensor's element count (see [`shape_of`]).
