@@ -175,6 +175,10 @@ fn wait_healthy(
     let mut loaded = false;
     let mut last_ping = Instant::now();
     let mut errors = Vec::new();
+    // When /ping answered before the "model loaded" event was read: the time it answered.
+    // The server logs that event before /ping turns healthy, so it is already in the pipe;
+    // the lines are read until it comes (or none comes for a second: the event changed).
+    let mut pinged_healthy: Option<(f64, SocketAddr)> = None;
     loop {
         if Instant::now() > deadline {
             bail!("not healthy after 120 s");
@@ -182,7 +186,9 @@ fn wait_healthy(
         if let Some(status) = process.exited() {
             bail!("exited with {status} before it was healthy");
         }
-        let wait = if loaded {
+        let wait = if pinged_healthy.is_some() {
+            Duration::from_secs(1)
+        } else if loaded {
             Duration::from_millis(1)
         } else {
             Duration::from_millis(10)
@@ -217,6 +223,10 @@ fn wait_healthy(
                             }
                         }
                     }
+                    if let Some((healthy_ms, a)) = pinged_healthy {
+                        s.healthy_ms = healthy_ms;
+                        return Ok((s, a));
+                    }
                 }
                 "TorchScript module loaded" => {
                     s.torchscript_load_ms = fields.get("load_ms").and_then(Value::as_f64);
@@ -236,6 +246,12 @@ fn wait_healthy(
             }
             continue;
         }
+        if let Some((healthy_ms, a)) = pinged_healthy {
+            // No line for a second after /ping answered: no "model loaded" event is coming.
+            s.healthy_ms = healthy_ms;
+            s.model_loaded_ms = healthy_ms;
+            return Ok((s, a));
+        }
         // Should the start-up event change, /ping still tells: probe it (rarely while
         // the model loads, so the probes cost the load nothing).
         let every = if loaded { 2 } else { 50 };
@@ -250,10 +266,10 @@ fn wait_healthy(
                 ));
                 if let Ok((StatusCode::OK, _, _)) = ping {
                     s.healthy_ms = ms(Instant::now() - process.started);
-                    if !loaded {
-                        s.model_loaded_ms = s.healthy_ms;
+                    if loaded {
+                        return Ok((s, a));
                     }
-                    return Ok((s, a));
+                    pinged_healthy = Some((s.healthy_ms, a));
                 }
             }
         }
