@@ -58,14 +58,6 @@ impl Stack {
     }
 }
 
-/// The floors' async workers: `TOKIO_WORKER_THREADS` when set, else `torchfn-local`'s count.
-pub fn async_workers() -> usize {
-    std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(torchfn_http::serve::async_workers)
-}
-
 impl NoopServer {
     pub fn start(stack: Stack) -> anyhow::Result<Self> {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel::<anyhow::Result<SocketAddr>>();

@@ -947,7 +947,7 @@ fn small_sections(out: &mut String, r: &Results) {
         s.job_queue_size,
         async_workers.0,
         async_workers.1,
-        crate::http_floor::async_workers()
+        torchfn_http::serve::runtime_workers()
     );
 
     let _ = writeln!(

@@ -93,6 +93,15 @@ pub fn async_workers() -> usize {
     cores.saturating_sub(1).max(1)
 }
 
+/// The async workers [`runtime`] starts: `TOKIO_WORKER_THREADS` when set (tokio reads it),
+/// else [`async_workers`].
+pub fn runtime_workers() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(async_workers)
+}
+
 /// Largest request head (request line and headers) read.
 const MAX_HEAD_BYTES: usize = 64 << 10;
 
