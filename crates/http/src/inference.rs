@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::header::AsHeaderName;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Extension;
@@ -137,8 +138,8 @@ async fn predict_inner(state: &AppState, call: Call, explain: bool) -> Result<Re
     if explain {
         return Err(no_builtin_explanations(&model));
     }
-    let content_type = header_str(&headers, header::CONTENT_TYPE.as_str());
-    let tensor_shape = header_str(&headers, "x-tensor-shape");
+    let content_type = header_str(&headers, &header::CONTENT_TYPE);
+    let tensor_shape = header_str(&headers, &X_TENSOR_SHAPE);
     let mut answer = infer(state, model, version.is_some(), &headers, body, |bytes| {
         handler
             .decode(&Request {
@@ -151,8 +152,8 @@ async fn predict_inner(state: &AppState, call: Call, explain: bool) -> Result<Re
     .await?;
     let answers = std::mem::take(&mut answer.answers);
     // Numbers come back as a .npy file when the client asks for one.
-    let wants_npy = header_str(&headers, header::ACCEPT.as_str())
-        .is_some_and(|a| a.contains("application/x-npy"));
+    let wants_npy =
+        header_str(&headers, &header::ACCEPT).is_some_and(|a| a.contains("application/x-npy"));
     let mut resp = if wants_npy {
         let values = values_of(answers)?;
         let body = if answer.is_list {
@@ -201,7 +202,9 @@ fn no_builtin_explanations(model: &ModelVersion) -> HttpError {
     ))
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// A header's value as text. Named by a `HeaderName` (a constant or a static), not a `&str`,
+/// which `HeaderMap` would check and lower-case again on every request.
+fn header_str(headers: &HeaderMap, name: impl AsHeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -229,6 +232,11 @@ impl Answered {
     }
 }
 
+static X_TENSOR_SHAPE: HeaderName = HeaderName::from_static("x-tensor-shape");
+static X_QUEUE_US: HeaderName = HeaderName::from_static("x-torchfn-queue-us");
+static X_INFERENCE_US: HeaderName = HeaderName::from_static("x-torchfn-inference-us");
+static X_BATCH_SIZE: HeaderName = HeaderName::from_static("x-torchfn-batch-size");
+
 /// torchfn's timing headers: time queued, time in the model, requests or instances batched.
 fn timing_headers(
     resp: &mut Response,
@@ -238,15 +246,12 @@ fn timing_headers(
 ) {
     let h = resp.headers_mut();
     for (name, value) in [
-        ("x-torchfn-queue-us", queue.as_micros()),
-        ("x-torchfn-inference-us", inference.as_micros()),
-        ("x-torchfn-batch-size", batch_size as u128),
+        (&X_QUEUE_US, queue.as_micros()),
+        (&X_INFERENCE_US, inference.as_micros()),
+        (&X_BATCH_SIZE, batch_size as u128),
     ] {
         let value = u64::try_from(value).unwrap_or(u64::MAX);
-        h.insert(
-            axum::http::HeaderName::from_static(name),
-            HeaderValue::from(value),
-        );
+        h.insert(name.clone(), HeaderValue::from(value));
     }
 }
 
@@ -307,7 +312,7 @@ async fn predict_python(
         request_headers,
         query,
         &bytes,
-        header_str(headers, header::CONTENT_TYPE.as_str()),
+        header_str(headers, &header::CONTENT_TYPE),
     )?;
     let reply = pool
         .submit(request)
@@ -475,10 +480,12 @@ async fn infer(
     let Some(batcher) = model.batcher() else {
         return Err(HttpError::internal("the model has no batcher"));
     };
+    // The clock is read for the phases only when the client asks for them.
+    let timed = headers.contains_key(&TIMING_REQUEST);
     let bytes = count_and_read(state, m, headers, body).await?;
-    let read = Instant::now();
+    let read = timed.then(Instant::now);
     let decoded = decode(&bytes)?;
-    let decoded_at = Instant::now();
+    let decoded_at = timed.then(Instant::now);
     let max_instances = state.manager.settings().max_instances_per_request;
     if decoded.instances.len() > max_instances {
         return Err(HttpError::bad_request(format!(
@@ -490,7 +497,7 @@ async fn infer(
     let is_list = decoded.is_list;
     let reply = batcher.submit(&model.name, decoded.instances)?;
     let mut outcome = wait(&model, started, reply).await?;
-    let timing = headers.contains_key(&TIMING_REQUEST).then(|| ServerTiming {
+    let timing = read.zip(decoded_at).map(|(read, decoded_at)| ServerTiming {
         handler_start: started,
         read: read - started,
         decode: decoded_at - read,

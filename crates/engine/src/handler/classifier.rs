@@ -11,7 +11,8 @@ use serde_json::{Map, Value};
 use tch::{Device, IValue, Kind, Tensor};
 
 use super::decode::{
-    decode_list, f32_shortest, flat_instance, parse_json, tensor_from_json, Decoded, Instance,
+    decode_list, f32_shortest, flat_instance, parse_json, tensor_from_json, write_f32_json,
+    Decoded, Instance,
 };
 use super::output::{device_of, shape_of};
 use super::{single_tensor, tensors, Answer, Handler, Request};
@@ -145,32 +146,42 @@ fn unprintable(e: serde_json::Error) -> SessionError {
     SessionError::OutputForm(format!("cannot print the answer as JSON: {e}"))
 }
 
-/// One row's answer, in the guide's handler's key order.
+/// One row's answer, in the guide's handler's key order. Its numbers print as
+/// [`super::f32_json`] prints them (shortest form; null where not finite).
 #[derive(Serialize)]
 struct Row<'a> {
     predicted_class: usize,
-    /// `None` (JSON null) where not finite, as [`super::f32_json`] prints it.
-    confidence: Option<f64>,
-    probabilities: Vec<Option<f64>>,
+    #[serde(serialize_with = "shortest")]
+    confidence: f32,
+    #[serde(serialize_with = "all_shortest")]
+    probabilities: Vec<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     class_name: Option<&'a str>,
 }
 
+fn shortest<S: serde::Serializer>(x: &f32, s: S) -> Result<S::Ok, S::Error> {
+    f32_shortest(*x).serialize(s)
+}
+
+fn all_shortest<S: serde::Serializer>(xs: &[f32], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(xs.iter().map(|&x| f32_shortest(x)))
+}
+
 impl Row<'_> {
     /// The row as `serde_json::to_string_pretty` prints it, written directly: through serde's
-    /// pretty map printer a seed-model row cost 5.9k instructions, written here 4.0k
-    /// (callgrind, concurrency 16). Numbers and the class name are printed by serde_json
-    /// itself, so they read the same.
+    /// pretty map printer a seed-model row cost 5.9k instructions, written here 4.0k, and
+    /// 1.xk with its numbers written by [`write_f32_json`] (callgrind, concurrency 16). The
+    /// class name is printed by serde_json itself, so it reads the same.
     fn pretty(&self) -> String {
         let mut out = Vec::with_capacity(96 + 24 * self.probabilities.len());
         out.extend_from_slice(b"{\n  \"predicted_class\": ");
         let _ = serde_json::to_writer(&mut out, &self.predicted_class);
         out.extend_from_slice(b",\n  \"confidence\": ");
-        number(&mut out, self.confidence);
+        write_f32_json(&mut out, self.confidence);
         out.extend_from_slice(b",\n  \"probabilities\": [");
         for (i, &p) in self.probabilities.iter().enumerate() {
             out.extend_from_slice(if i == 0 { b"\n    " } else { b",\n    " });
-            number(&mut out, p);
+            write_f32_json(&mut out, p);
         }
         if !self.probabilities.is_empty() {
             out.extend_from_slice(b"\n  ");
@@ -184,16 +195,6 @@ impl Row<'_> {
         out.extend_from_slice(b"\n}");
         // Only ASCII punctuation was written around serde_json's own (UTF-8) output.
         String::from_utf8(out).unwrap_or_default()
-    }
-}
-
-/// A number as serde_json prints an `Option<f64>` (`null` for `None`).
-fn number(out: &mut Vec<u8>, x: Option<f64>) {
-    match x {
-        Some(x) => {
-            let _ = serde_json::to_writer(&mut *out, &x);
-        }
-        None => out.extend_from_slice(b"null"),
     }
 }
 
@@ -220,12 +221,15 @@ impl ClassifierHandler {
                         });
                 each(&Row {
                     predicted_class: k,
-                    confidence: f32_shortest(conf),
-                    probabilities: p.iter().map(|&x| f32_shortest(x)).collect(),
-                    class_name: self
-                        .labels
-                        .as_ref()
-                        .map(|labels| labels.get(&k.to_string()).map_or("unknown", String::as_str)),
+                    confidence: conf,
+                    probabilities: p.to_vec(),
+                    class_name: self.labels.as_ref().map(|labels| {
+                        // Keyed by the class index as text, printed on the stack.
+                        let mut index = itoa::Buffer::new();
+                        labels
+                            .get(index.format(k))
+                            .map_or("unknown", String::as_str)
+                    }),
                 })
             })
             .collect()
@@ -351,23 +355,25 @@ mod tests {
     #[test]
     fn rows_print_as_serde_json_prints_them() {
         let names = ["cat", "", "a \"quoted\" \\ name\n\u{1F600}\u{7}", "ünï"];
-        let probabilities: [&[Option<f64>]; 5] = [
-            &[Some(0.34569085), Some(0.3338879), Some(0.32042125)],
+        let probabilities: [&[f32]; 5] = [
+            &[0.34569085, 0.3338879, 0.32042125],
             &[],
-            &[None, Some(1.0), Some(0.0), Some(-0.0)],
+            &[f32::NAN, 1.0, 0.0, -0.0, f32::INFINITY],
             &[
-                Some(1e-7),
-                Some(3.4028235e38),
-                Some(1.17549435e-38),
-                Some(123456.79),
+                1e-7,
+                3.4028235e38,
+                f32::MIN_POSITIVE,
+                123456.79,
+                1e-5,
+                9.99999e-6,
             ],
-            &[Some(0.5)],
+            &[0.5],
         ];
         for (i, p) in probabilities.iter().enumerate() {
             for class_name in [None, Some(names[i % names.len()])] {
                 let row = Row {
                     predicted_class: i * 1000,
-                    confidence: p.first().copied().flatten(),
+                    confidence: p.first().copied().unwrap_or(f32::NEG_INFINITY),
                     probabilities: p.to_vec(),
                     class_name,
                 };
@@ -379,8 +385,8 @@ mod tests {
         while x < 1.0 {
             let row = Row {
                 predicted_class: 0,
-                confidence: f32_shortest(x),
-                probabilities: vec![f32_shortest(x), f32_shortest(1.0 - x)],
+                confidence: x,
+                probabilities: vec![x, 1.0 - x],
                 class_name: None,
             };
             assert_eq!(row.pretty(), serde_json::to_string_pretty(&row).unwrap());
