@@ -650,6 +650,28 @@ mod tests {
         }
     }
 
+    /// Every f32 that `write_f32_json` writes from its own digits, against serde_json's
+    /// printing: about a billion values, two minutes in a release build
+    /// (`cargo test --release -p torchfn-engine --lib -- --ignored every_f32`).
+    #[test]
+    #[ignore = "exhaustive: run by hand in a release build"]
+    fn every_f32_in_the_direct_range_writes_as_serde_json_prints_it() {
+        let mut checked = 0u64;
+        for bits in 0..=u32::MAX {
+            let x = f32::from_bits(bits);
+            let magnitude = x.abs();
+            if !(magnitude == 0.0 || (1e-5..1e13).contains(&magnitude)) {
+                continue;
+            }
+            let mut out = Vec::new();
+            write_f32_json(&mut out, x);
+            let want = serde_json::to_string(&f32_shortest(x).unwrap()).unwrap();
+            assert_eq!(out, want.as_bytes(), "{x:e}");
+            checked += 1;
+        }
+        assert!(checked > 1_000_000_000, "{checked}");
+    }
+
     #[test]
     fn nested_arrays_and_errors() {
         let i = tensor_from_json(&json!([[1, 2, 3], [4, 5, 6]]), "body").unwrap();
