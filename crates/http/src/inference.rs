@@ -64,21 +64,24 @@ async fn ping(State(state): State<AppState>) -> Response {
 /// `/predictions/{model}[/{version}]` (`EXPLAIN` false), and `/explanations/{model}[/{version}]`
 /// (`EXPLAIN` true): the same route with TorchServe's `explain` header set, so the handler
 /// answers its explanation (Captum's, for TorchServe's handlers).
+///
+/// The request is taken whole and its headers and request id moved out of it, where the
+/// `HeaderMap` and `Extension` extractors would copy them.
 async fn predict<const EXPLAIN: bool>(
     State(state): State<AppState>,
-    method: Method,
     Path(path): Path<String>,
-    RawQuery(query): RawQuery,
-    id: Option<Extension<RequestId>>,
-    headers: HeaderMap,
-    body: Body,
+    request: axum::extract::Request,
 ) -> Response {
+    let (mut parts, body) = request.into_parts();
     let call = Call {
-        method,
         path,
-        query,
-        id: id.map(|Extension(RequestId(id))| id),
-        headers,
+        query: parts.uri.query().map(str::to_owned),
+        id: parts
+            .extensions
+            .remove::<RequestId>()
+            .map(|RequestId(id)| id),
+        method: parts.method,
+        headers: parts.headers,
         body,
     };
     predict_or_explain(&state, call, EXPLAIN).await
@@ -150,7 +153,7 @@ async fn predict_inner(state: &AppState, call: Call, explain: bool) -> Result<Re
             .map_err(HttpError::from)
     })
     .await?;
-    let answers = std::mem::take(&mut answer.answers);
+    let mut answers = std::mem::take(&mut answer.answers);
     // Numbers come back as a .npy file when the client asks for one.
     let wants_npy =
         header_str(&headers, &header::ACCEPT).is_some_and(|a| a.contains("application/x-npy"));
@@ -173,7 +176,7 @@ async fn predict_inner(state: &AppState, call: Call, explain: bool) -> Result<Re
             None => json_response(StatusCode::OK, &body),
         }
     } else {
-        answers_response(&answers, answer.is_list, None)
+        answers_response(&mut answers, answer.is_list, None)
     };
     answer.add_headers(&mut resp);
     Ok(resp)
@@ -399,8 +402,15 @@ fn values_of(answers: Vec<Answer>) -> Result<Vec<Value>, HttpError> {
 /// A 200 response with the answers as pretty JSON, printed as `json_response` prints the
 /// same values: the one answer, or (`list`) an array of them, held under `key` in an object
 /// when one is given (KServe v1's `{"predictions": [...]}`). Answers a handler printed are
-/// copied in, indented to their depth, not read back and printed again.
-fn answers_response(answers: &[Answer], list: bool, key: Option<&str>) -> Response {
+/// copied in, indented to their depth, not read back and printed again; one such answer
+/// alone is moved, not copied.
+fn answers_response(answers: &mut [Answer], list: bool, key: Option<&str>) -> Response {
+    // One answer the handler printed is the body as it is, with the closing newline.
+    if let ([Answer::Pretty(text)], false, None) = (&mut *answers, list, key) {
+        let mut body = std::mem::take(text).into_bytes();
+        body.push(b'\n');
+        return json_text_response(StatusCode::OK, body);
+    }
     let mut out = Vec::with_capacity(64 + answers.len() * 192);
     print_answers(answers, list, key, &mut out);
     json_text_response(StatusCode::OK, out)
@@ -562,7 +572,7 @@ async fn kserve_v1(
             if explain {
                 return Err(no_builtin_explanations(&model));
             }
-            let answer = infer(&state, model, false, &headers, body, |bytes| {
+            let mut answer = infer(&state, model, false, &headers, body, |bytes| {
                 let json: Value = torchfn_engine::handler::parse_json(bytes)?;
                 if !json.get("instances").is_some_and(Value::is_array) {
                     return Err(HttpError::bad_request(
@@ -572,7 +582,7 @@ async fn kserve_v1(
                 Ok(handler.decode(&Request::json(bytes))?)
             })
             .await?;
-            let mut resp = answers_response(&answer.answers, true, Some("predictions"));
+            let mut resp = answers_response(&mut answer.answers, true, Some("predictions"));
             answer.add_headers(&mut resp);
             return Ok(resp);
         }

@@ -173,7 +173,9 @@ impl Row<'_> {
     /// 1.xk with its numbers written by [`write_f32_json`] (callgrind, concurrency 16). The
     /// class name is printed by serde_json itself, so it reads the same.
     fn pretty(&self) -> String {
-        let mut out = Vec::with_capacity(96 + 24 * self.probabilities.len());
+        // Room for the response's closing newline too (the route moves a lone row in).
+        let names = self.class_name.map_or(0, str::len);
+        let mut out = Vec::with_capacity(97 + 24 * self.probabilities.len() + names);
         out.extend_from_slice(b"{\n  \"predicted_class\": ");
         let _ = serde_json::to_writer(&mut out, &self.predicted_class);
         out.extend_from_slice(b",\n  \"confidence\": ");
